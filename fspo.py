@@ -1,0 +1,540 @@
+"""
+Few-Shot Preference Optimization (FSPO), the whole method in one file.
+
+    python fspo.py                                    # main job: data, tokenizer, SFT, FSPO,
+                                                      # baselines, evaluation, table
+    python fspo.py --preset tiny --out runs/tiny      # the same pipeline in about a minute
+    python fspo.py --method sft  --out runs/x/sft     # one training stage ...
+    python fspo.py --method fspo --init runs/x/sft --out runs/x/fspo   # ... and the next
+    torchrun --nproc_per_node=2 fspo.py --method fspo --init runs/x/sft --out runs/x/fspo
+
+Stage 1 (sft) trains a GPT from scratch on few-shot episodes with BOTH completions as
+targets, so it can write every style; it is the base and the reference model. Stage 2
+trains with a preference loss on the query's chosen vs rejected completion, given N of the
+same user's labelled pairs as context. Methods (one flag each, same loop):
+    fspo     IPO (or --loss dpo) with N shots in context
+    pooled   IPO with no user context (the paper's "IPO" baseline)
+    pref-ft  SFT on the preferred completion given the N shots
+    cot-sft  pref-ft whose completion first states the user description
+    cot      IPO on description+response completions, from cot-sft
+    oracle   IPO with the true user description in the prompt instead of shots
+"""
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import generate_synthetic as synth
+from model import GPT, GPTConfig, load_checkpoint, model_tensors, save_checkpoint
+
+# Presets are overrides of the flag defaults. cpu: the default on a 2-core machine (the
+# main job must finish in 20 minutes); gpu: the reduced-scale reproduction on one GPU.
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=300, block_size=1024,
+                 batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
+                 lr=3e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
+                 domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024,
+                batch_size=8, grad_accum=1, sft_steps=1200, pref_steps=400, warmup=50,
+                lr=2e-3, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
+                domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
+                batch_size=32, grad_accum=1, sft_steps=4000, pref_steps=1500, warmup=150,
+                lr=6e-4, eval_every=250, ckpt_every=500, eval_episodes=512, scale="default",
+                domains="roleplay,elix,reviews", compile=True,
+                methods="fspo,fspo-dpo,pooled,pref-ft,cot-sft,cot,oracle",
+                eval_users=300, eval_questions=4),
+}
+SHOTS = {"roleplay": [8], "elix": [4], "reviews": [4, 8]}  # the paper's N per domain
+PREF_METHODS = {"fspo", "pooled", "cot", "oracle"}
+SFT_METHODS = {"sft", "pref-ft", "cot-sft"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu (auto: gpu if CUDA)")
+    a("--method", choices=sorted(PREF_METHODS | SFT_METHODS), default=None,
+      help="train one stage; omitted: run the whole main job")
+    a("--out", default=None, help="run dir (main job) or checkpoint dir (one stage)")
+    a("--data", default=None, help="synthetic data dir (main job default: <out>/data)")
+    a("--domain", default="roleplay", help="domain subdir of --data for one stage")
+    a("--prefs", default=None, help="explicit prefs.jsonl (overrides --data/--domain)")
+    a("--users", default=None, help="explicit users.jsonl (cot, oracle, evaluation)")
+    a("--tokenizer", default=None, help="ranks file (default <out>/../tokenizer.txt)")
+    a("--init", default=None, help="checkpoint to start from (stage 2); also the reference")
+    a("--ref", default=None, help="reference checkpoint if not --init")
+    a("--shots", type=int, default=8, help="N, the number of shots in context")
+    a("--loss", choices=["ipo", "dpo"], default="ipo")
+    a("--beta", type=float, default=0.1,
+      help="IPO target margin is 1/(2 beta) nats of summed log-prob (paper: 0.01 at 3B)")
+    a("--steps", type=int, default=None, help="optimizer steps (default: preset's)")
+    a("--batch-size", type=int, default=None, help="episodes per micro-batch")
+    a("--grad-accum", type=int, default=None, help="micro-batches per step, over all ranks")
+    a("--lr", type=float, default=None)
+    a("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of lr")
+    a("--warmup", type=int, default=None, help="linear warmup steps")
+    a("--weight-decay", type=float, default=0.1)
+    a("--grad-clip", type=float, default=1.0)
+    a("--n-layer", type=int, default=None)
+    a("--n-head", type=int, default=None)
+    a("--n-embd", type=int, default=None)
+    a("--vocab-size", type=int, default=None, help="BPE vocabulary size to train")
+    a("--block-size", type=int, default=None, help="max tokens of a packed episode")
+    a("--eval-every", type=int, default=None)
+    a("--eval-episodes", type=int, default=None, help="held-out episodes per evaluation")
+    a("--ckpt-every", type=int, default=None)
+    a("--log-every", type=int, default=10)
+    a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
+    a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
+    a("--methods", default=None, help="main job: comma list of stage-2 methods to train")
+    a("--domains", default=None, help="main job: comma list of domains")
+    a("--scale", default=None, help="main job: generate_synthetic.py --scale")
+    a("--eval-users", type=int, default=None, help="held-out users in the win-rate eval")
+    a("--eval-questions", type=int, default=None, help="held-out questions per user")
+    a("--max-new-tokens", type=int, default=96, help="generation length cap in eval")
+    a("--gen-batch", type=int, default=64, help="prompts per generation batch in eval")
+    a("--seed", type=int, default=1337)
+    a("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "gpu" if torch.cuda.is_available() else "cpu"
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# The preference loss: one pure function of four summed log-prob tensors.
+
+def preference_loss(pi_w, pi_l, ref_w, ref_l, beta, loss_type="ipo"):
+    """Per-episode losses and detached implicit rewards beta * log(pi / pi_ref).
+
+    h is the log-ratio margin [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)].
+    IPO regresses h onto 1/(2 beta); DPO maximises log sigmoid(beta h)."""
+    h = (pi_w - ref_w) - (pi_l - ref_l)
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * h)
+    return losses, beta * (pi_w - ref_w).detach(), beta * (pi_l - ref_l).detach()
+
+
+class LogProbs(nn.Module):
+    """Routes GPT.token_logprobs through forward() so DDP's gradient hooks and
+    torch.compile see the call that training actually makes."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx, targets, pos, mask):
+        return self.gpt.token_logprobs(idx, targets, pos=pos, mask=mask)
+
+
+def batch_logps(scorer, b):
+    """Summed completion log-probs of chosen and rejected, context run once: (B,), (B,)."""
+    lp = scorer(b["idx"], b["targets"], b["pos"], b["mask"])  # (B, T) float32
+    return data.sequence_logps(lp, b["seg"])
+
+
+# ----------------------------------------------------------------------------------------
+# Episodes: a deterministic, resumable stream of packed batches.
+
+def method_shots(method, n_shots):
+    return 0 if method in ("pooled", "oracle") else n_shots
+
+
+class EpisodeStream:
+    """Batch i of the stream is a pure function of (seed, i): resuming at step s rebuilds
+    exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, tok, prefs_by_user, users, method, n_shots, batch_size, max_len, seed,
+                 which=None, use_shots=None):
+        self.tok, self.users, self.method = tok, users, method
+        # pref-ft and cot-sft learn the chosen completion only; everything else scores both
+        self.which = which or ("chosen" if method in ("pref-ft", "cot-sft") else "both")
+        self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
+        self.prefs_by_user, self.use_shots = prefs_by_user, use_shots
+        # pooled/oracle still cut chunks of N+1 rows so every method sees the same queries
+        eps = data.make_episodes(prefs_by_user, n_shots, random.Random(seed))
+        self.per_epoch = len(eps) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(eps)} episodes is less than one batch of {batch_size}")
+        self.epoch, self.episodes = None, None
+
+    def encode(self, shots, query, rng):
+        m, desc, chosen, rejected = self.method, None, None, None
+        if m == "sft":  # the base model must also answer with fewer shots or none at all
+            shots = shots[: rng.randint(0, len(shots))]
+        elif self.use_shots is not None:  # evaluation at fewer shots, same queries
+            shots = shots[: self.use_shots]
+        else:
+            shots = shots[: method_shots(m, self.n)]
+        if m in ("oracle", "cot", "cot-sft"):
+            user = self.users[query.user_id]
+            if m == "oracle":
+                desc = synth.trait_summary(user)
+            else:
+                chosen = cot_completion(synth.trait_summary(user), query.chosen)
+                rejected = cot_completion(
+                    synth.summary_for_response(user, query.prompt, query.rejected), query.rejected)
+        return data.encode_episode(self.tok, shots, query, self.max_len, description=desc,
+                                   chosen_text=chosen, rejected_text=rejected)
+
+    def batch(self, i):
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch != self.epoch:
+            rng = random.Random(self.seed * 100003 + epoch)
+            self.episodes = data.make_episodes(self.prefs_by_user, self.n, rng, report=False)
+            rng.shuffle(self.episodes)
+            self.epoch = epoch
+        rng = random.Random(self.seed * 7919 + i)
+        eps = [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
+        return data.pack_sft(eps, self.tok.eot_id, which=self.which)
+
+
+COT_HEADER = "## User Description\n"
+
+
+def cot_completion(description, response):
+    """The cot target: the user description first, then the response."""
+    return f"{COT_HEADER}{description}\n{data.COMPLETION_HEADER}{response}"
+
+
+def to_device(b, device):
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: model + optimizer + loop state in safetensors, the rest in JSON.
+
+def save_training(path, model, opt, meta):
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"optim.{names[id(p)]}.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_checkpoint(path, tensors, meta)
+
+
+def load_weights(model, tensors):
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
+def load_gpt(path, device):
+    tensors, meta = load_checkpoint(path)
+    model = GPT(GPTConfig(**meta["model"]))
+    load_weights(model, tensors)
+    return model.to(device), meta, tensors
+
+
+def check_tokenizer(meta, tok, tok_path, where):
+    if meta.get("tokenizer_sha256") != tok.sha256:
+        raise ValueError(f"{where} was trained with tokenizer {meta.get('tokenizer')} "
+                         f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]}), not {tok_path} "
+                         f"(sha256 {tok.sha256[:12]})")
+
+
+# ----------------------------------------------------------------------------------------
+# Training: one loop for every method.
+
+def get_lr(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    min_lr = args.lr * args.min_lr_frac
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * (args.lr - min_lr)
+
+
+@torch.no_grad()
+def heldout_metrics(scorer, ref_scorer, batches, args, ctx):
+    """Held-out pair accuracy: does the implicit reward (pref methods) or the policy's own
+    log-prob (sft methods) rank the held-out user's chosen above rejected?"""
+    hits, n = 0, 0
+    for b in batches:
+        with ctx:
+            pw, pl = batch_logps(scorer, b)
+            if ref_scorer is not None:
+                rw, rl = batch_logps(ref_scorer, b)
+                pw, pl = pw - rw, pl - rl
+        hits += (pw > pl).sum().item()
+        n += len(pw)
+    return {"eval/pair_accuracy": hits / n, "eval/episodes": n}
+
+
+def train(args, tok, tok_path, prefs_path, users_path=None):
+    """Train one stage (args.method) into args.out; returns the final metrics dict."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = 0, 1
+    device = args.device
+    if ddp:
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    if args.grad_accum % world:
+        raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of world size {world}")
+    accum = args.grad_accum // world
+    torch.manual_seed(args.seed)
+    use_cuda = device.startswith("cuda")
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    method, pref = args.method, args.method in PREF_METHODS
+
+    # data: train users/questions for training, held-out users for the eval metric
+    prefs = data.load_prefs(prefs_path)
+    users = synth.load_users(users_path) if users_path else None
+    if method in ("oracle", "cot", "cot-sft") and users is None:
+        raise ValueError(f"--method {method} needs the users file (--users or --data)")
+    train_rows = data.by_user([r for r in prefs if r.split == "train"])
+    test_rows = data.by_user([r for r in prefs if r.split == "test"])
+    stream = EpisodeStream(tok, train_rows, users, method, args.shots, args.batch_size,
+                           args.block_size, args.seed)
+    held = EpisodeStream(tok, test_rows, users, "fspo" if method == "sft" else method,
+                         args.shots, args.batch_size, args.block_size, args.seed + 1, which="both")
+    eval_batches = [to_device(held.batch(i), device)
+                    for i in range(min(held.per_epoch, max(1, args.eval_episodes // args.batch_size)))]
+
+    # model, reference, optimizer
+    if args.init:
+        model, init_meta, _ = load_gpt(args.init, device)
+        check_tokenizer(init_meta, tok, tok_path, args.init)
+    else:
+        cfg = GPTConfig(block_size=args.block_size, vocab_size=tok.n_vocab, n_layer=args.n_layer,
+                        n_head=args.n_head, n_embd=args.n_embd)
+        model = GPT(cfg).to(device)
+    ref_scorer = None
+    if pref:
+        ref_path = args.ref or args.init
+        if ref_path is None:
+            raise ValueError(f"--method {method} needs --init (the SFT model) as reference")
+        ref, _, _ = load_gpt(ref_path, device)
+        ref.eval().requires_grad_(False)
+        ref_scorer = LogProbs(ref)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), fused=use_cuda)
+    start = 0
+    meta = {"model": asdict(model.config), "method": method, "args": vars(args),
+            "tokenizer": tok_path, "tokenizer_sha256": tok.sha256, "step": 0, "done": False}
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
+        tensors, saved = load_checkpoint(args.out)
+        check_tokenizer(saved, tok, tok_path, args.out)
+        load_weights(model, tensors)
+        names = dict(model.named_parameters())
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                pname, key = k[len("optim."):].rsplit(".", 1)
+                opt.state[names[pname]][key] = v.to(device)
+        torch.set_rng_state(tensors["rng.torch"])
+        start = saved["step"]
+        if master and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
+            with open(metrics_path) as f:
+                keep = [l for l in f if json.loads(l)["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(keep)
+    elif master:
+        os.makedirs(args.out, exist_ok=True)
+        open(metrics_path, "w").close()
+
+    scorer = LogProbs(model)
+    if args.compile:
+        scorer = torch.compile(scorer)
+    if ddp:
+        scorer = nn.parallel.DistributedDataParallel(scorer, device_ids=[device] if use_cuda else None)
+
+    def log(row):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{method}",
+               disable=not master or args.no_progress, dynamic_ncols=True)
+    last = {}
+    for step in bar:
+        lr = get_lr(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sums = {}
+        for micro in range(accum):
+            b = to_device(stream.batch(step * args.grad_accum + micro * world + rank), device)
+            sync = nullcontext() if (not ddp or micro == accum - 1) else scorer.no_sync()
+            with sync, ctx:
+                pw, pl = batch_logps(scorer, b)
+                if pref:
+                    with torch.no_grad():
+                        rw, rl = batch_logps(ref_scorer, b)
+                    losses, rew_w, rew_l = preference_loss(pw, pl, rw, rl, args.beta, args.loss)
+                    loss = losses.mean()
+                    parts = {"rewards/chosen": rew_w.mean(), "rewards/rejected": rew_l.mean(),
+                             "rewards/accuracies": (rew_w > rew_l).float().mean(),
+                             "rewards/margins": (rew_w - rew_l).mean()}
+                else:  # token-mean NLL of the labelled completion tokens
+                    loss = -(pw.sum() + pl.sum()) / (b["targets"] != -1).sum()
+                    parts = {}
+                (loss / accum).backward()
+            parts.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean(),
+                          "logps/rejected": pl.detach().mean()})
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        row = {"step": step + 1, **sums, "grad_norm": grad_norm.item(), "lr": lr}
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            model.eval()
+            row.update(heldout_metrics(LogProbs(model), ref_scorer, eval_batches, args, ctx))
+            model.train()
+        if (step + 1) % args.log_every == 0 or "eval/pair_accuracy" in row:
+            log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}",
+                            acc=f"{row.get('eval/pair_accuracy', float('nan')):.2f}")
+        last = row
+        done = step + 1 == args.steps
+        if master and ((step + 1) % args.ckpt_every == 0 or done):
+            save_training(args.out, model, opt, {**meta, "step": step + 1, "done": done,
+                                                 "final": row if done else None})
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+# ----------------------------------------------------------------------------------------
+# The main job: every stage caches its output and is skipped when present.
+
+def stage_done(path):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("done", False)
+    except (OSError, ValueError):
+        return False
+
+
+def run_stage(args, tok, tok_path, method, out, prefs, users, init=None, ref=None, **over):
+    if stage_done(out):
+        print(f"[skip] {out} exists")
+        return
+    a = copy.copy(args)
+    a.method, a.out, a.init, a.ref = method, out, init, ref
+    a.resume = os.path.exists(os.path.join(out, "config.json"))
+    for k, v in over.items():
+        setattr(a, k, v)
+    t0 = time.time()
+    final = train(a, tok, tok_path, prefs, users)
+    print(f"[{method}] {time.time() - t0:.0f}s held-out pair accuracy "
+          f"{final.get('eval/pair_accuracy', float('nan')):.3f}")
+
+
+def train_tokenizer(dirs, vocab_size, path):
+    """BPE on the training rows of the given data dirs plus the users' trait summaries (the
+    text the cot method writes), so no test text shapes the vocabulary."""
+    t0 = time.time()
+    prefs, summaries = [], []
+    for d in dirs:
+        prefs += [r for r in data.load_prefs(os.path.join(d, "prefs.jsonl")) if r.split == "train"]
+        users = os.path.join(d, "users.jsonl")
+        if os.path.exists(users):
+            summaries += [COT_HEADER + synth.trait_summary(u) for u in synth.load_users(users).values()
+                          if u.get("split") == "train"]
+    tok = data.Tokenizer(data.train_bpe(itertools.chain(data.corpus_texts(prefs), summaries),
+                                        vocab_size))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tok.save(path)
+    print(f"[tokenizer] {tok.n_vocab} tokens from {len(prefs)} rows in {time.time() - t0:.1f}s")
+
+
+def main_job(args):
+    import eval as evaluation  # the evaluation lives in eval.py; imported late, it imports us
+    out = args.out or os.path.join("runs", args.preset)
+    data_dir = args.data or os.path.join(out, "data")
+    domains = args.domains.split(",")
+    t0 = time.time()
+    missing = [d for d in domains if not os.path.exists(os.path.join(data_dir, d, "prefs.jsonl"))]
+    if missing:
+        print(f"[data] generating {','.join(missing)} ({args.scale} scale) into {data_dir}")
+        for d in missing:
+            synth.main(["--domain", d, "--out", data_dir, "--scale", args.scale,
+                        "--seed", str(args.seed)])
+    tok_path = os.path.join(out, "tokenizer.txt")
+    if not os.path.exists(tok_path):
+        train_tokenizer([os.path.join(data_dir, d) for d in domains], args.vocab_size, tok_path)
+    tok = data.get_tokenizer(tok_path)
+    methods = args.methods.split(",")
+    runs = {}
+    for d in domains:
+        prefs = os.path.join(data_dir, d, "prefs.jsonl")
+        users = os.path.join(data_dir, d, "users.jsonl")
+        for n in SHOTS[d]:
+            base = os.path.join(out, f"{d}-{n}shot")
+            sft = os.path.join(base, "sft")
+            run_stage(args, tok, tok_path, "sft", sft, prefs, users, shots=n, steps=args.sft_steps)
+            ckpts = {"sft": sft}
+            for m in methods:
+                name, loss = (m[:-4], "dpo") if m.endswith("-dpo") else (m, "ipo")
+                init = ckpts["cot-sft"] if name == "cot" else sft
+                steps = args.sft_steps // 4 if name == "cot-sft" else args.pref_steps
+                ckpts[m] = os.path.join(base, m)
+                run_stage(args, tok, tok_path, name, ckpts[m], prefs, users, init=init,
+                          shots=n, loss=loss, steps=steps)
+            runs[(d, n)] = ckpts
+    report = evaluation.evaluate_runs(runs, data_dir, tok, tok_path, args, out)
+    print(report)
+    print(f"[done] main job took {time.time() - t0:.0f}s; report in {out}/report.md")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.manual_seed(args.seed)
+    if args.method is None:
+        return main_job(args)
+    if args.out is None:
+        raise SystemExit("fspo.py: --out is required with --method")
+    prefs = args.prefs or os.path.join(args.data or "data", args.domain, "prefs.jsonl")
+    users = args.users or os.path.join(os.path.dirname(prefs), "users.jsonl")
+    users = users if os.path.exists(users) else None
+    tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                              "tokenizer.txt")
+    if not os.path.exists(tok_path):
+        train_tokenizer([os.path.dirname(prefs)], args.vocab_size, tok_path)
+    args.steps = args.steps or (args.sft_steps if args.method in SFT_METHODS else args.pref_steps)
+    final = train(args, data.get_tokenizer(tok_path), tok_path, prefs, users)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(final))
+
+
+if __name__ == "__main__":
+    main()

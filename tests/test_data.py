@@ -1,0 +1,391 @@
+"""
+Tests for data.py, each against an independent reference (a slow BPE trainer, a merge-list
+encoder, hand-written prompts, a two-sequence layout scored by a tiny transformer).
+
+    python -m pytest -q tests/test_data.py
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+
+import pytest
+import regex
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data
+from data import (COMPLETION_HEADER, Episode, Pref, Tokenizer, by_user, encode_episode,
+                  format_prompt, get_tokenizer, load_prefs, make_episodes, pack_batch,
+                  pack_naive, pack_sft, sequence_logps, train_bpe)
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def templated_corpus(seed, n_chars):
+    """Synthetic-style text: a few templates filled from a Zipf-weighted made-up lexicon."""
+    r = random.Random(seed)
+    lexicon = ["".join(r.choices("etaoinshrdlcumwfgyp", k=r.randint(2, 9))) for _ in range(400)]
+    weights = [1 / (i + 1) for i in range(len(lexicon))]
+    templates = ["The {} was {} because the {} {} every {}.", "Explain {} to a {}: it is like {} and {}{}.",
+                 "I think {} {}, {}! {} {} Score: 7/10.", "Q: why does {} {} the {}?\nA: {} {}."]
+    texts, size = [], 0
+    while size < n_chars:
+        t = r.choice(templates).format(*r.choices(lexicon, weights, k=5))
+        texts.append(t)
+        size += len(t)
+    return texts
+
+def random_unicode(r, n):
+    ranges = [(0x20, 0x7E), (0x0A, 0x0A), (0xA0, 0x24F), (0x300, 0x36F),   # latin, combining marks
+              (0x391, 0x3C9), (0x400, 0x4FF), (0x4E00, 0x4FFF), (0x1F300, 0x1F64F),  # cjk, emoji
+              (0x200D, 0x200D), (0xFE0F, 0xFE0F), (0x2000, 0x200B)]      # zwj, variation sel, spaces
+    out = []
+    for _ in range(n):
+        lo, hi = r.choice(ranges)
+        out.append(chr(r.randint(lo, hi)))
+    return "".join(out)
+
+def naive_bpe(texts, vocab_size):
+    """Slow reference trainer: recount every pair every step; returns (ranks, segmentation)."""
+    words = Counter(w for t in texts for w in regex.findall(data.PAT_STR, t))
+    segs = {w: [bytes([b]) for b in w.encode()] for w in words}
+    ranks = {bytes([i]): i for i in range(256)}
+    while len(ranks) < vocab_size - 1:
+        counts = Counter()
+        for w, n in words.items():
+            for p in zip(segs[w], segs[w][1:]):
+                counts[p] += n
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        if counts[best] < 2:
+            break
+        ranks.setdefault(best[0] + best[1], len(ranks))
+        for w, s in segs.items():
+            out, j = [], 0
+            while j < len(s):
+                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
+                    out.append(s[j] + s[j + 1])
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            segs[w] = out
+    return ranks, segs
+
+def merge_list_encode(ranks, text):
+    """Reference encoder: pre-tokenize, then apply the learned merges in rank order."""
+    merges = sorted((r, b) for b, r in ranks.items() if r >= 256)
+    ids = []
+    for w in regex.findall(data.PAT_STR, text):
+        wb = w.encode()
+        s = [bytes([b]) for b in wb]
+        for _, tok in merges:
+            if len(s) == 1:
+                break
+            if tok not in wb:
+                continue
+            out, j = [], 0
+            while j < len(s):
+                if j + 1 < len(s) and s[j] + s[j + 1] == tok:
+                    out.append(tok)
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            s = out
+        ids += [ranks[b] for b in s]
+    return ids
+
+@pytest.fixture(scope="module")
+def corpus():
+    return templated_corpus(0, 200_000)
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return Tokenizer(train_bpe(corpus, 1024))
+
+def byte_tok():
+    """A tokenizer with no merges: one token per UTF-8 byte, so lengths are predictable."""
+    return Tokenizer({bytes([i]): i for i in range(256)})
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def test_roundtrip_random_unicode(tok):
+    r = random.Random(0)
+    for n in [0, 1, 2, 5, 30, 200]:
+        for _ in range(40):
+            s = random_unicode(r, n)
+            assert tok.decode(tok.encode(s)) == s
+    s = "e\u0301 👩‍👩‍👧 ❤️ 🇫🇷 <|endoftext|> tab\tnl\n\n  x"
+    ids = tok.encode(s)
+    assert tok.eot_id not in ids                         # special text stays ordinary text
+    assert tok.decode(ids) == s
+
+def test_training_matches_naive_trainer():
+    texts = templated_corpus(1, 20_000)
+    ranks = train_bpe(texts, 500)
+    ref, segs = naive_bpe(texts, 500)
+    assert ranks == ref
+    t = Tokenizer(ranks)
+    # tiktoken reproduces the merges: every training word encodes to its learned split
+    for w, s in segs.items():
+        assert t.encode(w) == [ranks[b] for b in s], w
+
+def test_deterministic_and_vocab_size(corpus):
+    a = train_bpe(corpus, 700)
+    b = train_bpe(iter(templated_corpus(0, 200_000)), 700)   # regenerated, fed as an iterator
+    assert a == b
+    assert Tokenizer(a).n_vocab == 700
+    assert sorted(a.values()) == list(range(699))
+    assert all(a[bytes([i])] == i for i in range(256))
+
+def test_stops_when_no_pair_repeats():
+    ranks = train_bpe(["abab", "cd"], 10_000)           # "ab" twice; then every pair once
+    assert set(ranks) - {bytes([i]) for i in range(256)} == {b"ab"}
+    ranks = train_bpe(["abab abab", "cd"], 10_000)      # "ab" 4x, then "abab" 2x (" abab" once)
+    assert set(ranks) - {bytes([i]) for i in range(256)} == {b"ab", b"abab"}
+
+def test_tiktoken_equals_merge_list_encoder(tok, corpus):
+    r = random.Random(0)
+    samples = corpus[:200] + [format_prompt([Pref("u", "Why?", "Because.", "No.")], "How so?"),
+                              "unseen wordz: Zebras' 1234 don't   spaces\n\nend",
+                              "naïve café — 東京 🎉🎉"] + [random_unicode(r, 40) for _ in range(20)]
+    for s in samples:
+        assert tok.encode(s) == merge_list_encode(tok.ranks, s), s
+
+def test_save_load(tok, tmp_path, corpus):
+    path = tmp_path / "tok.bpe"
+    tok.save(path)
+    assert os.listdir(tmp_path) == ["tok.bpe"]           # no temp file left behind
+    tok2 = get_tokenizer(path)
+    assert tok2.ranks == tok.ranks and tok2.eot_id == tok.eot_id
+    assert tok2.encode(corpus[0]) == tok.encode(corpus[0])
+    (tmp_path / "bad.bpe").write_text("QUI= 0\nnot-a-line\n")
+    with pytest.raises(ValueError, match="bad.bpe:2"):
+        Tokenizer.load(tmp_path / "bad.bpe")
+
+def test_gpt2_not_cached_is_a_clear_error(tmp_path, monkeypatch):
+    import tiktoken.load
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="not in tiktoken's cache"):
+        get_tokenizer(kind="gpt2")
+    assert time.time() - t0 < 1
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")             # caching disabled
+    with pytest.raises(RuntimeError, match="caching disabled"):
+        get_tokenizer(kind="gpt2")
+
+def test_gpt2_when_cached():
+    try:
+        t = get_tokenizer(kind="gpt2")
+    except RuntimeError:
+        pytest.skip("gpt2 files not in tiktoken's cache (expected offline)")
+    assert t.eot_id == 50256 and t.encode("hello world") == [31373, 995]
+
+def test_bpe_training_speed():
+    texts = templated_corpus(2, 5_000_000)
+    t0 = time.time()
+    ranks = train_bpe(texts, 4096)
+    dt = time.time() - t0
+    print(f"train_bpe: 5 MB -> {len(ranks) + 1} tokens in {dt:.1f}s")
+    assert dt < 15                                       # i.e. 20 MB well under a minute
+
+# -----------------------------------------------------------------------------
+# preference files
+
+def write_lines(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+def row(**kw):
+    return {"user_id": "u1", "prompt": "q", "chosen": "a", "rejected": "b", **kw}
+
+def test_load_prefs_defaults(tmp_path):
+    p = write_lines(tmp_path / "prefs.jsonl", [row(), "", row(split="test", tags={"question_id": 3})])
+    prefs = load_prefs(p)
+    assert prefs == [Pref("u1", "q", "a", "b", "train", {}),
+                     Pref("u1", "q", "a", "b", "test", {"question_id": 3})]
+
+@pytest.mark.parametrize("bad,lineno,msg", [
+    ('{"user_id": "u1", "prompt": ', 2, "invalid JSON"),
+    ({"user_id": "u1", "prompt": "q", "rejected": "b"}, 2, "field 'chosen' is missing"),
+    (row(prompt=3), 2, "field 'prompt' must be a non-empty string"),
+    (row(rejected=""), 2, "field 'rejected' must be a non-empty string"),
+    (row(tags=[1]), 2, "field 'tags'"),
+    ("[1, 2]", 2, "expected a JSON object"),
+])
+def test_load_prefs_errors(tmp_path, bad, lineno, msg):
+    p = write_lines(tmp_path / "prefs.jsonl", [row(), bad, row()])
+    with pytest.raises(ValueError, match=f"prefs.jsonl:{lineno}: {msg}"):
+        load_prefs(p)
+
+# -----------------------------------------------------------------------------
+# prompts and episodes
+
+def test_format_prompt_two_shots():
+    shots = [Pref("u", "What is rain?", "Water falling.", "A mood."),
+             Pref("u", "Why sleep?", "To rest.", "No reason.")]
+    expected = ("# Example 1\n## Question\nWhat is rain?\n## Preferred Response\nWater falling.\n"
+                "## Dispreferred Response\nA mood.\n"
+                "# Example 2\n## Question\nWhy sleep?\n## Preferred Response\nTo rest.\n"
+                "## Dispreferred Response\nNo reason.\n"
+                "# Task\nGiven the examples above, generate a preferred response to the following question.\n"
+                "## Question\nWhat is snow?\n")
+    assert format_prompt(shots, "What is snow?") == expected
+    assert format_prompt([], "Hi?", description="Likes brevity.") == (
+        "# User Description\nLikes brevity.\n# Task\nGiven the examples above, generate a "
+        "preferred response to the following question.\n## Question\nHi?\n")
+    assert COMPLETION_HEADER == "## Preferred Response\n"
+
+def make_prefs(sizes):
+    return [Pref(f"u{u}", f"q{u}-{i}", f"c{u}-{i}", f"r{u}-{i}")
+            for u, n in enumerate(sizes) for i in range(n)]
+
+def test_make_episodes(capsys):
+    prefs = make_prefs([11, 5, 2, 9, 4])
+    users = by_user(prefs)
+    eps = make_episodes(users, 4, random.Random(0))
+    assert "skipped 2 of 5 users" in capsys.readouterr().out   # the users with 2 and 4 rows
+    used = set()
+    for shots, query in eps:
+        assert len(shots) == 4 and query not in shots
+        assert len({p.prompt for p in shots + [query]}) == 5    # no row twice in an episode
+        assert {p.user_id for p in shots} == {query.user_id}
+        used |= {p.prompt for p in shots + [query]}
+    assert used == {p.prompt for p in prefs if p.user_id in ("u0", "u1", "u3")}
+    assert len(eps) == 3 + 1 + 2                                # ceil(n / 5) per kept user
+    # determinism by seed; repeats reshuffle so each row is seen in several contexts
+    key = lambda eps: [([p.prompt for p in s], q.prompt) for s, q in eps]
+    assert key(make_episodes(users, 4, random.Random(0))) == key(eps)
+    assert key(make_episodes(users, 4, random.Random(1))) != key(eps)
+    rep = make_episodes(users, 4, random.Random(0), repeats=3)
+    seen = Counter(p.prompt for s, q in rep for p in s + [q])
+    assert len(rep) == 3 * len(eps) and min(seen.values()) >= 3
+    # min_shots lets small users in with fewer shots
+    small = make_episodes(users, 4, random.Random(0), min_shots=1)
+    assert sorted(len(s) for s, q in small if q.user_id in ("u2", "u4")) == [1, 3]
+
+def test_encode_episode_drops_oldest_shots():
+    t = byte_tok()
+    shots = [Pref("u", f"question {i}", f"good {i}", f"bad {i}") for i in range(3)]
+    query = Pref("u", "the query", "the chosen answer", "no")
+    chosen = list((COMPLETION_HEADER + query.chosen).encode()) + [t.eot_id]
+    rejected = list((COMPLETION_HEADER + query.rejected).encode()) + [t.eot_id]
+    full = len(format_prompt(shots, query.prompt).encode())
+    e = encode_episode(t, shots, query, max_len=full + len(chosen) + 1)
+    assert (e.n_shots, e.chosen, e.rejected) == (3, chosen, rejected)
+    e = encode_episode(t, shots, query, max_len=full + len(chosen))        # one token short
+    assert t.decode(e.ctx) == format_prompt(shots[1:], query.prompt)       # oldest shot gone
+    assert (e.n_shots, e.chosen, e.rejected) == (2, chosen, rejected)
+    bare = len(format_prompt([], query.prompt).encode())
+    e = encode_episode(t, shots, query, max_len=bare + len(chosen) + 1)
+    assert t.decode(e.ctx) == format_prompt([], query.prompt) and e.chosen == chosen
+    with pytest.raises(ValueError, match="even with no shots"):
+        encode_episode(t, shots, query, max_len=bare + len(chosen))
+    e = encode_episode(t, shots, query, 10_000, description="terse", chosen_text="X", rejected_text="Y")
+    assert t.decode(e.ctx) == format_prompt(shots, query.prompt, "terse")
+    assert t.decode(e.chosen[:-1]) == "X" and e.rejected[-1] == t.eot_id  # whole completion replaced
+
+# -----------------------------------------------------------------------------
+# packing
+
+class TinyLM(nn.Module):
+    """Minimal causal transformer with learned positions and an explicit boolean mask."""
+
+    def __init__(self, vocab=20, n_embd=32, n_head=4, n_layer=2, block=64):
+        super().__init__()
+        self.n_head = n_head
+        self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block, n_embd)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(n_embd), qkv=nn.Linear(n_embd, 3 * n_embd), proj=nn.Linear(n_embd, n_embd),
+            ln2=nn.LayerNorm(n_embd), fc=nn.Linear(n_embd, 4 * n_embd), out=nn.Linear(4 * n_embd, n_embd),
+        )) for _ in range(n_layer))
+        self.ln_f, self.head = nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab)
+
+    def forward(self, idx, pos=None, mask=None):
+        B, T = idx.shape
+        pos = torch.arange(T).expand(B, T) if pos is None else pos
+        mask = torch.ones(T, T, dtype=torch.bool).tril() if mask is None else mask
+        x = self.wte(idx) + self.wpe(pos)                                    # (B, T, C)
+        for l in self.layers:
+            q, k, v = l.qkv(l.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))          # (B, nh, T, T)
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            x = x + l.proj((att @ v).transpose(1, 2).reshape(B, T, -1))
+            x = x + l.out(F.gelu(l.fc(l.ln2(x))))
+        return self.head(self.ln_f(x))                                      # (B, T, V)
+
+def token_logprobs(model, idx, targets, pos=None, mask=None):
+    lp = F.log_softmax(model(idx, pos, mask), -1)                           # (B, T, V)
+    lp = lp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return torch.where(targets != -1, lp, 0.0)                              # (B, T)
+
+def random_episodes(r, n, vocab=20):
+    toks = lambda lo, hi: [r.randrange(vocab - 1) for _ in range(r.randint(lo, hi))]
+    eps = [Episode(toks(1, 20), toks(1, 12), toks(1, 12)) for _ in range(n)]
+    eps[0] = Episode(toks(1, 1), toks(1, 1), toks(5, 5))                   # one-token ctx and chosen
+    return eps
+
+def test_pack_batch_labels_and_mask():
+    eps = random_episodes(random.Random(0), 6)
+    b = pack_batch(eps, pad_id=19)
+    for i, e in enumerate(eps):
+        labelled = b["targets"][i] != -1
+        assert b["targets"][i][labelled].tolist() == e.chosen + e.rejected
+        assert labelled.sum() == len(e.chosen) + len(e.rejected)
+        seg = b["seg"][i]
+        assert not labelled[(seg == 0) | (seg == 3)].any()             # never on context or pads
+        # rejected never sees chosen; every query sees at least itself
+        assert not b["mask"][i, 0][seg == 2][:, seg == 1].any()
+        assert b["mask"][i, 0].diagonal().all()
+        pos = b["pos"][i]
+        Lc = len(e.ctx)
+        assert pos[seg == 1].tolist() == list(range(Lc - 1, Lc + len(e.chosen)))
+        assert pos[seg == 2].tolist() == list(range(Lc - 1, Lc + len(e.rejected)))
+    # the context carries no labels: changing it leaves every labelled target as it was
+    other = [Episode([(t + 7) % 19 for t in e.ctx], e.chosen, e.rejected) for e in eps]
+    b2 = pack_batch(other, pad_id=19)
+    assert torch.equal(b2["targets"], b["targets"])
+    sft = pack_sft(eps, 49, which="chosen")
+    assert sft["targets"][sft["seg"] == 2].eq(-1).all()
+    assert torch.equal(sft["targets"][sft["seg"] == 1], b["targets"][b["seg"] == 1])
+
+def test_pack_naive_labels():
+    eps = random_episodes(random.Random(1), 4)
+    n = pack_naive(eps, pad_id=19)
+    assert n["idx"].shape[0] == 8 and n["mask"] is None and n["pos"] is None
+    for i, e in enumerate(eps):
+        for row, y in ((i, e.chosen), (i + len(eps), e.rejected)):
+            assert n["targets"][row][n["targets"][row] != -1].tolist() == y
+            L = len(e.ctx) + len(y)
+            assert n["idx"][row, :L].tolist() == e.ctx + y     # target t is the token at t+1
+            assert torch.equal(n["targets"][row, len(e.ctx) - 1:L - 1], n["idx"][row, len(e.ctx):L])
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_packed_logps_equal_naive(dtype, tol):
+    torch.manual_seed(0)
+    model = TinyLM().to(dtype).eval()
+    for seed in range(3):
+        eps = random_episodes(random.Random(seed), 7)
+        p, n = pack_batch(eps, pad_id=19), pack_naive(eps, pad_id=19)
+        with torch.no_grad():
+            lp = token_logprobs(model, p["idx"], p["targets"], p["pos"], p["mask"])
+            lpn = token_logprobs(model, n["idx"], n["targets"])
+        chosen, rejected = sequence_logps(lp, p["seg"])       # float32 sums by design
+        if dtype == torch.float64:
+            chosen, rejected = (torch.where(p["seg"] == s, lp, 0.0).sum(-1) for s in (1, 2))
+        ref = lpn.sum(-1)
+        B = len(eps)
+        torch.testing.assert_close(chosen.double(), ref[:B].double(), atol=tol, rtol=0)
+        torch.testing.assert_close(rejected.double(), ref[B:].double(), atol=tol, rtol=0)

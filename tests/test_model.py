@@ -1,0 +1,315 @@
+"""
+Each piece of model.py against an independent reference: a hand-written attention, brute
+force loops over prefixes, the same tokens run without packing, hand-counted parameters.
+
+    python -m pytest -q tests/test_model.py
+"""
+import math
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model as M  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def tiny_model(seed=0, std=0.5, **overrides):
+    # Weights much larger than GPT-2's 0.02 spread the logits, so greedy choices are not
+    # near-ties and a wrong position or mask changes the output.
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{**dict(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32),
+                       **overrides})
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
+    return model
+
+
+# ---------------------------------------------------------------------------- attention
+
+def manual_attention(attn, x, mask):
+    # masked softmax attention written out; mask (B, 1, T, T) bool, True = may attend
+    B, T, C = x.shape
+    hs = C // attn.n_head
+    q, k, v = (t.view(B, T, attn.n_head, hs).transpose(1, 2) for t in attn.c_attn(x).split(C, 2))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
+    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+    return attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+
+
+@torch.no_grad()
+def test_sdpa_matches_manual_attention():
+    attn = tiny_model().blocks[0].attn
+    B, T = 3, 10
+    x = torch.randn(B, T, 32)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
+    torch.testing.assert_close(attn(x), manual_attention(attn, x, causal), atol=1e-5, rtol=1e-5)
+    custom = torch.rand(B, 1, T, T) < 0.4
+    custom |= torch.eye(T, dtype=torch.bool)  # every query keeps at least itself
+    torch.testing.assert_close(attn(x, custom), manual_attention(attn, x, custom),
+                               atol=1e-5, rtol=1e-5)
+    only_self = torch.eye(T, dtype=torch.bool).expand(B, 1, T, T)
+    y = attn(x, only_self)
+    assert not y.isnan().any()
+    torch.testing.assert_close(y, manual_attention(attn, x, only_self), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_mask_and_positions_equal_running_segments_apart():
+    # One row [ctx | a | b] where b restarts a's positions and cannot see a must compute
+    # what [ctx | a] and [ctx | b] compute as plain causal sequences.
+    model = tiny_model()
+    ctx, a, b = (torch.randint(0, 50, (2, n)) for n in (4, 3, 5))
+    idx = torch.cat([ctx, a, b], 1)  # (2, 12)
+    seg = torch.tensor([0] * 4 + [1] * 3 + [2] * 5)
+    pos = torch.cat([torch.arange(7), torch.arange(4, 9)]).expand(2, 12)
+    q, k = seg[:, None], seg[None, :]
+    mask = torch.ones(12, 12, dtype=torch.bool).tril() & ((k == 0) | (k == q))  # (12, 12)
+    mask = mask.expand(2, 1, 12, 12)
+    packed, _ = model(idx, pos=pos, mask=mask)
+    alone_a, _ = model(torch.cat([ctx, a], 1))
+    alone_b, _ = model(torch.cat([ctx, b], 1))
+    # logits reach ~10 with these weights, so float32 rounding is ~1e-5 of that
+    torch.testing.assert_close(packed[:, :7], alone_a, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 7:], alone_b[:, 4:], atol=1e-4, rtol=1e-5)
+    # and the log-probs read through the same mask
+    targets = torch.full((2, 12), -1)
+    targets[:, 7:11] = b[:, 1:]
+    lp = model.token_logprobs(idx, targets, pos=pos, mask=mask)
+    ref = alone_b[:, 4:8].log_softmax(-1).gather(-1, b[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(lp[:, 7:11], ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- log-probs
+
+def test_token_logprobs_match_prefix_loop():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 12))
+    targets = torch.randint(0, 50, (2, 12))
+    targets[0, :5] = -1
+    targets[1, 3:9] = -1
+    lp = model.token_logprobs(idx, targets)
+    assert lp.dtype == torch.float32 and lp.shape == (2, 12)
+    with torch.no_grad():
+        for b in range(2):
+            for t in range(12):
+                if targets[b, t] == -1:
+                    assert lp[b, t] == 0.0
+                    continue
+                logits, _ = model(idx[b:b + 1, :t + 1])  # the prefix alone
+                ref = logits[0, -1].double().log_softmax(-1)[targets[b, t]]
+                assert abs(lp[b, t].item() - ref.item()) < 1e-5
+    keep = targets != -1
+    _, loss = model(idx, targets)
+    torch.testing.assert_close(loss, -lp[keep].mean())
+    lp.sum().backward()  # training differentiates through it
+    assert model.wte.weight.grad is not None and model.wte.weight.grad.abs().sum() > 0
+
+
+def test_init_loss_near_uniform_and_scaled_init():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=256, n_layer=8, n_head=4, n_embd=64)
+    model = GPT(cfg)
+    idx, targets = torch.randint(0, 256, (2, 4, 32))
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(256)) < 0.1
+    assert model.lm_head.weight is model.wte.weight
+    attn_proj = model.blocks[0].attn.c_proj.weight
+    assert abs(attn_proj.std().item() / (0.02 / math.sqrt(2 * 8)) - 1) < 0.1
+    assert abs(model.blocks[0].mlp.c_fc.weight.std().item() / 0.02 - 1) < 0.1
+
+
+def test_param_count_and_flops_by_hand():
+    cfg = GPTConfig(block_size=64, vocab_size=50, n_layer=3, n_head=2, n_embd=32)
+    V, T, L, C = 50, 64, 3, 32
+    model = GPT(cfg)
+    per_layer = 3 * C * C + C * C + 2 * 4 * C * C + 2 * C  # qkv, proj, mlp, two LN weights
+    n = V * C + T * C + L * per_layer + C  # tied wte/lm_head counted once, final LN
+    assert model.num_params() == n
+    assert model.flops_per_token(16) == 6 * (n - T * C) + 12 * L * C * 16
+
+
+# ---------------------------------------------------------------------------- generation
+
+def brute_greedy(model, prompt, n, eos_id=None):
+    # no cache, no padding: rerun the whole sequence for every token
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([seq]))
+            tok = logits[0, -1].argmax().item()
+            if tok == eos_id:
+                break
+            out.append(tok)
+            seq.append(tok)
+    return out
+
+
+PROMPTS = [[3, 14, 15, 9, 2, 6, 5, 35, 8], [7], [27, 18, 28, 18, 28]]
+
+
+def test_cached_greedy_equals_brute_force():
+    model = tiny_model()
+    for p in PROMPTS:
+        assert model.generate([p], 20, temperature=0) == [brute_greedy(model, p, 20)]
+    # the cache filled to the last position block_size allows
+    p = PROMPTS[0]
+    assert model.generate([p], 64 - len(p), temperature=0) == [brute_greedy(model, p, 64 - len(p))]
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate([p], 64 - len(p) + 1, temperature=0)
+    assert model.generate(PROMPTS, 0) == [[], [], []]
+
+
+def test_ragged_batch_equals_each_prompt_alone():
+    model = tiny_model(seed=1)
+    alone = [model.generate([p], 20, temperature=0)[0] for p in PROMPTS]
+    assert model.generate(PROMPTS, 20, temperature=0) == alone
+    assert alone == [brute_greedy(model, p, 20) for p in PROMPTS]
+    same_len = torch.tensor([PROMPTS[0][:5], PROMPTS[2]])  # (B, T) tensor input
+    assert model.generate(same_len, 10, temperature=0) == \
+        [brute_greedy(model, p, 10) for p in same_len.tolist()]
+
+
+def test_each_row_stops_at_eos():
+    model = tiny_model(seed=2)
+    full = model.generate(PROMPTS, 30, temperature=0)
+    eos = full[1][3]
+    expected = [f[:f.index(eos)] if eos in f else f for f in full]
+    assert model.generate(PROMPTS, 30, temperature=0, eos_id=eos) == expected
+    assert expected[1] == brute_greedy(model, PROMPTS[1], 30, eos_id=eos)
+    # a lone row stops the loop at its eos: prefill + one step per token kept
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    assert model.generate([PROMPTS[1]], 30, temperature=0, eos_id=eos) == [expected[1]]
+    assert len(calls) == 1 + len(expected[1])
+
+
+def test_sampling_reproducible_with_generator():
+    model = tiny_model(std=0.2)
+
+    def sample(seed, **kw):
+        return model.generate(PROMPTS, 30, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert sample(0, temperature=1.5) == sample(0, temperature=1.5)
+    assert sample(0, temperature=1.5) != sample(1, temperature=1.5)
+    assert sample(0, top_k=1) == model.generate(PROMPTS, 30, temperature=0)
+
+
+def test_sampling_follows_tempered_top_k_softmax():
+    model = tiny_model(std=0.2)
+    p, n = PROMPTS[2], 4000
+    with torch.no_grad():
+        logits = model(torch.tensor([p]))[0][0, -1]  # (V,)
+    top = logits.topk(5).indices
+    expected = torch.zeros(50)
+    expected[top] = (logits[top] / 2.0).softmax(-1)
+    # n copies of one prompt: n draws of its first new token
+    draws = model.generate([p] * n, 1, temperature=2.0, top_k=5,
+                           generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=50)
+    assert counts[expected == 0].sum() == 0
+    assert 0.5 * (counts / n - expected).abs().sum() < 0.05  # total variation distance
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def logits_of(model):
+    idx = torch.arange(20).view(2, 10) % model.config.vocab_size
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+def test_checkpoint_round_trip_is_exact_and_tied(tmp_path):
+    model = tiny_model()
+    ck = tmp_path / "ck"
+    M.save_model(ck, model, {"step": 7})
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no .tmp / .old left behind
+    loaded, meta = M.load_model(ck)
+    assert meta["step"] == 7 and meta["model"] == asdict(model.config)
+    assert torch.equal(logits_of(loaded), logits_of(model))
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert "lm_head.weight" not in M.load_checkpoint(ck)[0]
+    # overwrite with a different model plus optimizer state; load_model skips the extras
+    other = tiny_model(seed=5)
+    exp_avg = torch.randn(3, 4)
+    M.save_checkpoint(ck, {**M.model_tensors(other), "optim.exp_avg": exp_avg},
+                      {"model": asdict(other.config)})
+    assert torch.equal(M.load_checkpoint(ck)[0]["optim.exp_avg"], exp_avg)
+    assert torch.equal(logits_of(M.load_model(ck)[0]), logits_of(other))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_checkpoint_unwraps_compile_and_ddp(tmp_path):
+    model = tiny_model()
+
+    class DDPLike(nn.Module):  # DistributedDataParallel keeps the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    for wrapped in (torch.compile(model), DDPLike(model), torch.compile(DDPLike(model))):
+        assert M.model_tensors(wrapped).keys() == M.model_tensors(model).keys()
+    M.save_model(tmp_path / "ck", DDPLike(torch.compile(model)), {})
+    assert torch.equal(logits_of(M.load_model(tmp_path / "ck")[0]), logits_of(model))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random_bytes", "pickle"])
+def test_damaged_checkpoint_raises_value_error(tmp_path, damage):
+    ck = tmp_path / "ck"
+    M.save_model(ck, tiny_model(), {})
+    f = ck / "model.safetensors"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    elif damage == "random_bytes":
+        f.write_bytes(os.urandom(5000))
+    else:
+        torch.save(tiny_model().state_dict(), f)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        M.load_checkpoint(ck)
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    before = tiny_model()
+    M.save_model(ck, before, {"step": 1})
+    after = tiny_model(seed=9)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(M, "save_file", crash)
+    with pytest.raises(RuntimeError):
+        M.save_model(ck, after, {"step": 2})
+    monkeypatch.undo()
+    loaded, meta = M.load_model(ck)
+    assert meta["step"] == 1 and torch.equal(logits_of(loaded), logits_of(before))
+
+    # a crash between the two renames: ck is already ck.old, ck.tmp is not yet ck
+    rename = Path.rename
+
+    def crash_on_tmp(self, target):
+        if self.name.endswith(".tmp"):
+            raise RuntimeError("simulated crash between renames")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_tmp)
+    with pytest.raises(RuntimeError):
+        M.save_model(ck, after, {"step": 2})
+    monkeypatch.undo()
+    assert not ck.exists()
+    loaded, meta = M.load_model(ck)
+    assert meta["step"] == 1 and torch.equal(logits_of(loaded), logits_of(before))
+
+    M.save_model(ck, after, {"step": 2})  # the next save clears the debris
+    loaded, meta = M.load_model(ck)
+    assert meta["step"] == 2 and torch.equal(logits_of(loaded), logits_of(after))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
