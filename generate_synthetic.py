@@ -170,26 +170,26 @@ RP_QUESTIONS = ("What should a beginner know about {s}?", "What is the secret to
                 "Is {s} worth the effort?", "Where should I start with {s}?")
 # One frame per viewpoint: answer, background, two extra sentences (long answers), example.
 RP_FRAMES = (
-    ("{C} practice {s} with {w0}.", "{B} {s} rewards patient {w1}.", "Start with {w2}.",
-     "Track your {w3}.", "{E} daily {w4} helped me."),
-    ("{C} invest in good {w0} for {s}.", "{B} most {s} trouble starts with {w1}.",
-     "Borrow {w2} before buying.", "Compare {w3} carefully.", "{E} cheap {w4} changed my {s}."),
-    ("{C} avoid rushing the {w0} in {s}.", "{B} {s} punishes careless {w1}.", "Check the {w2} twice.",
-     "Slow down around {w3}.", "{E} skipping {w4} ruined my {s}."),
-    ("{C} find people who share {s} and {w0}.", "{B} {s} grows faster with shared {w1}.",
-     "Swap tips about {w2}.", "Join a club for {w3}.", "{E} a neighbor taught me {w4}."),
-    ("{C} experiment with {w0} in {s}.", "{B} {s} is about curiosity and {w1}.", "Try new {w2} weekly.",
-     "Write down each {w3}.", "{E} mixing {w4} surprised me."),
-    ("{C} plan your {s} around {w0}.", "{B} good {s} needs clear {w1}.", "Set goals for {w2}.",
-     "Review your {w3} monthly.", "{E} a simple {w4} schedule worked."),
+    ("{C} practice {s} with {w0}.", "{B} {s} rewards patient {w1}.", "Start with {w2}.", "Track your {w3}.",
+     "{E} daily {w4} helped."),
+    ("{C} buy good {w0} for {s}.", "{B} {s} trouble starts with {w1}.", "Borrow {w2} first.", "Compare {w3} carefully.",
+     "{E} cheap {w4} changed everything."),
+    ("{C} never rush {w0} in {s}.", "{B} {s} punishes careless {w1}.", "Check {w2} twice.", "Watch the {w3}.",
+     "{E} skipping {w4} hurt."),
+    ("{C} share {s} with {w0} fans.", "{B} {s} grows with shared {w1}.", "Swap tips about {w2}.", "Join a {w3} club.",
+     "{E} neighbors taught me {w4}."),
+    ("{C} experiment with {w0} in {s}.", "{B} {s} loves curious {w1}.", "Try new {w2} weekly.", "Log each {w3}.",
+     "{E} mixing {w4} surprised me."),
+    ("{C} plan {s} around {w0}.", "{B} good {s} needs clear {w1}.", "Set goals for {w2}.", "Review {w3} monthly.",
+     "{E} a {w4} schedule worked."),
 )
 # Writers: opener formal/casual, confident/hedged adverb, background and example lead-ins,
 # joke, bullet (None: numbered list).
 RP_WRITERS = (
     ("Certainly.", "Hey!", "Definitely", "Probably", "Background:", "For example,",
-     "Ha, {s} never gets old!", "- "),
+     "Ha, {s} rules!", "- "),
     ("Greetings.", "Yo!", "Always", "Maybe", "Context:", "For instance,", "(Pun intended.)", "* "),
-    ("Indeed, fine question.", "Oh, cool question!", "Surely", "Perhaps", "Generally,", "Personally,",
+    ("Indeed.", "Oh, cool!", "Surely", "Perhaps", "Generally,", "Personally,",
      "Lol, classic {s}.", None),
 )
 RP_MARKERS = {"formality": ("certainly greetings indeed", "hey yo cool"),
@@ -333,12 +333,12 @@ class Roleplay(Domain):
 # ---------------------------------------------------------------- elix
 EX_FIELDS = """\
 physics: gravity, friction, magnetism, electricity, inertia, momentum, buoyancy, air pressure, sound waves, refraction, heat transfer, static electricity, energy conservation, centripetal force, lasers, radioactivity, nuclear fission, black holes, relativity, quantum tunneling | objects speed pushes weight motion balls | vectors acceleration joules fields entropy newtons
-biology: photosynthesis, cells, dna, evolution, digestion, the immune system, vaccines, bacteria, viruses, hormones, neurons, metabolism, genes, mitosis, ecosystems, pollination, the heart, breathing, sleep cycles, antibiotics | plants bodies food animals germs blood | enzymes proteins membranes receptors genomes mitochondria
+biology: photosynthesis, cells, dna, evolution, digestion, the immune system, vaccines, bacteria, viruses, hormones, neurons, metabolism, genes, mitosis, ecosystems, pollination, the heart, breathing, sleep cycles, antibiotics | plants bodies food animals germs organs | enzymes proteins membranes receptors genomes mitochondria
 economics: inflation, supply and demand, interest rates, taxes, unemployment, recessions, the stock market, banks, credit scores, compound interest, trade, tariffs, monopolies, currency exchange, insurance, minimum wage, gdp, cryptocurrency, opportunity cost, bonds | money prices shops jobs savings loans | equilibrium elasticity liquidity externalities arbitrage yields
 computing: the internet, algorithms, encryption, passwords, computer memory, search engines, machine learning, cloud storage, operating systems, programming, wifi, spam filters, databases, compression, computer viruses, binary numbers, pixels, gps, blockchain, robots | computers phones messages screens data apps | protocols hashing latency bandwidth compilers heuristics
 earth: earthquakes, volcanoes, weather, climate change, the water cycle, tides, seasons, rainbows, clouds, tornadoes, hurricanes, erosion, fossils, plate tectonics, glaciers, the ozone layer, lightning, ocean currents, deserts, caves | rain wind oceans mountains sun ground | convection sediment isobars subduction albedo precipitation
 space: stars, planets, the moon, eclipses, comets, galaxies, the big bang, satellites, rockets, orbits, meteors, the solar system, astronauts, telescopes, exoplanets, mars, the milky way, space stations, sunspots, nebulas | sky night shine spin dust distance | luminosity redshift parallax orbital spectra accretion
-chemistry: atoms, molecules, chemical reactions, acids and bases, the periodic table, rust, combustion, solutions, crystals, polymers, catalysts, batteries, soap, boiling, freezing, evaporation, isotopes, ions, plastics, alloys | stuff mixing bubbles colors water pieces | stoichiometry valence enthalpy oxidation covalent molarity
+chemistry: atoms, molecules, chemical reactions, acids and bases, the periodic table, rust, combustion, solutions, crystals, polymers, catalysts, batteries, soap, boiling, freezing, evaporation, isotopes, ions, plastics, alloys | stuff mixing bubbles colors liquids pieces | stoichiometry valence enthalpy oxidation covalent molarity
 psychology: memory, emotions, habits, motivation, stress, dreams, learning, attention, personality, empathy, anxiety, the placebo effect, peer pressure, procrastination, confirmation bias, intuition, creativity, happiness, grief, willpower | feelings brains friends choices moods thoughts | cognition schemas amygdala dopamine conditioning neuroplasticity
 civics: democracy, elections, the constitution, courts, laws, voting, juries, free speech, citizenship, the senate, political parties, lobbying, the census, federalism, treaties, human rights, city councils, referendums, impeachment, checks and balances | people leaders rules votes towns fairness | jurisdiction legislature sovereignty precedent ratification suffrage
 health: vitamins, calories, allergies, fevers, blood pressure, cholesterol, hydration, posture, sunscreen, first aid, cavities, headaches, nutrition labels, fiber, caffeine, stretching, meditation, heart rate, jet lag, diabetes | meals drinks muscles doctors snacks rest | physiology glucose inflammation homeostasis electrolytes cardiovascular"""
@@ -389,8 +389,9 @@ class Elix(Domain):
         self.items = [(f"ex{i:03d}", f"Explain {c}.", (f, c)) for i, (c, f) in enumerate(self.concepts.items())]
         extras = set(words_of(" ".join(EX_EXAMPLE + EX_DETAIL)))
         level_words = [set(words_of(" ".join(t))) | set(a.split()) for t, a in zip(EX_TEMPLATES, EX_ANALOGY)]
+        stop = set("all as day from much real through under via what with".split())
         self.level_of = {w: lv for lv, ws in enumerate(level_words) for w in ws
-                         if sum(w in o for o in level_words) == 1 and w not in extras}
+                         if sum(w in o for o in level_words) == 1 and w not in extras | stop}
         self.mark = {w: "example" for w in ("example", "instance", "picture")} | \
                     {w: "detail" for w in ("also", "plus", "top")}
         concept_words = set(words_of(" ".join(self.concepts)))
@@ -444,6 +445,9 @@ class Elix(Domain):
         level = sum(i * k for i, k in enumerate(counts)) / total if total else None
         hit = bool(concept) and concept in text.lower()
         return {"level": level, **m, "rel": relevance(on, off, hit), "q": quality(sents, n, known)}
+
+    def random_style(self, rng):
+        return dict(super().random_style(rng), level=rng.randrange(5))
 
     def reward(self, user, f):
         lv = EX_LEVELS.index(user["group"])
@@ -520,7 +524,7 @@ class Reviews(Domain):
         self.topic_of = {w: g for g, ws in RV_GENRES.items() for w in ws.split() + [g]}
         self.tone = {w: 1 for w in RV_POS} | {w: -1 for w in RV_NEG}
         self.aspect = {w: 1 for w in RV_ASPECT[0]} | {w: -1 for w in RV_ASPECT[1]}
-        text = " ".join(RV_VERDICT + RV_DETAIL + RV_RATING + RV_TITLE[0] + RV_TITLE[1] + ("but",))
+        text = " ".join(RV_VERDICT + RV_DETAIL + RV_RATING + tuple(RV_TITLE[0] + RV_TITLE[1]) + ("but",))
         self.known = set(words_of(text)) | set(self.topic_of) | set(self.tone) | set(self.aspect)
 
     def items_for(self, seed):
@@ -612,3 +616,272 @@ class Reviews(Domain):
 
 
 DOMAINS = {d.name: d for d in (Roleplay(), Elix(), Reviews())}
+
+
+# ---------------------------------------------------------------- API used by training and evaluation
+def load_users(path):
+    """users.jsonl (or its domain folder) -> {user_id: row}."""
+    path = os.path.join(path, "users.jsonl") if os.path.isdir(path) else path
+    with open(path) as f:
+        return {row["user_id"]: row for row in map(json.loads, f)}
+
+
+def score(user, prompt, response):
+    """The user's reward for `response` to `prompt`, read from the text alone. Never raises on strings."""
+    dom = DOMAINS[user["domain"]]
+    return dom.reward(user, dom.read(str(prompt), response))
+
+
+def trait_summary(user):
+    """Short canonical statement of the user's traits, e.g. 'Prefers: formal, lists, concise.'"""
+    return DOMAINS[user["domain"]].summary(user)
+
+
+def summary_for_response(user, prompt, response):
+    """trait_summary of the persona that would prefer `response`: the user's trait axes set to the
+    values the judge reads in it (an axis the text leaves undecided keeps the user's value)."""
+    dom = DOMAINS[user["domain"]]
+    f = dom.read(str(prompt), response)
+    traits = {a: abs(w) * (sign(f[a]) or sign(w)) for a, w in user["traits"].items()}
+    group = user["group"]
+    if dom.name == "elix" and f["level"] is not None:
+        group = EX_LEVELS[round(f["level"])]
+    return dom.summary(dict(user, traits=traits, group=group))
+
+
+def trait_recovery(user, text):
+    """Fraction of the user's traits (and elix level) that `text` states correctly, without the opposite."""
+    dom = DOMAINS[user["domain"]]
+    items = {" ".join(s.split()) for s in re.split(r"[,.;:\n]", str(text).lower())}
+    checks = [(dom.terms[a][w < 0], dom.terms[a][w > 0]) for a, w in user["traits"].items() if w]
+    if dom.name == "elix":
+        checks.append((user["group"], *[lv for lv in EX_LEVELS if lv != user["group"]]))
+    return sum(want in items and not items & set(others) for want, *others in checks) / max(1, len(checks))
+
+
+# ---------------------------------------------------------------- labelling
+def sigmoid(x):
+    return 1 / (1 + math.exp(-max(-60.0, min(60.0, x))))
+
+
+def entropy(p):
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 0.0
+
+
+def label(dom, user, cands, cfg, rng):
+    """Refine the persona until it decides its pairs (or hits the trait cap), then draw labels.
+    cands: [qid, prompt, text_a, text_b, feats_a, feats_b, tags, u1, u2]. Returns kept rows, counters."""
+    added = 0
+    while True:
+        deltas = [dom.reward(user, c[4]) - dom.reward(user, c[5]) for c in cands]
+        if not cfg.refine or len(user["traits"]) - len(dom.group_traits) >= dom.max_traits:
+            break
+        # the first undecided pair that differs on an axis the persona has no opinion about
+        new = next((axes for c, d in zip(cands, deltas) if abs(d) < MARGIN
+                    for axes in [[a for a in dom.axes if a not in user["traits"] and a not in dom.group_traits
+                                  and c[4][a] != c[5][a]]] if axes), None)
+        if new is None:
+            break
+        dom.add_trait(user, rng.choice(new), rng.choice((-1, 1)), rng)
+        added += 1
+    kept, n = [], {"inconsistent": 0, "undecidable": 0, "traits_added": added}
+    for c, d in zip(cands, deltas):
+        p = sigmoid(d / cfg.temperature)
+        first, second = c[7] < p, c[8] < p  # True: text_a is chosen
+        if cfg.refine and abs(d) < MARGIN:
+            n["undecidable"] += 1
+        elif cfg.consistency and first != second:
+            n["inconsistent"] += 1
+        else:
+            kept.append((c, p if first else 1 - p, first))
+    return kept, n
+
+
+def make_user(job):
+    """One user, its persona and labelled rows. Pure function of (seed, domain, index): worker count
+    never changes the output."""
+    name, i, split, group, kind, target = job
+    dom, cfg = DOMAINS[name], _CFG
+    rng = random.Random(f"{cfg.seed}/{name}/{i}")
+    user = dom.new_user(rng, f"{dom.prefix}{i:05d}", split, group, kind)
+    initial = dict(user, traits=dict(user["traits"]))
+    pool = cfg.pools[name][split]
+    order = rng.sample(pool, len(pool))
+    cands, want = [], target + target // 4 + 2
+    for _ in range(4):  # refinement drops undecidable pairs: top up until the target is met
+        for _ in range(want):
+            item = order[len(cands) % len(order)]
+            (ta, tb), tags = dom.pair(rng, user, item, cfg)
+            cands.append((item[0], item[1], ta, tb, dom.read(item[1], ta), dom.read(item[1], tb), tags,
+                          rng.random(), rng.random()))
+        kept, n = label(dom, user, cands, cfg, rng)
+        if len(kept) >= target:
+            break
+        want = 2 * (target - len(kept)) + 2
+    kept = kept[:target]
+    rows, agree = [], 0
+    for c, p, first in kept:
+        chosen, rejected = (c[2], c[3]) if first else (c[3], c[2])
+        agree += score(user, c[1], chosen) > score(user, c[1], rejected)
+        rows.append(json.dumps({"user_id": user["user_id"], "prompt": c[1], "chosen": chosen, "rejected": rejected,
+                                "split": split, "tags": {"question_id": c[0], "p_chosen": round(p, 3), **c[6]}},
+                               sort_keys=True))
+    h0 = sum(entropy(sigmoid((dom.reward(initial, c[4]) - dom.reward(initial, c[5])) / cfg.temperature))
+             for c in cands)
+    n.update(candidates=len(cands), rows=len(rows), agree=agree, h_initial=h0, h_kept=sum(entropy(p) for _, p, _ in kept),
+             traits_initial=len(initial["traits"]), traits_final=len(user["traits"]),
+             easy=sum(c[6].get("difficulty") == "easy" for c, _, _ in kept))
+    sample = [(c[0], t) for c, _, _ in kept[:2] for t in c[2:4]]
+    return json.dumps(user, sort_keys=True), rows, n, sample
+
+
+# ---------------------------------------------------------------- diversity
+def similarity(texts):
+    """Mean pairwise Jaccard similarity of word sets (lower = more diverse)."""
+    sets = [set(words_of(t)) for t in texts]
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs) if pairs else 0.0
+
+
+def mean_similarity(by_question):
+    groups = [ts[:10] for ts in by_question.values() if len(ts) >= 2][:400]
+    return round(sum(map(similarity, groups)) / len(groups), 4) if groups else None
+
+
+def diversity_ablation(dom, items, seed, writers):
+    """Similarity of 8 answers per question, for views off/on x one/all writers, same styles."""
+    out = {}
+    for views in (False, True):
+        for k in sorted({1, writers}):
+            rng = random.Random(f"{seed}/{dom.name}/diversity")
+            groups = {}
+            for qid, _, meta in items[:100]:
+                groups[qid] = [dom.render(meta, qid, dom.random_style(rng), rng.randrange(N_VIEWS) if views else 0,
+                                          rng.randrange(k)) for _ in range(8)]
+            out[f"views={int(views)},writers={k}"] = mean_similarity(groups)
+    return out
+
+
+# ---------------------------------------------------------------- generation
+_CFG = None
+
+
+def _init_worker(cfg):
+    global _CFG
+    _CFG = cfg
+
+
+def write_atomic(path, lines):
+    with open(path + ".tmp", "w") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def generate(name, cfg, out_dir):
+    """Generate one domain into out_dir/<name>/ and return its stats."""
+    dom = DOMAINS[name]
+    n_users, n_pairs = cfg.sizes[name]
+    items = dom.items_for(cfg.seed)
+    rng = random.Random(f"{cfg.seed}/{name}/split")
+    test_q = set(rng.sample(range(len(items)), round(TEST_Q_FRAC * len(items))))
+    cfg.pools[name] = {s: [it for i, it in enumerate(items) if (i in test_q) == (s == "test")] for s in ("train", "test")}
+    jobs = [(name, i, split, group, kind, n_pairs) for i, split, group, kind in dom.roster(n_users, rng)]
+    folder = os.path.join(out_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    users, totals, by_question = [], {}, {}
+    prefs_path = os.path.join(folder, "prefs.jsonl")
+    with open(prefs_path + ".tmp", "w") as f:
+        if cfg.workers > 1:
+            pool = multiprocessing.get_context("fork").Pool(cfg.workers, _init_worker, (cfg,))
+            results = pool.imap(make_user, jobs, chunksize=8)
+        else:
+            _init_worker(cfg)
+            pool, results = None, map(make_user, jobs)
+        for user_line, rows, n, sample in tqdm(results, total=len(jobs), desc=name, disable=None, leave=False):
+            users.append((user_line, n))
+            f.writelines(r + "\n" for r in rows)
+            for k, v in n.items():
+                totals[k] = totals.get(k, 0) + v
+            for qid, text in sample:
+                by_question.setdefault(qid, []).append(text)
+        if pool:
+            pool.close()
+            pool.join()
+    os.replace(prefs_path + ".tmp", prefs_path)
+    write_atomic(os.path.join(folder, "users.jsonl"), [u for u, _ in users])
+    rows_split = {s: sum(n["rows"] for (_, n), job in zip(users, jobs) if job[2] == s) for s in ("train", "test")}
+    per_user = [n["rows"] for _, n in users]
+    groups = {}
+    for job in jobs:
+        key = job[4] or job[3]
+        groups.setdefault(key, {"train": 0, "test": 0})[job[2]] += 1
+    stats = {
+        "domain": name, "seed": cfg.seed,
+        "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency")}
+                  | {"users": n_users, "pairs_per_user": n_pairs},
+        "users": {s: sum(j[2] == s for j in jobs) for s in ("train", "test")}, "groups": groups,
+        "questions": {s: len(v) for s, v in cfg.pools[name].items()},
+        "rows": rows_split, "rows_total": sum(per_user),
+        "rows_per_user": {"min": min(per_user), "mean": round(sum(per_user) / len(per_user), 2), "max": max(per_user)},
+        "users_short": sum(r < n_pairs for r in per_user),
+        "candidates": totals["candidates"], "dropped_inconsistent": totals["inconsistent"],
+        "dropped_undecidable": totals["undecidable"], "traits_added": totals["traits_added"],
+        "traits_per_user": {"initial": round(totals["traits_initial"] / n_users, 3),
+                            "final": round(totals["traits_final"] / n_users, 3)},
+        # mean binary entropy of the label probability, in nats: over all candidate pairs with the
+        # personas as first written, and over the kept pairs with the final personas
+        "label_entropy_initial": round(totals["h_initial"] / totals["candidates"], 4),
+        "label_entropy": round(totals["h_kept"] / max(1, sum(per_user)), 4),
+        "label_agreement": round(totals["agree"] / max(1, sum(per_user)), 4),
+        "diversity": mean_similarity(by_question),
+        "diversity_ablation": diversity_ablation(dom, cfg.pools[name]["train"], cfg.seed, cfg.writers),
+    }
+    if name == "elix":
+        stats["difficulty"] = {"easy": totals["easy"], "hard": sum(per_user) - totals["easy"]}
+    write_atomic(os.path.join(folder, "stats.json"), [json.dumps(stats, indent=1, sort_keys=True)])
+    return stats
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Synthetic FSPO users, preferences and judge.")
+    p.add_argument("--domain", default="all", choices=("roleplay", "elix", "reviews", "all"))
+    p.add_argument("--out", required=True, help="output folder; writes <out>/<domain>/{users,prefs}.jsonl, stats.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", default="default", choices=tuple(SCALES), help="preset sizes per domain")
+    p.add_argument("--users", type=int, help="users per domain (overrides --scale)")
+    p.add_argument("--pairs", type=int, help="preference rows per user (overrides --scale)")
+    p.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry label temperature")
+    p.add_argument("--no-views", dest="views", action="store_false", help="one viewpoint per question")
+    p.add_argument("--writers", type=int, default=3, help="template families used, 1-3")
+    p.add_argument("--no-refine", dest="refine", action="store_false", help="no iterative persona refinement")
+    p.add_argument("--no-consistency", dest="consistency", action="store_false", help="keep order-inconsistent labels")
+    p.add_argument("--workers", type=int, default=2, help="processes; output bytes do not depend on it")
+    cfg = p.parse_args(argv)
+    if cfg.users is not None and cfg.users < 20:
+        p.error("--users must be at least 20 (each domain needs train and held-out users)")
+    if cfg.pairs is not None and not 1 <= cfg.pairs <= 100_000:
+        p.error("--pairs must be between 1 and 100000")
+    if cfg.users is not None and cfg.users * (cfg.pairs or 1) > 20_000_000:
+        p.error("--users x --pairs is over 20M rows per domain")
+    if not 1 <= cfg.writers <= len(RP_WRITERS):
+        p.error(f"--writers must be between 1 and {len(RP_WRITERS)}")
+    if not 0 < cfg.temperature < math.inf:
+        p.error("--temperature must be a positive number")
+    if cfg.workers < 1:
+        p.error("--workers must be at least 1")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        p.error(f"--out {cfg.out} exists and is not a folder")
+    names = list(DOMAINS) if cfg.domain == "all" else [cfg.domain]
+    cfg.sizes = {d: (cfg.users or SCALES[cfg.scale][d][0], cfg.pairs or SCALES[cfg.scale][d][1]) for d in names}
+    cfg.pools = {}
+    for name in names:
+        t0 = time.time()
+        s = generate(name, cfg, cfg.out)
+        print(f"{name}: {s['users']['train']}+{s['users']['test']} users, {s['rows']['train']}+{s['rows']['test']} rows "
+              f"(train+test) in {time.time() - t0:.1f}s | label entropy {s['label_entropy_initial']} -> "
+              f"{s['label_entropy']} nats | agreement {s['label_agreement']} | similarity {s['diversity']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -211,9 +211,9 @@ def test_sampling_follows_tempered_top_k_softmax():
         logits = model(torch.tensor([p]))[0][0, -1]  # (V,)
     top = logits.topk(5).indices
     expected = torch.zeros(50)
-    expected[top] = (logits[top] / 2.0).softmax(-1)
+    expected[top] = (logits[top] / 0.5).softmax(-1)
     # n copies of one prompt: n draws of its first new token
-    draws = model.generate([p] * n, 1, temperature=2.0, top_k=5,
+    draws = model.generate([p] * n, 1, temperature=0.5, top_k=5,
                            generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=50)
     assert counts[expected == 0].sum() == 0
