@@ -259,13 +259,13 @@ def main(argv=None):
     args.preset = "custom"
     prefs = args.prefs or os.path.join(args.data or "data", args.domain, "prefs.jsonl")
     users = args.users or os.path.join(os.path.dirname(prefs), "users.jsonl")
-    _, base_meta = fspo.load_checkpoint(args.base)
+    _, base_meta = fspo.load_checkpoint(fspo.ckpt_dir(args.base))
     tok_path = args.tokenizer or base_meta["tokenizer"]
     tok = data.get_tokenizer(tok_path)
     n = args.shots or base_meta["args"]["shots"]
     ckpts = {"sft": args.base}
     for c in args.ckpt:
-        _, meta = fspo.load_checkpoint(c)
+        _, meta = fspo.load_checkpoint(fspo.ckpt_dir(c))
         name = meta["method"] + ("-dpo" if meta["args"].get("loss") == "dpo" else "")
         ckpts[name] = c
     res = evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, args.domain, n)

@@ -249,8 +249,13 @@ def load_weights(model, tensors):
                          f"unexpected {unexpected}")
 
 
+def ckpt_dir(path):
+    """A stage's run dir holds metrics.jsonl and the atomically replaced checkpoint dir."""
+    return os.path.join(path, "ckpt")
+
+
 def load_gpt(path, device):
-    tensors, meta = load_checkpoint(path)
+    tensors, meta = load_checkpoint(ckpt_dir(path))
     model = GPT(GPTConfig(**meta["model"]))
     load_weights(model, tensors)
     return model.to(device), meta, tensors
@@ -350,8 +355,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     meta = {"model": asdict(model.config), "method": method, "args": vars(args),
             "tokenizer": tok_path, "tokenizer_sha256": tok.sha256, "step": 0, "done": False}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if args.resume and os.path.exists(os.path.join(args.out, "config.json")):
-        tensors, saved = load_checkpoint(args.out)
+    if args.resume and os.path.exists(os.path.join(ckpt_dir(args.out), "config.json")):
+        tensors, saved = load_checkpoint(ckpt_dir(args.out))
         check_tokenizer(saved, tok, tok_path, args.out)
         load_weights(model, tensors)
         names = dict(model.named_parameters())
@@ -410,6 +415,10 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
                           "logps/rejected": pl.detach().mean()})
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / accum
+        if ddp:  # log the global batch's averages, not rank 0's share
+            vals = torch.tensor(list(sums.values()), device=device)
+            dist.all_reduce(vals)
+            sums = dict(zip(sums, (vals / world).tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -425,7 +434,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         last = row
         done = step + 1 == args.steps
         if master and ((step + 1) % args.ckpt_every == 0 or done):
-            save_training(args.out, model, opt, {**meta, "step": step + 1, "done": done,
+            save_training(ckpt_dir(args.out), model, opt, {**meta, "step": step + 1, "done": done,
                                                  "final": row if done else None})
     if ddp:
         dist.barrier()
@@ -438,7 +447,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
 
 def stage_done(path):
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(ckpt_dir(path), "config.json")) as f:
             return json.load(f).get("done", False)
     except (OSError, ValueError):
         return False
@@ -450,7 +459,7 @@ def run_stage(args, tok, tok_path, method, out, prefs, users, init=None, ref=Non
         return
     a = copy.copy(args)
     a.method, a.out, a.init, a.ref = method, out, init, ref
-    a.resume = os.path.exists(os.path.join(out, "config.json"))
+    a.resume = os.path.exists(os.path.join(ckpt_dir(out), "config.json"))
     for k, v in over.items():
         setattr(a, k, v)
     t0 = time.time()

@@ -107,6 +107,12 @@ def frac(a, b):
     return (a - b) / (a + b) if a + b else 0.0
 
 
+def held_out_blocks(n, size, fraction, rng):
+    """Indices of the blocks of `size` consecutive users that are held out (at least one)."""
+    blocks = n // size
+    return set(rng.sample(range(blocks), max(1, round(fraction * blocks))))
+
+
 class Domain:
     """Shared persona, labelling and summary logic; subclasses supply text and features."""
     group_traits = ()   # traits fixed by the user's group that refinement never adds
@@ -131,6 +137,9 @@ class Domain:
 
     def items_for(self, seed):
         return self.items
+
+    def split_key(self, item):
+        return item[2][1]  # roleplay subject, elix concept
 
     def view(self, rng, cfg):
         return rng.randrange(N_VIEWS) if cfg.views else 0
@@ -187,7 +196,7 @@ RP_FRAMES = (
 # joke, bullet (None: numbered list).
 RP_WRITERS = (
     ("Certainly.", "Hey!", "Definitely", "Probably", "Background:", "For example,",
-     "Ha, {s} rules!", "- "),
+     "Ha, {s} forever!", "- "),
     ("Greetings.", "Yo!", "Always", "Maybe", "Context:", "For instance,", "(Pun intended.)", "* "),
     ("Indeed.", "Oh, cool!", "Surely", "Perhaps", "Generally,", "Personally,",
      "Lol, classic {s}.", None),
@@ -326,7 +335,7 @@ class Roleplay(Domain):
         return [self.render(meta, qid, st, self.view(rng, cfg), rng.randrange(cfg.writers)) for st in (a, b)], {}
 
     def roster(self, n, rng):
-        test = set(rng.sample(range(n), round(0.1 * n)))
+        test = held_out_blocks(n, 1, 0.1, rng)
         return [(i, "test" if i in test else "train", "persona", None) for i in range(n)]
 
 
@@ -356,8 +365,8 @@ EX_TEMPLATES = (  # [level][writer]
      "Formally, {c} arises from {j1} under {j2}, whereby {j3} dominates.",
      "{C} is canonically modeled through {j1}, with {j2} governing {j3}."),
 )
-EX_ANALOGY = ("toy puppy crayon sandbox balloon cookie", "bicycle backpack skateboard locker sleepover arcade",
-              "playlist concert hoodie prom permit sneakers", "budget commute lease paycheck spreadsheet roommate", "")
+EX_ANALOGY = ("toy puppy crayon sandbox balloon cookie", "bicycle backpack skateboard locker sleepover trampoline",
+              "playlist concert hoodie prom permit skatepark", "budget commute lease paycheck spreadsheet roommate", "")
 EX_EXAMPLE = ("For example, think about {x}.", "For instance, look at {x}.", "Picture {x} in action.")
 EX_DETAIL = ("Also, it matters for {x}.", "Plus, it shows up in {x}.", "On top of that, {x} depends on it.")
 EX_BIO = ("{n} is {a} years old and loves stories with simple words.", "{n} is {a} and in middle school.",
@@ -476,8 +485,8 @@ class Elix(Domain):
         return texts, {"difficulty": "easy" if easy else "hard"}
 
     def roster(self, n, rng):
-        test = set(rng.sample(range(n), round(0.1 * n)))
-        return [(i, "test" if i in test else "train", EX_LEVELS[i % 5], None) for i in range(n)]
+        test = held_out_blocks(n, 5, 0.1, rng)  # whole blocks of five, one user per level
+        return [(i, "test" if i // 5 in test else "train", EX_LEVELS[i % 5], None) for i in range(n)]
 
 
 # ---------------------------------------------------------------- reviews
@@ -518,7 +527,7 @@ class Reviews(Domain):
     phrases = RV_PHRASES
     max_traits = 4
     weight_range = (2.0, 3.0)
-    side = (0.3, 0.6)  # weight range of the secondary tastes that vary users within a type
+    side = (0.5, 0.8)  # secondary tastes that vary users within a type; 2 * 0.5 >= MARGIN decides a pair
 
     def __init__(self):
         self.topic_of = {w: g for g, ws in RV_GENRES.items() for w in ws.split() + [g]}
@@ -533,6 +542,9 @@ class Reviews(Domain):
         titles = rng.sample([f"The {a} {b}" for a in RV_TITLE[0] for b in RV_TITLE[1]], 480)
         return [(f"rv{i:03d}", f"Review {t}, a {g} movie.", (t, g))
                 for i, (t, g) in enumerate((t, rng.choice(sorted(RV_GENRES))) for t in titles)]
+
+    def split_key(self, item):
+        return item[2][0]  # the movie title
 
     @lru_cache(maxsize=None)
     def plan(self, qid):
@@ -609,9 +621,9 @@ class Reviews(Domain):
         return [self.render(meta, qid, st, self.view(rng, cfg), rng.randrange(cfg.writers)) for st in (a, b)], {}
 
     def roster(self, n, rng):
-        n_int = n // 5
-        test = set(rng.sample(range(n - n_int), round(0.125 * (n - n_int))))
-        return [(i, "test" if i in test else "train", "trained", RV_TYPES[i % 4]) for i in range(n - n_int)] + \
+        n_int = n // 5  # interpolated users are all held out; trained ones in blocks of four, one per type
+        test = held_out_blocks(n - n_int, 4, 0.125, rng)
+        return [(i, "test" if i // 4 in test else "train", "trained", RV_TYPES[i % 4]) for i in range(n - n_int)] + \
                [(i, "test", "interpolated", RV_INTERPOLATED[i % 4]) for i in range(n - n_int, n)]
 
 
@@ -719,16 +731,18 @@ def make_user(job):
             break
         want = 2 * (target - len(kept)) + 2
     kept = kept[:target]
-    rows, agree = [], 0
+    rows, agree, ties = [], 0, 0
     for c, p, first in kept:
         chosen, rejected = (c[2], c[3]) if first else (c[3], c[2])
-        agree += score(user, c[1], chosen) > score(user, c[1], rejected)
+        d = dom.reward(user, c[4]) - dom.reward(user, c[5])
+        ties += abs(d) < MARGIN
+        agree += abs(d) >= MARGIN and (d > 0) == first
         rows.append(json.dumps({"user_id": user["user_id"], "prompt": c[1], "chosen": chosen, "rejected": rejected,
                                 "split": split, "tags": {"question_id": c[0], "p_chosen": round(p, 3), **c[6]}},
                                sort_keys=True))
     h0 = sum(entropy(sigmoid((dom.reward(initial, c[4]) - dom.reward(initial, c[5])) / cfg.temperature))
              for c in cands)
-    n.update(candidates=len(cands), rows=len(rows), agree=agree, h_initial=h0, h_kept=sum(entropy(p) for _, p, _ in kept),
+    n.update(candidates=len(cands), rows=len(rows), agree=agree, ties=ties, h_initial=h0, h_kept=sum(entropy(p) for _, p, _ in kept),
              traits_initial=len(initial["traits"]), traits_final=len(user["traits"]),
              easy=sum(c[6].get("difficulty") == "easy" for c, _, _ in kept))
     sample = [(c[0], t) for c, _, _ in kept[:2] for t in c[2:4]]
@@ -784,8 +798,11 @@ def generate(name, cfg, out_dir):
     n_users, n_pairs = cfg.sizes[name]
     items = dom.items_for(cfg.seed)
     rng = random.Random(f"{cfg.seed}/{name}/split")
-    test_q = set(rng.sample(range(len(items)), round(TEST_Q_FRAC * len(items))))
-    cfg.pools[name] = {s: [it for i, it in enumerate(items) if (i in test_q) == (s == "test")] for s in ("train", "test")}
+    # held-out questions are about held-out subjects, concepts or movies: no answer text is shared
+    keys = sorted({dom.split_key(it) for it in items})
+    test_keys = set(rng.sample(keys, round(TEST_Q_FRAC * len(keys))))
+    cfg.pools[name] = {s: [it for it in items if (dom.split_key(it) in test_keys) == (s == "test")]
+                       for s in ("train", "test")}
     jobs = [(name, i, split, group, kind, n_pairs) for i, split, group, kind in dom.roster(n_users, rng)]
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
@@ -833,7 +850,9 @@ def generate(name, cfg, out_dir):
         # personas as first written, and over the kept pairs with the final personas
         "label_entropy_initial": round(totals["h_initial"] / totals["candidates"], 4),
         "label_entropy": round(totals["h_kept"] / max(1, sum(per_user)), 4),
-        "label_agreement": round(totals["agree"] / max(1, sum(per_user)), 4),
+        # kept rows whose label follows the sign of the final persona's reward, among decided rows
+        "label_agreement": round(totals["agree"] / max(1, sum(per_user) - totals["ties"]), 4),
+        "undecided_rows": totals["ties"],
         "diversity": mean_similarity(by_question),
         "diversity_ablation": diversity_ablation(dom, cfg.pools[name]["train"], cfg.seed, cfg.writers),
     }
@@ -851,7 +870,7 @@ def main(argv=None):
     p.add_argument("--scale", default="default", choices=tuple(SCALES), help="preset sizes per domain")
     p.add_argument("--users", type=int, help="users per domain (overrides --scale)")
     p.add_argument("--pairs", type=int, help="preference rows per user (overrides --scale)")
-    p.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry label temperature")
+    p.add_argument("--temperature", type=float, default=0.8, help="Bradley-Terry label temperature")
     p.add_argument("--no-views", dest="views", action="store_false", help="one viewpoint per question")
     p.add_argument("--writers", type=int, default=3, help="template families used, 1-3")
     p.add_argument("--no-refine", dest="refine", action="store_false", help="no iterative persona refinement")

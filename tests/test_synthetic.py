@@ -1,0 +1,211 @@
+"""Synthetic users and their judge, against the generator's own attributes and brute-force checks:
+
+    python -m pytest -q tests/test_synthetic.py
+"""
+import json
+import math
+import os
+import random
+from collections import defaultdict
+
+import pytest
+
+import generate_synthetic as gs
+
+DOMAINS = ("roleplay", "elix", "reviews")
+
+
+def run(out, *flags, domain="all"):
+    gs.main(["--domain", domain, "--out", str(out), "--scale", "tiny", "--seed", "3", *flags])
+    return out
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def stats(out, domain):
+    with open(os.path.join(out, domain, "stats.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("tiny"))
+
+
+def read_level(f):
+    return None if f["level"] is None else round(f["level"])
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_judge_recovers_generating_attributes(domain):
+    dom, rng = gs.DOMAINS[domain], random.Random(0)
+    items = dom.items_for(0)
+    hits, n = defaultdict(int), 1500
+    for _ in range(n):
+        qid, prompt, meta = rng.choice(items)
+        style = dom.random_style(rng)
+        f = dom.read(prompt, dom.render(meta, qid, style, rng.randrange(gs.N_VIEWS), rng.randrange(3)))
+        for axis, value in style.items():
+            got = read_level(f) if axis == "level" else round(f[axis])
+            hits[axis] += got == value
+        hits["on topic"] += f["rel"] == 1.0 and f["q"] == 1.0
+    for axis, h in hits.items():
+        assert h / n >= 0.99, (domain, axis, h / n)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_off_topic_answer_loses_whatever_its_style(domain, tiny):
+    dom, rng = gs.DOMAINS[domain], random.Random(1)
+    items = dom.items_for(3)
+    users = list(gs.load_users(os.path.join(tiny, domain)).values())
+    for _ in range(300):
+        user = rng.choice(users)
+        (qid, prompt, meta), (oid, _, ometa) = rng.sample(items, 2)
+        if meta[domain == "reviews"] == ometa[domain == "reviews"]:  # same topic, field or genre
+            continue
+        styles = [dom.random_style(rng) for _ in range(12)]
+        best = max(gs.score(user, prompt, dom.render(ometa, oid, s, 0, 0)) for s in styles)
+        worst = min(gs.score(user, prompt, dom.render(meta, qid, s, 0, 0)) for s in styles)
+        assert worst > best
+
+
+HOSTILE = ["", " ", "\n\n\n", "\x00\x01\x02", "\ud800\udfff", "🙂" * 500, "- \n* \n1. \n" * 50, ". . . ! ? !",
+           "a" * 200_000, "Certainly. Definitely " * 10_000, "## Preferred Response\n", "## Question\n## Question",
+           "pasta " * 3000, "Explain gravity.", "Review The Silent Harbor, a horror movie.", "ΣΩ≈ç√∫˜µ", "'-'-'"]
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_score_survives_hostile_strings(domain, tiny):
+    user = next(iter(gs.load_users(os.path.join(tiny, domain)).values()))
+    for prompt in HOSTILE[:6] + ["What is the secret to great pasta?"]:
+        for response in HOSTILE:
+            assert math.isfinite(gs.score(user, prompt, response))
+            gs.summary_for_response(user, prompt, response)
+        assert 0.0 <= gs.trait_recovery(user, prompt) <= 1.0
+    assert math.isfinite(gs.score(user, None, None))
+
+
+def test_same_seed_same_bytes_whatever_the_worker_count(tiny, tmp_path):
+    other = run(tmp_path / "one_worker", "--workers", "1")
+    for domain in DOMAINS:
+        for name in ("users.jsonl", "prefs.jsonl", "stats.json"):
+            with open(os.path.join(tiny, domain, name), "rb") as a, open(os.path.join(other, domain, name), "rb") as b:
+                assert a.read() == b.read(), (domain, name)
+    gs.main(["--domain", "elix", "--out", str(tmp_path / "seed4"), "--scale", "tiny", "--seed", "4"])
+    with open(os.path.join(tiny, "elix", "prefs.jsonl")) as a, open(tmp_path / "seed4" / "elix" / "prefs.jsonl") as b:
+        assert a.read() != b.read()
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_splits_do_not_leak(domain, tiny):
+    users = gs.load_users(os.path.join(tiny, domain))
+    rows = read_jsonl(os.path.join(tiny, domain, "prefs.jsonl"))
+    split_of = {uid: u["split"] for uid, u in users.items()}
+    assert set(split_of.values()) == {"train", "test"}
+    by_split = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        assert r["split"] == split_of[r["user_id"]]
+        for key in ("user_id", "prompt"):
+            by_split[r["split"]][key].add(r[key])
+        by_split[r["split"]]["question_id"].add(r["tags"]["question_id"])
+        by_split[r["split"]]["text"] |= {r["chosen"], r["rejected"]}
+    for key in ("user_id", "prompt", "question_id", "text"):
+        assert not by_split["train"][key] & by_split["test"][key], key
+    per_user = defaultdict(int)
+    for r in rows:
+        per_user[r["user_id"]] += 1
+    assert set(per_user) == set(users) and min(per_user.values()) >= 9
+    if domain == "reviews":
+        assert {u["split"] for u in users.values() if u["group"] == "interpolated"} == {"test"}
+        assert {u["type"] for u in users.values() if u["split"] == "test"} == set(gs.RV_TYPES + gs.RV_INTERPOLATED)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_labels_agree_with_the_persona_reward(domain, tiny):
+    users = gs.load_users(os.path.join(tiny, domain))
+    agree = decided = 0
+    for r in read_jsonl(os.path.join(tiny, domain, "prefs.jsonl")):
+        u = users[r["user_id"]]
+        d = gs.score(u, r["prompt"], r["chosen"]) - gs.score(u, r["prompt"], r["rejected"])
+        assert abs(d) >= gs.MARGIN  # refinement drops pairs the persona cannot decide
+        decided += 1
+        agree += d > 0
+    assert agree / decided >= 0.95
+    assert stats(tiny, domain)["label_agreement"] == pytest.approx(agree / decided, abs=1e-4)
+
+
+def test_elix_difficulty_tags(tiny):
+    users = gs.load_users(os.path.join(tiny, "elix"))
+    dom = gs.DOMAINS["elix"]
+    seen = set()
+    for r in read_jsonl(os.path.join(tiny, "elix", "prefs.jsonl")):
+        level = gs.EX_LEVELS.index(users[r["user_id"]]["group"])
+        levels = [read_level(dom.read(r["prompt"], t)) for t in (r["chosen"], r["rejected"])]
+        assert levels[0] != levels[1]
+        assert r["tags"]["difficulty"] == ("easy" if level in levels else "hard")
+        seen.add((r["split"], r["tags"]["difficulty"]))
+    assert {("test", "easy"), ("test", "hard")} <= seen
+
+
+def test_refinement_lowers_label_entropy(tiny, tmp_path):
+    run(tmp_path, "--no-refine", domain="roleplay")
+    on, off = stats(tiny, "roleplay"), stats(tmp_path, "roleplay")
+    assert on["traits_added"] > 0 and off["traits_added"] == 0
+    assert on["label_entropy"] < on["label_entropy_initial"]
+    assert on["label_entropy"] < off["label_entropy"] - 0.05
+    for domain in DOMAINS:
+        assert stats(tiny, domain)["label_entropy"] < stats(tiny, domain)["label_entropy_initial"]
+
+
+def test_view_conditioning_lowers_similarity(tiny, tmp_path):
+    run(tmp_path, "--no-views", domain="roleplay")
+    assert stats(tiny, "roleplay")["diversity"] < stats(tmp_path, "roleplay")["diversity"]
+    for domain in DOMAINS:
+        ab = stats(tiny, domain)["diversity_ablation"]
+        assert ab["views=1,writers=1"] < ab["views=0,writers=1"]
+        assert ab["views=1,writers=3"] < ab["views=0,writers=3"] < ab["views=0,writers=1"]
+
+
+def test_similarity_against_brute_force():
+    texts = ["a b c", "b c d", "x y"]
+    jac = [2 / 4, 0 / 5, 0 / 5]
+    assert gs.similarity(texts) == pytest.approx(sum(jac) / 3)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_trait_summaries(domain, tiny):
+    dom = gs.DOMAINS[domain]
+    items = {it[1]: it for it in dom.items_for(3)}
+    for user in gs.load_users(os.path.join(tiny, domain)).values():
+        summary = gs.trait_summary(user)
+        assert len(summary.split()) <= 20
+        assert gs.trait_recovery(user, summary) == 1.0
+        flipped = dict(user, traits={a: -w for a, w in user["traits"].items()})
+        expected = 0.0 if domain != "elix" else 1 / (len(user["traits"]) + 1)
+        assert gs.trait_recovery(user, gs.trait_summary(flipped)) == pytest.approx(expected)
+        for axis, w in user["traits"].items():  # each trait is stated in the description
+            assert any(p in user["description"] for p in dom.phrases[axis][w < 0])
+        # a response written in exactly the user's style reads back as the user's own summary
+        qid, prompt, meta = next(iter(items.values()))
+        style = dict(dom.random_style(random.Random(0)), **{a: gs.sign(w) for a, w in user["traits"].items()})
+        if domain == "elix":
+            style["level"] = gs.EX_LEVELS.index(user["group"])
+        assert gs.summary_for_response(user, prompt, dom.render(meta, qid, style, 0, 0)) == summary
+        style = {a: -v if a in user["traits"] else v for a, v in style.items()}
+        style["level"] = (style.get("level", 0) + 2) % 5
+        assert gs.trait_recovery(user, gs.summary_for_response(user, prompt, dom.render(meta, qid, style, 0, 0))) < 1
+
+
+@pytest.mark.parametrize("flags", [["--users", "5"], ["--pairs", "0"], ["--writers", "4"], ["--temperature", "0"],
+                                   ["--temperature", "nan"], ["--domain", "poetry"], ["--scale", "huge"],
+                                   ["--users", "1000000", "--pairs", "1000"]])
+def test_bad_flags_give_one_line_errors(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        gs.main(["--out", str(tmp_path), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("usage:") or "error:" in err[-1]
+    assert "Traceback" not in "\n".join(err)
