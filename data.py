@@ -94,6 +94,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
                 del pairs[p]
     return ranks
 
+def atomic_write(path, text):
+    """Write text to path via a temp file and rename: readers never see half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 class Tokenizer:
     """tiktoken encoding of a rank table, with EOT as the one special token after it."""
 
@@ -117,11 +126,8 @@ class Tokenizer:
 
     def save(self, path):
         # same line format as tiktoken's .tiktoken files: base64(token) rank
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            for b, r in sorted(self.ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(b).decode()} {r}\n")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in
+                                   sorted(self.ranks.items(), key=lambda kv: kv[1])))
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

@@ -68,17 +68,19 @@ def eval_set(test_rows, n_shots, n_users, n_questions, seed):
     return items
 
 
-def prompt_for(method, item, users):
+def prompt_ids(method, item, users, tok, limit):
+    """Token ids of the method's test-time prompt, completion header included; like
+    training, whole shots are dropped oldest first until the prompt fits in `limit`."""
     uid, q, shots = item
     how = PROMPTING.get(method, "shots")
-    if how == "bare":
-        text = data.format_prompt([], q.prompt)
-    elif how == "description":
-        text = data.format_prompt([], q.prompt, description=synth.trait_summary(users[uid]))
-    else:
-        text = data.format_prompt(shots, q.prompt)
+    shots = shots if how == "shots" else []
+    desc = synth.trait_summary(users[uid]) if how == "description" else None
     header = fspo.COT_HEADER if method.startswith("cot") else data.COMPLETION_HEADER
-    return text + header
+    for first in range(len(shots) + 1):
+        ids = tok.encode(data.format_prompt(shots[first:], q.prompt, desc) + header)
+        if len(ids) <= limit:
+            return ids
+    raise ValueError(f"the bare question of user {uid} ({len(ids)} tokens) does not fit {limit}")
 
 
 def split_response(method, text):
@@ -90,17 +92,17 @@ def split_response(method, text):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts, max_new_tokens, batch_size, device):
-    outs = []
+def generate(model, tok, prompts, max_new_tokens, batch_size):
+    """Greedy completions of token-id prompts, batched by similar length."""
+    outs = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
-    for i in range(0, len(prompts), batch_size):
-        ids = [tok.encode(p) for p in prompts[i:i + batch_size]]
-        room = model.config.block_size - max(len(x) for x in ids)
-        if room <= 0:
-            raise ValueError(f"prompt of {max(len(x) for x in ids)} tokens does not fit "
-                             f"block_size {model.config.block_size}")
-        new = model.generate(ids, min(max_new_tokens, room), temperature=0.0, eos_id=tok.eot_id)
-        outs += [tok.decode(x) for x in new]
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=0.0,
+                             eos_id=tok.eot_id)
+        for i, ids in zip(rows, new):
+            outs[i] = tok.decode(ids)
     return outs
 
 
@@ -157,8 +159,9 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     responses, scores = {}, {}
     for m in methods:
         model = models["sft" if m in ("base", "prompted") else m]
-        texts = generate(model, tok, [prompt_for(m, it, users) for it in items],
-                         args.max_new_tokens, args.gen_batch, device)
+        limit = model.config.block_size - args.max_new_tokens
+        texts = generate(model, tok, [prompt_ids(m, it, users, tok, limit) for it in items],
+                         args.max_new_tokens, args.gen_batch)
         parsed = [split_response(m, t) for t in texts]
         responses[m] = parsed
         scores[m] = [synth.score(users[uid], q.prompt, resp)

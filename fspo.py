@@ -43,17 +43,17 @@ from model import GPT, GPTConfig, load_checkpoint, model_tensors, save_checkpoin
 # Presets are overrides of the flag defaults. cpu: the default on a 2-core machine (the
 # main job must finish in 20 minutes); gpu: the reduced-scale reproduction on one GPU.
 PRESETS = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=300, block_size=1024,
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1024, block_size=1024, shots=2,
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
-                 lr=3e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
+                 lr=3e-3, pref_lr=1e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
                  domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024,
-                batch_size=8, grad_accum=1, sft_steps=1200, pref_steps=400, warmup=50,
-                lr=2e-3, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
+                batch_size=8, grad_accum=1, sft_steps=1000, pref_steps=400, warmup=50,
+                lr=2e-3, pref_lr=5e-4, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, pref_steps=1500, warmup=150,
-                lr=6e-4, eval_every=250, ckpt_every=500, eval_episodes=512, scale="default",
+                lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500, eval_episodes=512, scale="default",
                 domains="roleplay,elix,reviews", compile=True,
                 methods="fspo,fspo-dpo,pooled,pref-ft,cot-sft,cot,oracle",
                 eval_users=300, eval_questions=4),
@@ -78,7 +78,8 @@ def get_args(argv=None):
     a("--tokenizer", default=None, help="ranks file (default <out>/../tokenizer.txt)")
     a("--init", default=None, help="checkpoint to start from (stage 2); also the reference")
     a("--ref", default=None, help="reference checkpoint if not --init")
-    a("--shots", type=int, default=8, help="N, the number of shots in context")
+    a("--shots", type=int, default=None,
+      help="N, shots in context (default: the paper's per domain, main job; 8, one stage)")
     a("--loss", choices=["ipo", "dpo"], default="ipo")
     a("--beta", type=float, default=0.1,
       help="IPO target margin is 1/(2 beta) nats of summed log-prob (paper: 0.01 at 3B)")
@@ -103,6 +104,7 @@ def get_args(argv=None):
     a("--compile", action="store_true", default=None, help="torch.compile the model")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
+    a("--pref-lr", type=float, default=None, help="main job: peak lr of stage-2 methods")
     a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train")
     a("--domains", default=None, help="main job: comma list of domains")
@@ -507,7 +509,7 @@ def main_job(args):
     for d in domains:
         prefs = os.path.join(data_dir, d, "prefs.jsonl")
         users = os.path.join(data_dir, d, "users.jsonl")
-        for n in SHOTS[d]:
+        for n in [args.shots] if args.shots else SHOTS[d]:
             base = os.path.join(out, f"{d}-{n}shot")
             sft = os.path.join(base, "sft")
             run_stage(args, tok, tok_path, "sft", sft, prefs, users, shots=n, steps=args.sft_steps)
@@ -518,7 +520,7 @@ def main_job(args):
                 steps = args.sft_steps // 4 if name == "cot-sft" else args.pref_steps
                 ckpts[m] = os.path.join(base, m)
                 run_stage(args, tok, tok_path, name, ckpts[m], prefs, users, init=init,
-                          shots=n, loss=loss, steps=steps)
+                          shots=n, loss=loss, steps=steps, lr=args.pref_lr)
             runs[(d, n)] = ckpts
     report = evaluation.evaluate_runs(runs, data_dir, tok, tok_path, args, out)
     print(report)
@@ -539,6 +541,7 @@ def main(argv=None):
                                               "tokenizer.txt")
     if not os.path.exists(tok_path):
         train_tokenizer([os.path.dirname(prefs)], args.vocab_size, tok_path)
+    args.shots = args.shots or 8
     args.steps = args.steps or (args.sft_steps if args.method in SFT_METHODS else args.pref_steps)
     final = train(args, data.get_tokenizer(tok_path), tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -11,6 +11,7 @@ from collections import defaultdict
 import pytest
 
 import generate_synthetic as gs
+import judge
 
 DOMAINS = ("roleplay", "elix", "reviews")
 
@@ -130,7 +131,7 @@ def test_labels_agree_with_the_persona_reward(domain, tiny):
     for r in read_jsonl(os.path.join(tiny, domain, "prefs.jsonl")):
         u = users[r["user_id"]]
         d = gs.score(u, r["prompt"], r["chosen"]) - gs.score(u, r["prompt"], r["rejected"])
-        assert abs(d) >= gs.MARGIN  # refinement drops pairs the persona cannot decide
+        assert abs(d) >= judge.MARGIN  # refinement drops pairs the persona cannot decide
         decided += 1
         agree += d > 0
     assert agree / decided >= 0.95
@@ -142,7 +143,7 @@ def test_elix_difficulty_tags(tiny):
     dom = gs.DOMAINS["elix"]
     seen = set()
     for r in read_jsonl(os.path.join(tiny, "elix", "prefs.jsonl")):
-        level = gs.EX_LEVELS.index(users[r["user_id"]]["group"])
+        level = judge.EX_LEVELS.index(users[r["user_id"]]["group"])
         levels = [read_level(dom.read(r["prompt"], t)) for t in (r["chosen"], r["rejected"])]
         assert levels[0] != levels[1]
         assert r["tags"]["difficulty"] == ("easy" if level in levels else "hard")
@@ -169,6 +170,14 @@ def test_view_conditioning_lowers_similarity(tiny, tmp_path):
         assert ab["views=1,writers=3"] < ab["views=0,writers=3"] < ab["views=0,writers=1"]
 
 
+def test_every_template_word_is_in_the_judge_vocabulary():
+    templates = {"roleplay": sum(gs.RP_FRAMES, ()) + tuple(p for w in gs.RP_WRITERS for p in w if p),
+                 "elix": sum(gs.EX_TEMPLATES, ()) + gs.EX_ANALOGY + gs.EX_EXAMPLE + gs.EX_DETAIL,
+                 "reviews": gs.RV_VERDICT + gs.RV_DETAIL + gs.RV_RATING}
+    for domain, texts in templates.items():
+        assert set(judge.words_of(" ".join(texts))) <= gs.DOMAINS[domain].known, domain
+
+
 def test_similarity_against_brute_force():
     texts = ["a b c", "b c d", "x y"]
     jac = [2 / 4, 0 / 5, 0 / 5]
@@ -190,9 +199,9 @@ def test_trait_summaries(domain, tiny):
             assert any(p in user["description"] for p in dom.phrases[axis][w < 0])
         # a response written in exactly the user's style reads back as the user's own summary
         qid, prompt, meta = next(iter(items.values()))
-        style = dict(dom.random_style(random.Random(0)), **{a: gs.sign(w) for a, w in user["traits"].items()})
+        style = dict(dom.random_style(random.Random(0)), **{a: judge.sign(w) for a, w in user["traits"].items()})
         if domain == "elix":
-            style["level"] = gs.EX_LEVELS.index(user["group"])
+            style["level"] = judge.EX_LEVELS.index(user["group"])
         assert gs.summary_for_response(user, prompt, dom.render(meta, qid, style, 0, 0)) == summary
         style = {a: -v if a in user["traits"] else v for a, v in style.items()}
         style["level"] = (style.get("level", 0) + 2) % 5
@@ -201,7 +210,8 @@ def test_trait_summaries(domain, tiny):
 
 @pytest.mark.parametrize("flags", [["--users", "5"], ["--pairs", "0"], ["--writers", "4"], ["--temperature", "0"],
                                    ["--temperature", "nan"], ["--domain", "poetry"], ["--scale", "huge"],
-                                   ["--users", "1000000", "--pairs", "1000"]])
+                                   ["--users", "1000000", "--pairs", "1000"], ["--pairs", "100000"],
+                                   ["--seed", "x"], ["--out", "/proc/version/x"]])
 def test_bad_flags_give_one_line_errors(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         gs.main(["--out", str(tmp_path), *flags])

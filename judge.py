@@ -1,0 +1,390 @@
+"""Ground-truth judge of the synthetic users: reads style, level, sentiment and relevance from any text.
+
+    from generate_synthetic import load_users, score      # re-exported from here
+    users = load_users("data/synth/roleplay")
+    score(users["rp00003"], "Is pasta worth the effort?", "Certainly. Definitely practice pasta with salt. ...")
+
+The paper labels its synthetic pairs with an LLM judge; here each domain has a closed vocabulary and
+the judge reads it back with word lexicons, so the same function labels the training data and scores
+model outputs at evaluation. A user's reward:
+    r_u(x, y) = W_REL * relevance(x, y) * quality(y) + sum over the user's traits of w_a * feature_a(y)
+(elix adds -LEVEL_W * |level(y) - user level|). generate_synthetic.py writes text in this vocabulary.
+"""
+import json
+import os
+import re
+from functools import lru_cache
+
+W_REL = 20.0       # larger than any style sum: an off-topic answer loses whatever its style
+LEVEL_W = 4.0      # elix reward lost per level of distance; outweighs all secondary traits
+MARGIN = 1.0       # |r_a - r_b| below this: the persona cannot decide the pair
+MAX_CHARS = 8000   # the judge reads at most this much of a response
+
+_TOK = re.compile(r"^[ \t]*(?:[-*]|\d+[.)])[ \t]+|[a-z][a-z'-]*|[.!?]+|\n", re.M)
+_SLOT = re.compile(r"\{\w+\}")
+
+
+def words_of(text):
+    """Lower-case words of a text or template (template slots like {s} are skipped)."""
+    return re.findall(r"[a-z][a-z'-]*", _SLOT.sub(" ", text.lower()))
+
+
+def scan(text):
+    """-> (sentences as lists of words, number of bulleted lines). Bullets and newlines end sentences."""
+    sents, cur, bullets = [], [], 0
+    for t in _TOK.findall(text.lower()):
+        if "a" <= t[0] <= "z":
+            cur.append(t)
+            continue
+        if cur:
+            sents.append(cur)
+            cur = []
+        bullets += t[-1] in " \t"
+    if cur:
+        sents.append(cur)
+    return sents, bullets
+
+
+def quality(sents, n_words, n_known):
+    """1.0 for well-formed closed-vocabulary text; unknown words and repeated sentences cost."""
+    if not n_words:
+        return 0.0
+    return (n_known / n_words) ** 2 * len(set(map(tuple, sents))) / len(sents)
+
+
+def relevance(on, off, subject_hit):
+    """Share of topic words that belong to the question's topic, halved without the subject."""
+    return (1 + subject_hit) / 2 * on / (on + off) if on else 0.0
+
+
+def last_question(prompt):
+    if "## Question" in prompt:  # a full few-shot prompt: the query is its last question
+        prompt = prompt.rsplit("## Question", 1)[1].split("\n#", 1)[0]
+    return prompt.strip().lower()
+
+
+def clean_response(response):
+    response = response if isinstance(response, str) else str(response)
+    return response.rsplit("## Preferred Response", 1)[-1][:MAX_CHARS]
+
+
+def sign(x):
+    return (x > 0) - (x < 0)
+
+
+def frac(a, b):
+    return (a - b) / (a + b) if a + b else 0.0
+
+
+def lexicon(groups):
+    """{name: "w1 w2 ..."} -> {word: name}."""
+    return {w: name for name, ws in groups.items() for w in ws.split()}
+
+
+class Judge:
+    """Reward and trait statements shared by the domains; subclasses read features from text."""
+    group_traits = ()  # traits fixed by the user's group (reviews scorer type)
+
+    def reward(self, user, f):
+        r = W_REL * f["rel"] * f["q"]
+        for axis, w in user["traits"].items():
+            r += w * f[axis]
+        return r
+
+    def summary(self, user):
+        t = user["traits"]
+        items = [self.terms[a][0 if t[a] > 0 else 1] for a in self.axes if t.get(a)]
+        return "Prefers: " + ", ".join(items) + "." if items else ""
+
+
+# ---------------------------------------------------------------- roleplay
+# topic: subjects | plain words | technical words (parallel to the plain ones by position)
+RP_TOPICS = """\
+cooking: pasta bread soup curry salad dumplings | salt sauce knife oven skillet flavor spices butter | emulsion maillard umami brine roux julienne braising deglazing
+gardening: tomatoes roses herbs compost lawns orchids | soil seeds sunlight shovel weeds roots pots rain | mulch nitrogen germination loam perennials pruning aeration cultivars
+fitness: running squats yoga swimming cycling pushups | muscles breathing sweat stretching pace rest warmups sneakers | cadence hypertrophy aerobic intervals mobility plyometrics periodization lactate
+money: budgeting saving investing taxes retirement debt | bills savings bank paycheck wallet coins spending cash | liquidity compounding dividends amortization diversification equity annuities deductions
+travel: packing flights hostels roadtrips sightseeing souvenirs | suitcase tickets maps hotel luggage trains snacks views | itinerary layovers visas jetlag accommodation logistics transfers offseason
+parenting: toddlers bedtime homework tantrums chores allowance | kids hugs rules naps praise routines patience playtime | bonding milestones scaffolding autonomy reinforcement boundaries temperament regulation
+pets: puppies kittens aquariums parrots hamsters grooming | leash treats cage fur toys bowls walks vets | socialization enrichment husbandry dander conditioning neutering parasites substrate
+music: guitar piano singing drums songwriting violin | chords tunes rhythm melody fingers lessons volume beats | arpeggios intonation syncopation timbre modulation counterpoint dynamics articulation
+photography: portraits landscapes wildlife selfies sunsets macro | camera light photos shadows zoom flash angles frames | aperture exposure bokeh shutter composition histogram focal vignetting
+programming: python debugging websites databases testing apis | code bugs laptop files errors screen keyboard loops | recursion refactoring latency concurrency abstraction compilers caching idempotency
+repairs: plumbing drywall tiling roofing wiring caulking | tools hammer nails paint leaks pipes screws walls | grout flashing joists studs sealant primer conduit ampacity
+careers: interviews resumes networking promotions negotiation freelancing | boss jobs coworkers salary office skills feedback raises | leverage competencies compensation stakeholders portfolio benchmarking upskilling mentorship
+relationships: dating friendships breakups weddings anniversaries roommates | trust talks dinners flowers letters feelings texts compliments | empathy reciprocity vulnerability validation compatibility intimacy commitment communication
+reading: novels poetry audiobooks libraries biographies comics | pages chapters stories authors bookmarks shelves covers characters | narrative metaphor subtext allegory syntax imagery foreshadowing protagonists
+games: chess puzzles boardgames videogames crosswords sudoku | pieces dice boards moves cards levels scores teams | heuristics openings endgames probability strategy metagame combinatorics speedruns
+sleep: sleep insomnia dreams mattresses snoring napping | pillows blankets bedroom darkness alarms sheets yawning quiet | circadian melatonin apnea hygiene chronotype adenosine polysomnography cortisol
+studying: exams flashcards essays lectures languages math | notes textbooks pens desk grades teachers quizzes highlighters | retrieval metacognition spacing interleaving mnemonics encoding elaboration pedagogy
+cars: driving parking tires engines carpools motorcycles | road wheels gas seatbelt mirrors brakes keys traffic | torque transmission alignment combustion suspension differential horsepower traction
+fashion: jackets jeans suits scarves hats sweaters | colors fabric pockets sizes buttons closet shoes belts | silhouette tailoring drape textiles capsule hemline proportions layering
+drinks: espresso tea smoothies cocktails lemonade kombucha | cups ice sugar fruit mugs water kettle straws | extraction infusion fermentation acidity tannins crema bitters brix
+outdoors: camping hiking fishing kayaking climbing stargazing | tent boots trails campfire compass backpack lake rope | navigation hypothermia topography belaying portage switchbacks bivouac elevation
+crafts: sketching watercolors pottery sculpture calligraphy origami | pencils paper brushes clay ink scissors glue canvas | glazing kiln perspective shading crosshatching gesso pigments armature
+productivity: email calendars deadlines habits planners multitasking | tasks inbox reminders breaks timers folders priorities mornings | timeboxing batching prioritization pomodoro kanban triage delegation automation
+shopping: groceries coupons thrift markets gifts sales | cart prices bags stores discounts aisles brands receipts | arbitrage markup elasticity inventory procurement wholesale bundling depreciation"""
+# Marker words, +1 and -1 values of each axis (several writers, one word each). Opener, example
+# and joke sentences are asides, not content; the order axis compares the positions of the first
+# confidence adverb (the answer sentence) and the first background lead-in.
+RP_MARKERS = {"formality": ("certainly greetings indeed", "hey yo cool"),
+              "confidence": ("definitely always surely", "probably maybe perhaps"),
+              "example": ("example instance personally", ""), "humor": ("ha pun lol", ""),
+              "background": ("background context generally", "")}
+RP_ASIDES = ("formality", "example", "humor")
+RP_NEUTRAL = ("a about around borrow buy carefully careless changed cheap check classic clear club compare curious "
+              "daily each everything experiment fans first for forever goals good grows helped hurt in intended join "
+              "log loves me mixing monthly needs neighbors never new oh patient plan practice punishes review rewards "
+              "rush schedule set share shared skipping start starts surprised swap taught the tips track trouble try "
+              "twice watch weekly with worked your")
+
+
+class Roleplay(Judge):
+    name = "roleplay"
+    axes = ("formality", "confidence", "format", "example", "humor", "order", "technical", "length")
+    terms = {"formality": ("formal", "casual"), "confidence": ("confident", "hedged"),
+             "format": ("lists", "prose"), "example": ("examples", "no examples"),
+             "humor": ("humorous", "serious"), "order": ("answer first", "background first"),
+             "technical": ("technical", "plain"), "length": ("detailed", "concise")}
+
+    def __init__(self):
+        self.topics, self.topic_of, self.register, self.subjects = [], {}, {}, {}
+        for t, line in enumerate(RP_TOPICS.splitlines()):
+            subjects, plain, tech = (part.split() for part in line.split(": ")[1].split(" | "))
+            self.topics.append((subjects, plain, tech))
+            self.topic_of.update({w: t for w in subjects + plain + tech})
+            self.register.update({w: -1 for w in plain} | {w: 1 for w in tech})
+            self.subjects.update({s: t for s in subjects})
+        self.mark = {w: (a, 1 - 2 * k) for a, pair in RP_MARKERS.items()
+                     for k, ws in enumerate(pair) for w in ws.split()}
+        self.known = set(RP_NEUTRAL.split()) | set(self.mark) | set(self.topic_of)
+
+    @lru_cache(maxsize=1 << 16)
+    def parse_prompt(self, prompt):
+        return next(((self.subjects[w], w) for w in words_of(last_question(prompt)) if w in self.subjects),
+                    (None, None))
+
+    def read(self, prompt, text):
+        topic, subject = self.parse_prompt(prompt)
+        sents, bullets = scan(clean_response(text))
+        c = dict.fromkeys(RP_MARKERS, 0)
+        first = {}  # word position of the first confidence adverb and of the first background lead-in
+        n = known = on = off = tech = plain = content = subj = 0
+        for sent in sents:
+            aside = False
+            for w in sent:
+                n += 1
+                known += w in self.known
+                m = self.mark.get(w)
+                if m:
+                    c[m[0]] += m[1]
+                    aside |= m[0] in RP_ASIDES
+                    first.setdefault(m[0], n)
+                t = self.topic_of.get(w)
+                if t is not None:
+                    on += t == topic
+                    off += t != topic
+                    r = self.register.get(w, 0)
+                    tech += r > 0
+                    plain += r < 0
+                    subj |= w == subject
+            content += not aside
+        a, b = first.get("confidence"), first.get("background")
+        return {"formality": sign(c["formality"]), "confidence": sign(c["confidence"]),
+                "format": 1 if bullets >= 2 else -1, "example": 1 if c["example"] else -1,
+                "humor": 1 if c["humor"] else -1, "order": 0 if a is None or b is None else sign(b - a),
+                "technical": frac(tech, plain), "length": max(-1, min(1, content - 3)),
+                "rel": relevance(on, off, subj), "q": quality(sents, n, known)}
+
+
+# ---------------------------------------------------------------- elix
+# field: concepts | plain words | jargon
+EX_FIELDS = """\
+physics: gravity, friction, magnetism, electricity, inertia, momentum, buoyancy, air pressure, sound waves, refraction, heat transfer, static electricity, energy conservation, centripetal force, lasers, radioactivity, nuclear fission, black holes, relativity, quantum tunneling | objects speed pushes weight motion balls | vectors acceleration joules fields entropy newtons
+biology: photosynthesis, cells, dna, evolution, digestion, the immune system, vaccines, bacteria, viruses, hormones, neurons, metabolism, genes, mitosis, ecosystems, pollination, the heart, breathing, sleep cycles, antibiotics | plants bodies food animals germs organs | enzymes proteins membranes receptors genomes mitochondria
+economics: inflation, supply and demand, interest rates, taxes, unemployment, recessions, the stock market, banks, credit scores, compound interest, trade, tariffs, monopolies, currency exchange, insurance, minimum wage, gdp, cryptocurrency, opportunity cost, bonds | money prices shops jobs savings loans | equilibrium elasticity liquidity externalities arbitrage yields
+computing: the internet, algorithms, encryption, passwords, computer memory, search engines, machine learning, cloud storage, operating systems, programming, wifi, spam filters, databases, compression, computer viruses, binary numbers, pixels, gps, blockchain, robots | computers phones messages screens data apps | protocols hashing latency bandwidth compilers heuristics
+earth: earthquakes, volcanoes, weather, climate change, the water cycle, tides, seasons, rainbows, clouds, tornadoes, hurricanes, erosion, fossils, plate tectonics, glaciers, the ozone layer, lightning, ocean currents, deserts, caves | rain wind oceans mountains sun ground | convection sediment isobars subduction albedo precipitation
+space: stars, planets, the moon, eclipses, comets, galaxies, the big bang, satellites, rockets, orbits, meteors, the solar system, astronauts, telescopes, exoplanets, mars, the milky way, space stations, sunspots, nebulas | sky night shine spin dust distance | luminosity redshift parallax orbital spectra accretion
+chemistry: atoms, molecules, chemical reactions, acids and bases, the periodic table, rust, combustion, solutions, crystals, polymers, catalysts, batteries, soap, boiling, freezing, evaporation, isotopes, ions, plastics, alloys | stuff mixing bubbles colors liquids pieces | stoichiometry valence enthalpy oxidation covalent molarity
+psychology: memory, emotions, habits, motivation, stress, dreams, learning, attention, personality, empathy, anxiety, the placebo effect, peer pressure, procrastination, confirmation bias, intuition, creativity, happiness, grief, willpower | feelings brains friends choices moods thoughts | cognition schemas amygdala dopamine conditioning neuroplasticity
+civics: democracy, elections, the constitution, courts, laws, voting, juries, free speech, citizenship, the senate, political parties, lobbying, the census, federalism, treaties, human rights, city councils, referendums, impeachment, checks and balances | people leaders rules votes towns fairness | jurisdiction legislature sovereignty precedent ratification suffrage
+health: vitamins, calories, allergies, fevers, blood pressure, cholesterol, hydration, posture, sunscreen, first aid, cavities, headaches, nutrition labels, fiber, caffeine, stretching, meditation, heart rate, jet lag, diabetes | meals drinks muscles doctors snacks rest | physiology glucose inflammation homeostasis electrolytes cardiovascular"""
+EX_LEVELS = ("child", "preteen", "teenager", "young adult", "expert")
+# Words only one level uses: its devices (exclamations, analogies to its world, hedges, jargon frames).
+EX_LEVEL_WORDS = ("imagine giant makes wiggle wow magic helps grow yay guess super whee toy puppy crayon sandbox balloon cookie",
+                  "basically kind pretty neat here's deal connects bicycle backpack skateboard locker sleepover trampoline",
+                  "honestly shapes links talk lowkey playlist concert hoodie prom permit skatepark",
+                  "refers affects practice essentially describes means drives resembles budget commute lease paycheck "
+                  "spreadsheet roommate",
+                  "denotes coupling formally characterized arises whereby dominates canonically modeled governing")
+EX_MARKERS = {"example": "example instance picture", "detail": "also plus top"}
+EX_NEUTRAL = "a about action all as at day depends for from how in is it like look matters much of on real shows that " \
+             "think through to under up via what with works your"
+
+
+class Elix(Judge):
+    name = "elix"
+    axes = ("example", "detail")
+    terms = {"example": ("examples", "no examples"), "detail": ("detailed", "brief")}
+
+    def __init__(self):
+        self.fields, self.topic_of, self.concepts = [], {}, {}
+        for f, line in enumerate(EX_FIELDS.splitlines()):
+            concepts, plain, jargon = line.split(": ")[1].split(" | ")
+            self.fields.append((plain.split(), jargon.split()))
+            self.topic_of.update({w: f for w in plain.split() + jargon.split()})
+            self.concepts.update({c: f for c in concepts.split(", ")})
+        self.level_of = {w: lv for lv, ws in enumerate(EX_LEVEL_WORDS) for w in ws.split()}
+        self.mark = lexicon(EX_MARKERS)
+        self.known = set().union(EX_NEUTRAL.split(), self.level_of, self.mark, self.topic_of,
+                                 words_of(" ".join(self.concepts)))
+
+    @lru_cache(maxsize=1 << 16)
+    def parse_prompt(self, prompt):
+        q = last_question(prompt)
+        c = q[8:].rstrip(" .?!") if q.startswith("explain ") else q
+        return (self.concepts[c], c) if c in self.concepts else (None, None)
+
+    def read(self, prompt, text):
+        field, concept = self.parse_prompt(prompt)
+        text = clean_response(text)
+        sents, _ = scan(text)
+        counts, m = [0] * 5, {"example": -1, "detail": -1}
+        n = known = on = off = 0
+        for sent in sents:
+            for w in sent:
+                n += 1
+                known += w in self.known
+                lv = self.level_of.get(w)
+                if lv is not None:
+                    counts[lv] += 1
+                if w in self.mark:
+                    m[self.mark[w]] = 1
+                t = self.topic_of.get(w)
+                if t is not None:
+                    on += t == field
+                    off += t != field
+        total = sum(counts)  # the level read is the mean level of the level words used
+        level = sum(i * k for i, k in enumerate(counts)) / total if total else None
+        hit = bool(concept) and concept in text.lower()
+        return {"level": level, **m, "rel": relevance(on, off, hit), "q": quality(sents, n, known)}
+
+    def reward(self, user, f):
+        lv = EX_LEVELS.index(user["group"])
+        return super().reward(user, f) - LEVEL_W * (4 if f["level"] is None else abs(f["level"] - lv))
+
+    def summary(self, user):
+        return f"Level: {user['group']}. {super().summary(user)}".strip()
+
+
+# ---------------------------------------------------------------- reviews
+RV_GENRES = {"horror": "ghosts screams basement curse monster cellar",
+             "comedy": "jokes gags punchlines slapstick banter pranks",
+             "western": "cowboys saloon outlaws sheriff horses duels",
+             "romance": "lovers kisses wedding heartbreak courtship candlelight",
+             "thriller": "chases suspects conspiracy hostage ransom detectives",
+             "sci-fi": "spaceships aliens robots lasers androids wormholes",
+             "musical": "songs dancers choreography choruses ballads stage",
+             "war": "soldiers battles trenches generals bombers medals"}
+RV_TITLE = ("Silent Golden Broken Midnight Hidden Crimson Frozen Last Wild Electric Hollow Burning Distant Velvet Iron "
+            "Paper Glass Lonely Secret Painted Restless Northern Endless Scarlet".split(),
+            "Harbor Garden Kingdom Signal River Empire Station Orchard Mirror Frontier Lantern Circus Voyage Canyon "
+            "Letter Island Engine Crown Forest Tower Promise Horizon Carnival Compass".split())
+RV_TONE = {"positive": "gripping charming brilliant moving delightful stunning clever heartfelt",
+           "negative": "dull clumsy tedious bland messy forgettable shallow sluggish"}
+RV_ASPECT = {"acting": "acting cast performances lead chemistry actors", "story": "plot script ending pacing dialogue premise"}
+RV_RATING = "rating stars score"
+RV_NEUTRAL = "a around bring but feels film found have i in is its moments movie of on out scenes the those verdict with"
+
+
+class Reviews(Judge):
+    name = "reviews"
+    axes = ("sentiment", "length", "aspect", "rating")
+    terms = {"sentiment": ("positive", "negative"), "length": ("verbose", "concise"),
+             "aspect": ("acting", "story"), "rating": ("ratings", "no ratings")}
+    group_traits = ("sentiment", "length")
+
+    def __init__(self):
+        self.topic_of = {w: g for g, ws in RV_GENRES.items() for w in ws.split() + [g]}
+        self.tone = {w: 1 if t == "positive" else -1 for w, t in lexicon(RV_TONE).items()}
+        self.aspect = {w: 1 if a == "acting" else -1 for w, a in lexicon(RV_ASPECT).items()}
+        self.known = set().union(RV_NEUTRAL.split(), RV_RATING.split(), self.topic_of, self.tone, self.aspect,
+                                 words_of(" ".join(RV_TITLE[0] + RV_TITLE[1])))
+
+    @lru_cache(maxsize=1 << 16)
+    def parse_prompt(self, prompt):
+        m = re.match(r"review (.+), an? (\S+) movie", last_question(prompt))
+        return (m.group(2), m.group(1)) if m else (None, None)
+
+    def read(self, prompt, text):
+        genre, title = self.parse_prompt(prompt)
+        text = clean_response(text)
+        sents, _ = scan(text)
+        rating_words = RV_RATING.split()
+        n = known = on = off = pos = neg = act = story = rating = content = 0
+        for sent in sents:
+            rated = False  # a rating sentence is not content for the length axis
+            for w in sent:
+                n += 1
+                known += w in self.known
+                t = self.tone.get(w, 0)
+                pos += t > 0
+                neg += t < 0
+                a = self.aspect.get(w, 0)
+                act += a > 0
+                story += a < 0
+                rated |= w in rating_words
+                g = self.topic_of.get(w)
+                if g is not None:
+                    on += g == genre
+                    off += g != genre
+            rating |= rated
+            content += not rated
+        hit = bool(title) and title in text.lower()
+        return {"sentiment": frac(pos, neg), "length": max(-1, min(1, content - 2)), "aspect": frac(act, story),
+                "rating": 1 if rating else -1, "rel": relevance(on, off, hit), "q": quality(sents, n, known)}
+
+
+JUDGES = {j.name: j for j in (Roleplay(), Elix(), Reviews())}
+
+
+# ---------------------------------------------------------------- API used by training and evaluation
+def load_users(path):
+    """users.jsonl (or its domain folder) -> {user_id: row}."""
+    path = os.path.join(path, "users.jsonl") if os.path.isdir(path) else path
+    with open(path) as f:
+        return {row["user_id"]: row for row in map(json.loads, f)}
+
+
+def score(user, prompt, response):
+    """The user's reward for `response` to `prompt`, read from the text alone. Never raises on strings.
+    prompt: the question (a full few-shot prompt also works: its last question is read); a response
+    may keep its "## Preferred Response" header."""
+    j = JUDGES[user["domain"]]
+    return j.reward(user, j.read(str(prompt), response))
+
+
+def trait_summary(user):
+    """Short canonical statement of the user's traits, e.g. 'Prefers: formal, lists, concise.'"""
+    return JUDGES[user["domain"]].summary(user)
+
+
+def summary_for_response(user, prompt, response):
+    """trait_summary of the persona that would prefer `response`: the user's trait axes set to the
+    values the judge reads in it (an axis the text leaves undecided keeps the user's value)."""
+    j = JUDGES[user["domain"]]
+    f = j.read(str(prompt), response)
+    traits = {a: abs(w) * (sign(f[a]) or sign(w)) for a, w in user["traits"].items()}
+    group = EX_LEVELS[round(f["level"])] if j.name == "elix" and f["level"] is not None else user["group"]
+    return j.summary(dict(user, traits=traits, group=group))
+
+
+def trait_recovery(user, text):
+    """Fraction of the user's traits (and elix level) that `text` states, without stating their opposite."""
+    j = JUDGES[user["domain"]]
+    items = {" ".join(s.split()) for s in re.split(r"[,.;:\n]", str(text).lower())}
+    checks = [(j.terms[a][w < 0], j.terms[a][w > 0]) for a, w in user["traits"].items() if w]
+    if j.name == "elix":
+        checks.append((user["group"], *[lv for lv in EX_LEVELS if lv != user["group"]]))
+    return sum(want in items and not items & set(others) for want, *others in checks) / max(1, len(checks))
