@@ -260,13 +260,18 @@ def bench_generate(m, eps, run):
     G = run["gen_tokens"]
     prompts = torch.tensor([e.ctx[:P] for e in eps[:GEN_BATCH]], device=m.dev)  # (16, P)
     model, out = m.ref, {}
+
+    def cached():
+        out["cached"] = model.generate(prompts, G, temperature=0)
+
+    def naive():
+        out["naive"] = generate_naive(model, prompts, G)
+
     with m.ctx:
         model.generate(prompts, 2, temperature=0)
         generate_naive(model, prompts, 2)
-        t = medians({"cached": lambda: out.update(cached=model.generate(prompts, G, temperature=0))},
-                    m.reps, m.dev)
-        t.update(medians({"naive": lambda: out.update(naive=generate_naive(model, prompts, G))},
-                         run["naive_gen_reps"], m.dev))
+        t = medians({"cached": cached}, m.reps, m.dev)
+        t.update(medians({"naive": naive}, run["naive_gen_reps"], m.dev))
     if m.dev == "cuda":  # bf16 rounds differently in the two orders of computation
         K = 32
         same = sum(a == b for a, b in zip(model.generate(prompts, K, temperature=0),
@@ -307,10 +312,11 @@ def bench_cuda(m, b, n, step_s, args):
               f"{sdpa_ran(m.scorer, b['shared'], m.ctx)}")
         print("mfu: skipped (no CUDA; MFU is measured against a GPU's bf16 peak)")
         return
-    print(f"sdpa kernel N={n} B={B} {m.where}: naive (causal, no mask) runs "
-          f"{sdpa_ran(m.scorer, b['naive'], m.ctx)} [usable alone: {sdpa_usable(m.cfg, b['naive'])}]; "
-          f"shared (bool mask) runs {sdpa_ran(m.scorer, b['shared'], m.ctx)} "
-          f"[usable alone: {sdpa_usable(m.cfg, b['shared'])}]", flush=True)
+    ran = {k: sdpa_ran(m.scorer, bk, m.ctx) for k, bk in b.items()}
+    usable = {k: sdpa_usable(m.cfg, bk) for k, bk in b.items()}
+    print(f"sdpa kernel N={n} B={B} {m.where}: naive (causal, no mask) runs {ran['naive']} "
+          f"[usable alone: {usable['naive']}]; shared (bool mask) runs {ran['shared']} "
+          f"[usable alone: {usable['shared']}]", flush=True)
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     if peak is None:
@@ -327,7 +333,9 @@ def bench_cuda(m, b, n, step_s, args):
             fn()
         s["compiled"] = medians({"c": fn}, m.reps, m.dev)["c"]
     figs = [f"{k} {100 * flops / v / (peak * 1e12):.1f}% ({flops / v / 1e12:.0f} TFLOP/s)"
-            for k, v in s.items()] + ([] if args.compile else ["compiled: skipped (pass --compile)"])
+            for k, v in s.items()]
+    if not args.compile:
+        figs.append("compiled: skipped (pass --compile)")
     print(f"mfu fspo step N={n} B={B} {m.where} on {name} (bf16 peak {peak:.0f} TFLOP/s): "
           f"{', '.join(figs)}; target 35%")
 
