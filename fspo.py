@@ -339,11 +339,10 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         cfg = GPTConfig(block_size=args.block_size, vocab_size=tok.n_vocab, n_layer=args.n_layer,
                         n_head=args.n_head, n_embd=args.n_embd)
         model = GPT(cfg).to(device)
-    ref_scorer = None
-    if pref:
-        ref_path = args.ref or args.init
-        if ref_path is None:
-            raise ValueError(f"--method {method} needs --init (the SFT model) as reference")
+    ref_scorer, ref_path = None, args.ref or args.init
+    if pref and ref_path is None:
+        raise ValueError(f"--method {method} needs --init (the SFT model) as reference")
+    if ref_path:  # the loss's reference, and for sft methods the held-out metric's
         ref, _, _ = load_gpt(ref_path, device)
         ref.eval().requires_grad_(False)
         ref_scorer = LogProbs(ref)

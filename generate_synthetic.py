@@ -75,6 +75,11 @@ class Writer:
     def random_style(self, rng):
         return {a: rng.choice(self.values[a]) for a in self.axes}
 
+    def trait_axes(self):
+        """Axes personas may care about and pairs differ on (--axes narrows roleplay's)."""
+        keep = getattr(_CFG, "axes", None) if self.name == "roleplay" else None
+        return [a for a in self.axes if not keep or a in keep]
+
 
 # ---------------------------------------------------------------- roleplay
 RP_QUESTIONS = ("What should a beginner know about {s}?", "What is the secret to great {s}?",
@@ -164,7 +169,8 @@ class Roleplay(Writer, judge.Roleplay):
         user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "traits": {},
                 "description": f"{rng.choice(NAMES)} is a {rng.randint(18, 75)}-year-old "
                                f"{rng.choice(RP_JOBS)} who enjoys {rng.choice(RP_HOBBIES)}."}
-        for axis in rng.sample(self.axes, rng.choices((1, 2, 3), weights=(35, 40, 25))[0]):
+        axes = self.trait_axes()
+        for axis in rng.sample(axes, min(len(axes), rng.choices((1, 2, 3), weights=(35, 40, 25))[0])):
             self.add_trait(user, axis, -1 if rng.random() < self.skew.get(axis, 0.5) else 1, rng)
         return user
 
@@ -173,7 +179,8 @@ class Roleplay(Writer, judge.Roleplay):
         qid, _, meta = item
         a = self.random_style(rng)
         b = dict(a)
-        for axis in rng.sample(self.axes, rng.choice((2, 2, 3, 3, 4))):
+        axes = self.trait_axes()
+        for axis in rng.sample(axes, min(len(axes), rng.choice((2, 2, 3, 3, 4)))):
             b[axis] = -b[axis]
         return [self.render(meta, qid, st, self.view(rng, cfg), rng.randrange(cfg.writers)) for st in (a, b)], {}
 
@@ -387,7 +394,7 @@ def label(dom, user, cands, cfg, rng):
             break
         # the first undecided pair that differs on an axis the persona has no opinion about yet
         new = next((axes for c, d in zip(cands, deltas) if abs(d) < MARGIN
-                    for axes in [[a for a in dom.axes if a not in user["traits"] and a not in dom.group_traits
+                    for axes in [[a for a in dom.trait_axes() if a not in user["traits"] and a not in dom.group_traits
                                   and c.fa[a] != c.fb[a]]] if axes), None)
         if new is None:
             break
@@ -531,7 +538,7 @@ def generate(name, cfg, out_dir):
         groups.setdefault(key, {"train": 0, "test": 0})[job[2]] += 1
     stats = {
         "domain": name, "seed": cfg.seed,
-        "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency")}
+        "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes")}
                   | {"users": n_users, "pairs_per_user": n_pairs},
         "users": {s: sum(j[2] == s for j in jobs) for s in ("train", "test")}, "groups": groups,
         "questions": {s: len(v) for s, v in cfg.pools[name].items()},
@@ -572,6 +579,9 @@ def main(argv=None):
     p.add_argument("--no-refine", dest="refine", action="store_false", help="no iterative persona refinement")
     p.add_argument("--no-consistency", dest="consistency", action="store_false", help="keep order-inconsistent labels")
     p.add_argument("--workers", type=int, default=2, help="processes; output bytes do not depend on it")
+    p.add_argument("--axes", type=lambda v: v.split(","), default=None,
+                   help="roleplay: comma list of the style axes personas care about and pairs differ on "
+                        f"(default all: {','.join(judge.Roleplay.axes)})")
     cfg = p.parse_args(argv)
     if cfg.users is not None and cfg.users < 20:
         p.error("--users must be at least 20 (each domain needs train and held-out users)")
@@ -581,6 +591,8 @@ def main(argv=None):
         p.error(f"--writers must be between 1 and {len(RP_WRITERS)}")
     if not 0 < cfg.temperature < math.inf:
         p.error("--temperature must be a positive number")
+    if cfg.axes and (set(cfg.axes) - set(judge.Roleplay.axes) or len(cfg.axes) < 2):
+        p.error(f"--axes takes two or more of {','.join(judge.Roleplay.axes)}")
     if cfg.workers < 1:
         p.error("--workers must be at least 1")
     names = list(DOMAINS) if cfg.domain == "all" else [cfg.domain]

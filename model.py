@@ -132,6 +132,11 @@ class GPT(nn.Module):
             assert idx.size(1) <= self.config.block_size, "sequence longer than block_size"
             pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        if mask is not None and mask.dtype == torch.bool:
+            # SDPA would convert a bool mask to an additive one in every layer (and autograd
+            # would keep each copy): convert once, in the dtype the attention runs in
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, float("-inf"))
         for block in self.blocks:
             x = block(x, mask, cache)
         if cache is not None:

@@ -1,0 +1,35 @@
+"""The main job end to end on the tiny preset: python -m pytest -q tests/test_main_job.py"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--out", str(out), "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    (res,) = metrics
+    assert res["domain"] == "roleplay"
+    for m in ("base", "prompted", "fspo", "pooled"):
+        wr = res["win_rate"][m]["all"]
+        assert 0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1 and wr["n"] > 0
+    assert res["win_rate"]["base"]["all"]["rate"] == 0.5  # base against itself: all ties
+    for m in ("fspo", "pooled"):
+        accs = res["pair_accuracy"][m]
+        assert sorted(int(k) for k in accs) == [0, 1, 2, 4, 8]
+        assert all(0 <= a <= 1 for a in accs.values())
+    # every table row of the report carries numbers that parse and match metrics.json
+    rows = [l for l in report.splitlines() if l.startswith("| FSPO (IPO)")]
+    assert len(rows) == 2
+    cells = [float(x) for x in re.findall(r"\d+\.\d+", rows[0])]
+    assert cells[0] == round(100 * res["win_rate"]["fspo"]["all"]["rate"], 1)
+    # stages are cached: a second run skips training and evaluates again
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("[skip]") == 3, r.stdout
