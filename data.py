@@ -1,8 +1,8 @@
 """
 Tokenizer, preference data, FSPO episodes and batch packing.
 
-    python data.py --prefs data/synth/all/prefs.jsonl --vocab-size 4096 --out data/tokenizer.bpe
-    python data.py --prefs data/synth/elix/prefs.jsonl --tokenizer data/tokenizer.bpe --n-shots 4
+    python data.py --prefs data/roleplay/prefs.jsonl --vocab-size 4096 --out data/tokenizer.bpe
+    python data.py --prefs data/elix/prefs.jsonl --tokenizer data/tokenizer.bpe --n-shots 4
 
 The first trains the byte-level BPE tokenizer on the preference text and saves its ranks;
 the second prints one encoded episode and how often shots had to be dropped to fit.
@@ -310,7 +310,8 @@ def pack_batch(episodes, pad_id) -> dict[str, torch.Tensor]:
         pos = (list(range(len(c) + len(e.chosen)))
                + list(range(len(c) - 1, len(c) + len(e.rejected))))
         rows.append((idx, seg, pos))
-    B, T = len(rows), max(len(r[0]) for r in rows)
+    # T rounded up to a multiple of 8: fused attention kernels want an aligned mask
+    B, T = len(rows), -(-max(len(r[0]) for r in rows) // 8) * 8
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     seg = torch.full((B, T), 3, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)

@@ -57,7 +57,9 @@ def eval_set(test_rows, n_shots, n_users, n_questions, seed):
     drawn from that user's other rows. Deterministic in seed."""
     rng = random.Random(seed)
     items = []
-    for uid in sorted(test_rows)[:n_users]:
+    uids = sorted(test_rows)
+    rng.shuffle(uids)  # a cap must not cut whole groups (ids are ordered by group)
+    for uid in uids[:n_users]:
         rows = list(test_rows[uid])
         if len(rows) < n_shots + 1:
             continue
@@ -110,9 +112,9 @@ def generate(model, tok, prompts, max_new_tokens, batch_size):
 # Pair accuracy vs number of shots
 
 @torch.no_grad()
-def pair_accuracy(policy, ref, tok, test_rows, shots, args, device):
+def pair_accuracy(policy, ref, tok, test_rows, shots, args, device, max_shots):
     """Fraction of held-out pairs whose implicit reward log(pi/ref) ranks chosen first."""
-    stream = fspo.EpisodeStream(tok, test_rows, None, "fspo", max(SHOT_CURVE), args.batch_size,
+    stream = fspo.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
                                 policy.config.block_size, args.seed + 17, which="both",
                                 use_shots=shots)
     pol, rf = fspo.LogProbs(policy.eval()), fspo.LogProbs(ref.eval())
@@ -144,9 +146,22 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
 
     # the meta-learning curve: implicit-reward accuracy as shots grow
     ref = models["sft"]
+    # the curve's queries are the same for every k: episodes of the largest k the data allows
+    max_shots = min(max(SHOT_CURVE), max(len(v) for v in test_rows.values()) - 1)
+    if max_shots < 1 or sum(len(v) // (max_shots + 1) for v in test_rows.values()) < args.batch_size:
+        raise ValueError(f"{prefs_path}: too few held-out rows per user for pair accuracy")
+    curve = [k for k in SHOT_CURVE if k <= max_shots]
     for m in [m for m in ("fspo", "pooled") if m in models]:
-        res["pair_accuracy"][m] = {k: pair_accuracy(models[m], ref, tok, test_rows, k, args, device)
-                                   for k in SHOT_CURVE}
+        res["pair_accuracy"][m] = {k: pair_accuracy(models[m], ref, tok, test_rows, k, args, device,
+                                                    max_shots) for k in curve}
+    if domain == "elix":  # the paper's easy / hard split is a property of the query PAIR
+        for d in ("easy", "hard"):
+            rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
+            rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
+            for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
+                if rows_d:
+                    res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
+                        pair_accuracy(models[m], ref, tok, rows_d, n_shots, args, device, n_shots)
     users = synth.load_users(users_path) if users_path and os.path.exists(users_path) else None
     if users is None:
         return res
@@ -155,6 +170,8 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
         raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
 
     items = eval_set(test_rows, n_shots, args.eval_users, args.eval_questions, args.seed)
+    if not items:
+        raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
     methods = ["base", "prompted"] + [m for m in ckpts if m not in ("sft",)]
     responses, scores = {}, {}
     for m in methods:
@@ -168,8 +185,6 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
                      for (uid, q, _), (_, resp) in zip(items, parsed)]
     groups = {"all": list(range(len(items)))}
     for i, (uid, q, _) in enumerate(items):
-        if domain == "elix" and "difficulty" in q.tags:
-            groups.setdefault(q.tags["difficulty"], []).append(i)
         if domain == "reviews":
             groups.setdefault(users[uid].get("group", "?"), []).append(i)
     for m in methods:
@@ -191,7 +206,7 @@ def format_tables(results):
     lines = []
     for r in results:
         d, n = r["domain"], r["shots"]
-        groups = [g for g in ("all", "easy", "hard", "trained", "interpolated")
+        groups = [g for g in ("all", "trained", "interpolated")
                   if any(g in v for v in r["win_rate"].values())]
         if r["win_rate"]:
             lines += [f"\n### {d}, {n} shots: win rate vs base (%, 95% CI, judge = user's reward)\n",
@@ -206,6 +221,12 @@ def format_tables(results):
                 if k.endswith("trait_recovery"):
                     lines.append(f"\n{k.split('/')[0]}: written description recovers "
                                  f"{100 * v:.1f}% of the user's true traits")
+        if r.get("pair_accuracy_by_difficulty"):
+            lines += [f"\n### {d}, {n} shots: held-out pair accuracy by query pair (%)\n",
+                      "| method | easy | hard |", "|---|---|---|"]
+            for m, acc in r["pair_accuracy_by_difficulty"].items():
+                lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
+                    f"{100 * acc[g]:.1f}" if g in acc else "-" for g in ("easy", "hard")) + " |")
         if r["pair_accuracy"]:
             ks = sorted({k for v in r["pair_accuracy"].values() for k in v})
             lines += [f"\n### {d}: held-out pair accuracy of beta*log(pi/pi_ref) vs shots (%)\n",

@@ -118,6 +118,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.preset is None:
         args.preset = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.method not in (None, "sft") and args.lr is None:  # one stage-2 run, as the main job
+        args.lr = PRESETS[args.preset]["pref_lr"]
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -283,8 +285,8 @@ def get_lr(step, args):
 
 @torch.no_grad()
 def heldout_metrics(scorer, ref_scorer, batches, args, ctx):
-    """Held-out pair accuracy: does the implicit reward (pref methods) or the policy's own
-    log-prob (sft methods) rank the held-out user's chosen above rejected?"""
+    """Held-out pair accuracy: does the implicit reward log(pi/ref) rank the held-out user's
+    chosen above rejected? (ref: the init model; stage 1 has none and uses raw log-probs)"""
     hits, n = 0, 0
     for b in batches:
         with ctx:
@@ -309,6 +311,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     master = rank == 0
+    if args.grad_accum < world:  # e.g. the presets' 1 under torchrun: one micro-batch per rank
+        args.grad_accum = world
     if args.grad_accum % world:
         raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of world size {world}")
     accum = args.grad_accum // world
@@ -335,6 +339,9 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     if args.init:
         model, init_meta, _ = load_gpt(args.init, device)
         check_tokenizer(init_meta, tok, tok_path, args.init)
+        if model.config.block_size != args.block_size:
+            raise ValueError(f"--block-size {args.block_size} differs from {args.init}'s "
+                             f"{model.config.block_size}: pass --block-size {model.config.block_size}")
     else:
         cfg = GPTConfig(block_size=args.block_size, vocab_size=tok.n_vocab, n_layer=args.n_layer,
                         n_head=args.n_head, n_embd=args.n_embd)
@@ -398,22 +405,24 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         for micro in range(accum):
             b = to_device(stream.batch(step * args.grad_accum + micro * world + rank), device)
             sync = nullcontext() if (not ddp or micro == accum - 1) else scorer.no_sync()
-            with sync, ctx:
-                pw, pl = batch_logps(scorer, b)
-                if pref:
-                    with torch.no_grad():
-                        rw, rl = batch_logps(ref_scorer, b)
-                    losses, rew_w, rew_l = preference_loss(pw, pl, rw, rl, args.beta, args.loss)
-                    loss = losses.mean()
-                    parts = {"rewards/chosen": rew_w.mean(), "rewards/rejected": rew_l.mean(),
-                             "rewards/accuracies": (rew_w > rew_l).float().mean(),
-                             "rewards/margins": (rew_w - rew_l).mean()}
-                else:  # token-mean NLL of the labelled completion tokens
-                    loss = -(pw.sum() + pl.sum()) / (b["targets"] != -1).sum()
-                    parts = {}
-                (loss / accum).backward()
-            parts.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean(),
-                          "logps/rejected": pl.detach().mean()})
+            with sync:
+                with ctx:
+                    pw, pl = batch_logps(scorer, b)
+                    if pref:
+                        with torch.no_grad():
+                            rw, rl = batch_logps(ref_scorer, b)
+                        losses, rew_w, rew_l = preference_loss(pw, pl, rw, rl, args.beta, args.loss)
+                        loss = losses.mean()
+                        parts = {"rewards/chosen": rew_w.mean(), "rewards/rejected": rew_l.mean(),
+                                 "rewards/accuracies": (rew_w > rew_l).float().mean(),
+                                 "rewards/margins": (rew_w - rew_l).mean()}
+                    else:  # token-mean NLL of the labelled completion tokens
+                        loss = -(pw.sum() + pl.sum()) / (b["targets"] != -1).sum()
+                        parts = {}
+                (loss / accum).backward()  # outside autocast, as autocast advises
+            parts.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean()})
+            if stream.which == "both":  # chosen-only methods have no rejected labels
+                parts["logps/rejected"] = pl.detach().mean()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / accum
         if ddp:  # log the global batch's averages, not rank 0's share
@@ -493,7 +502,8 @@ def main_job(args):
     data_dir = args.data or os.path.join(out, "data")
     domains = args.domains.split(",")
     t0 = time.time()
-    missing = [d for d in domains if not os.path.exists(os.path.join(data_dir, d, "prefs.jsonl"))]
+    # stats.json is the generator's last write: a domain without it is incomplete
+    missing = [d for d in domains if not os.path.exists(os.path.join(data_dir, d, "stats.json"))]
     if missing:
         print(f"[data] generating {','.join(missing)} ({args.scale} scale) into {data_dir}")
         for d in missing:
@@ -538,10 +548,16 @@ def main(argv=None):
     users = users if os.path.exists(users) else None
     tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                               "tokenizer.txt")
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 trains the tokenizer
+        for _ in range(600):
+            if os.path.exists(tok_path):
+                break
+            time.sleep(1)
     if not os.path.exists(tok_path):
         train_tokenizer([os.path.dirname(prefs)], args.vocab_size, tok_path)
     args.shots = args.shots or 8
-    args.steps = args.steps or (args.sft_steps if args.method in SFT_METHODS else args.pref_steps)
+    args.steps = args.steps or {"sft": args.sft_steps,  # the main job's step counts
+                                "cot-sft": args.sft_steps // 4}.get(args.method, args.pref_steps)
     final = train(args, data.get_tokenizer(tok_path), tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(final))

@@ -353,8 +353,23 @@ JUDGES = {j.name: j for j in (Roleplay(), Elix(), Reviews())}
 def load_users(path):
     """users.jsonl (or its domain folder) -> {user_id: row}."""
     path = os.path.join(path, "users.jsonl") if os.path.isdir(path) else path
+    users = {}
     with open(path) as f:
-        return {row["user_id"]: row for row in map(json.loads, f)}
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            for field, kind in (("user_id", str), ("domain", str), ("traits", dict)):
+                if not isinstance(row, dict) or not isinstance(row.get(field), kind):
+                    raise ValueError(f"{path}:{lineno}: field '{field}' missing or not a {kind.__name__}")
+            if row["domain"] not in JUDGES:
+                raise ValueError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, "
+                                 f"not one of {sorted(JUDGES)}")
+            users[row["user_id"]] = row
+    return users
 
 
 def score(user, prompt, response):
