@@ -293,7 +293,7 @@ def encode_episode(tok, shots, query, max_len, description=None, chosen_text=Non
 # -----------------------------------------------------------------------------
 # batches
 
-def pack_batch(episodes, pad_id) -> dict[str, torch.Tensor]:
+def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
     """One row per episode: the context once, chosen, then rejected behind a segment mask.
     Row layout, segments and positions (Lc = len(ctx)):
         ctx[:-1]           seg 0   pos 0..Lc-2
@@ -310,8 +310,8 @@ def pack_batch(episodes, pad_id) -> dict[str, torch.Tensor]:
         pos = (list(range(len(c) + len(e.chosen)))
                + list(range(len(c) - 1, len(c) + len(e.rejected))))
         rows.append((idx, seg, pos))
-    # T rounded up to a multiple of 8: fused attention kernels want an aligned mask
-    B, T = len(rows), -(-max(len(r[0]) for r in rows) // 8) * 8
+    # T rounded up to `multiple` (8 on CUDA, whose fused attention kernels want an aligned mask)
+    B, T = len(rows), -(-max(len(r[0]) for r in rows) // multiple) * multiple
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     seg = torch.full((B, T), 3, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
@@ -339,10 +339,10 @@ def pack_naive(episodes, pad_id) -> dict[str, torch.Tensor]:
         targets[r, len(c) - 1:len(c) + len(y) - 1] = torch.tensor(y)   # predicted from the previous token
     return dict(idx=idx, targets=targets, pos=None, mask=None)
 
-def pack_sft(episodes, pad_id, which="both") -> dict[str, torch.Tensor]:
+def pack_sft(episodes, pad_id, which="both", multiple=1) -> dict[str, torch.Tensor]:
     """pack_batch for supervised training: both completions carry labels, or only chosen."""
     assert which in ("both", "chosen")
-    batch = pack_batch(episodes, pad_id)
+    batch = pack_batch(episodes, pad_id, multiple)
     if which == "chosen":
         batch["targets"][batch["seg"] == 2] = -1
     return batch

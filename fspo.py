@@ -180,6 +180,7 @@ class EpisodeStream:
         self.which = which or ("chosen" if method in ("pref-ft", "cot-sft") else "both")
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
         self.prefs_by_user, self.use_shots = prefs_by_user, use_shots
+        self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # pooled/oracle still cut chunks of N+1 rows so every method sees the same queries
         eps = data.make_episodes(prefs_by_user, n_shots, random.Random(seed))
         self.per_epoch = len(eps) // batch_size
@@ -215,7 +216,7 @@ class EpisodeStream:
             self.epoch = epoch
         rng = random.Random(self.seed * 7919 + i)
         eps = [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
-        return data.pack_sft(eps, self.tok.eot_id, which=self.which)
+        return data.pack_sft(eps, self.tok.eot_id, which=self.which, multiple=self.multiple)
 
 
 COT_HEADER = "## User Description\n"
