@@ -240,6 +240,7 @@ def format_tables(results):
 
 def write_report(results, out, header):
     body = header + "\n" + format_tables(results) + "\n"
+    os.makedirs(out, exist_ok=True)
     data.atomic_write(os.path.join(out, "report.md"), body)
     data.atomic_write(os.path.join(out, "metrics.json"), json.dumps(results, indent=1) + "\n")
     return body
