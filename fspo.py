@@ -259,6 +259,10 @@ def ckpt_dir(path):
     return os.path.join(path, "ckpt")
 
 
+def has_checkpoint(path):
+    return os.path.exists(os.path.join(ckpt_dir(path), "config.json"))
+
+
 def load_gpt(path, device):
     tensors, meta = load_checkpoint(ckpt_dir(path))
     model = GPT(GPTConfig(**meta["model"]))
@@ -364,7 +368,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     meta = {"model": asdict(model.config), "method": method, "args": vars(args),
             "tokenizer": tok_path, "tokenizer_sha256": tok.sha256, "step": 0, "done": False}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if args.resume and os.path.exists(os.path.join(ckpt_dir(args.out), "config.json")):
+    if args.resume and has_checkpoint(args.out):
         tensors, saved = load_checkpoint(ckpt_dir(args.out))
         check_tokenizer(saved, tok, tok_path, args.out)
         load_weights(model, tensors)
@@ -406,6 +410,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         for micro in range(accum):
             b = to_device(stream.batch(step * args.grad_accum + micro * world + rank), device)
             sync = nullcontext() if (not ddp or micro == accum - 1) else scorer.no_sync()
+            # DDP's no_sync must cover the forward too: forward decides whether backward syncs
             with sync:
                 with ctx:
                     pw, pl = batch_logps(scorer, b)
@@ -456,6 +461,12 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
 # ----------------------------------------------------------------------------------------
 # The main job: every stage caches its output and is skipped when present.
 
+def stage_steps(method, args):
+    """Optimizer steps of a stage: the SFT count for stage 1, a quarter of it for cot-sft
+    (a format warm-up before cot's IPO), the stage-2 count for everything else."""
+    return {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4}.get(method, args.pref_steps)
+
+
 def stage_done(path):
     try:
         with open(os.path.join(ckpt_dir(path), "config.json")) as f:
@@ -470,7 +481,7 @@ def run_stage(args, tok, tok_path, method, out, prefs, users, init=None, ref=Non
         return
     a = copy.copy(args)
     a.method, a.out, a.init, a.ref = method, out, init, ref
-    a.resume = os.path.exists(os.path.join(ckpt_dir(out), "config.json"))
+    a.resume = has_checkpoint(out)
     for k, v in over.items():
         setattr(a, k, v)
     t0 = time.time()
@@ -522,15 +533,15 @@ def main_job(args):
         for n in [args.shots] if args.shots else SHOTS[d]:
             base = os.path.join(out, f"{d}-{n}shot")
             sft = os.path.join(base, "sft")
-            run_stage(args, tok, tok_path, "sft", sft, prefs, users, shots=n, steps=args.sft_steps)
+            run_stage(args, tok, tok_path, "sft", sft, prefs, users, shots=n,
+                      steps=stage_steps("sft", args))
             ckpts = {"sft": sft}
             for m in methods:
                 name, loss = (m[:-4], "dpo") if m.endswith("-dpo") else (m, "ipo")
                 init = ckpts["cot-sft"] if name == "cot" else sft
-                steps = args.sft_steps // 4 if name == "cot-sft" else args.pref_steps
                 ckpts[m] = os.path.join(base, m)
                 run_stage(args, tok, tok_path, name, ckpts[m], prefs, users, init=init,
-                          shots=n, loss=loss, steps=steps, lr=args.pref_lr)
+                          shots=n, loss=loss, steps=stage_steps(name, args), lr=args.pref_lr)
             runs[(d, n)] = ckpts
     report = evaluation.evaluate_runs(runs, data_dir, tok, tok_path, args, out)
     print(report)
@@ -557,8 +568,7 @@ def main(argv=None):
     if not os.path.exists(tok_path):
         train_tokenizer([os.path.dirname(prefs)], args.vocab_size, tok_path)
     args.shots = args.shots or 8
-    args.steps = args.steps or {"sft": args.sft_steps,  # the main job's step counts
-                                "cot-sft": args.sft_steps // 4}.get(args.method, args.pref_steps)
+    args.steps = args.steps or stage_steps(args.method, args)
     final = train(args, data.get_tokenizer(tok_path), tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(final))

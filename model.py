@@ -135,8 +135,9 @@ class GPT(nn.Module):
         if mask is not None and mask.dtype == torch.bool:
             # SDPA would convert a bool mask to an additive one in every layer (and autograd
             # would keep each copy): convert once, in the dtype the attention runs in
-            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, float("-inf"))
+            dev = x.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, -math.inf)
         for block in self.blocks:
             x = block(x, mask, cache)
         if cache is not None:
