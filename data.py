@@ -339,12 +339,17 @@ def pack_naive(episodes, pad_id) -> dict[str, torch.Tensor]:
         targets[r, len(c) - 1:len(c) + len(y) - 1] = torch.tensor(y)   # predicted from the previous token
     return dict(idx=idx, targets=targets, pos=None, mask=None)
 
-def pack_sft(episodes, pad_id, which="both", multiple=1) -> dict[str, torch.Tensor]:
-    """pack_batch for supervised training: both completions carry labels, or only chosen."""
+def pack_sft(episodes, pad_id, which="both", multiple=1, context=False) -> dict[str, torch.Tensor]:
+    """pack_batch for supervised training: both completions carry labels, or only chosen.
+    context=True also labels the context (each next token of the shots and the query)."""
     assert which in ("both", "chosen")
     batch = pack_batch(episodes, pad_id, multiple)
+    seg, idx, targets = batch["seg"], batch["idx"], batch["targets"]
     if which == "chosen":
-        batch["targets"][batch["seg"] == 2] = -1
+        targets[seg == 2] = -1
+    if context:  # seg 0 -> seg 0 or the first (duplicated) context token of seg 1
+        inside = (seg[:, :-1] == 0) & (seg[:, 1:] <= 1)
+        targets[:, :-1] = torch.where(inside, idx[:, 1:], targets[:, :-1])
     return batch
 
 def sequence_logps(token_lp, seg):

@@ -81,6 +81,8 @@ def get_args(argv=None):
     a("--shots", type=int, default=None,
       help="N, shots in context (default: the paper's per domain, main job; 8, one stage)")
     a("--loss", choices=["ipo", "dpo"], default="ipo")
+    a("--context-loss", type=int, default=1,
+      help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--beta", type=float, default=0.1,
       help="IPO target margin is 1/(2 beta) nats of summed log-prob (paper: 0.01 at 3B)")
     a("--steps", type=int, default=None, help="optimizer steps (default: preset's)")
@@ -174,12 +176,13 @@ class EpisodeStream:
     exactly the batches an uninterrupted run would have seen."""
 
     def __init__(self, tok, prefs_by_user, users, method, n_shots, batch_size, max_len, seed,
-                 which=None, use_shots=None):
+                 which=None, use_shots=None, context=False):
         self.tok, self.users, self.method = tok, users, method
         # pref-ft and cot-sft learn the chosen completion only; everything else scores both
         self.which = which or ("chosen" if method in ("pref-ft", "cot-sft") else "both")
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
         self.prefs_by_user, self.use_shots = prefs_by_user, use_shots
+        self.context = context
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # pooled/oracle still cut chunks of N+1 rows so every method sees the same queries
         eps = data.make_episodes(prefs_by_user, n_shots, random.Random(seed))
@@ -216,7 +219,8 @@ class EpisodeStream:
             self.epoch = epoch
         rng = random.Random(self.seed * 7919 + i)
         eps = [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
-        return data.pack_sft(eps, self.tok.eot_id, which=self.which, multiple=self.multiple)
+        return data.pack_sft(eps, self.tok.eot_id, which=self.which, multiple=self.multiple,
+                             context=self.context)
 
 
 COT_HEADER = "## User Description\n"
@@ -334,7 +338,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     train_rows = data.by_user([r for r in prefs if r.split == "train"])
     test_rows = data.by_user([r for r in prefs if r.split == "test"])
     stream = EpisodeStream(tok, train_rows, users, method, args.shots, args.batch_size,
-                           args.block_size, args.seed)
+                           args.block_size, args.seed, context=method == "sft" and args.context_loss)
     held = EpisodeStream(tok, test_rows, users, "fspo" if method == "sft" else method,
                          args.shots, args.batch_size, args.block_size, args.seed + 1, which="both")
     eval_batches = [to_device(held.batch(i), device)
@@ -413,7 +417,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
             # DDP's no_sync must cover the forward too: forward decides whether backward syncs
             with sync:
                 with ctx:
-                    pw, pl = batch_logps(scorer, b)
+                    lp = scorer(b["idx"], b["targets"], b["pos"], b["mask"])  # (B, T)
+                    pw, pl = data.sequence_logps(lp, b["seg"])
                     if pref:
                         with torch.no_grad():
                             rw, rl = batch_logps(ref_scorer, b)
@@ -422,8 +427,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
                         parts = {"rewards/chosen": rew_w.mean(), "rewards/rejected": rew_l.mean(),
                                  "rewards/accuracies": (rew_w > rew_l).float().mean(),
                                  "rewards/margins": (rew_w - rew_l).mean()}
-                    else:  # token-mean NLL of the labelled completion tokens
-                        loss = -(pw.sum() + pl.sum()) / (b["targets"] != -1).sum()
+                    else:  # token-mean NLL of the labelled tokens (completions, maybe context)
+                        loss = -lp.sum() / (b["targets"] != -1).sum()
                         parts = {}
                 (loss / accum).backward()  # outside autocast, as autocast advises
             parts.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean()})

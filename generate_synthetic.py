@@ -135,8 +135,18 @@ class Roleplay(Writer, judge.Roleplay):
     prefix = "rp"
     values = {a: (-1, 1) for a in judge.Roleplay.axes}
     phrases = RP_PHRASES
-    max_traits = 4
     skew = {"length": 0.6, "example": 0.4}  # P(negative value): mild population-level tastes
+    # the shortest plain answer: the style of the axes a narrowed run (--axes) leaves out
+    plain = {"formality": 1, "confidence": 1, "format": -1, "example": -1, "humor": -1, "order": 1,
+             "technical": -1, "length": -1}
+
+    @property
+    def max_traits(self):  # --max-traits
+        return getattr(_CFG, "max_traits", 4)
+
+    def random_style(self, rng):
+        axes = self.trait_axes()
+        return {a: rng.choice(self.values[a]) if a in axes else self.plain[a] for a in self.axes}
 
     def __init__(self):
         super().__init__()
@@ -156,7 +166,7 @@ class Roleplay(Writer, judge.Roleplay):
         W, F = RP_WRITERS[writer], RP_FRAMES[frame]
         fill = dict(C=W[2] if st["confidence"] > 0 else W[3], B=W[4], E=W[5], s=s,
                     **{f"w{i}": words[j] for i, j in enumerate(idx)})
-        body = [F[0]] + ([F[2], F[3]] if st["length"] > 0 else [])
+        body = [F[0]] + ([F[2 + writer % 2]] if st["length"] > 0 else [])
         body = [b.format(**fill) for b in (body + [F[1]] if st["order"] > 0 else [F[1]] + body)]
         tail = ([F[4].format(**fill)] if st["example"] > 0 else []) + ([W[6].format(s=s)] if st["humor"] > 0 else [])
         opener = W[0] if st["formality"] > 0 else W[1]
@@ -174,15 +184,20 @@ class Roleplay(Writer, judge.Roleplay):
             self.add_trait(user, axis, -1 if rng.random() < self.skew.get(axis, 0.5) else 1, rng)
         return user
 
+    def split_key(self, item):
+        return item[0]  # held-out questions ask known subjects in ways no training row does
+
     def pair(self, rng, user, item, cfg):
-        """Two answers to the question that differ on two to four style axes."""
+        """A minimal pair: one viewpoint and writer, two styles that differ on --pair-axes axes
+        (default two to four), so the pair's difference is all style and the label all taste."""
         qid, _, meta = item
         a = self.random_style(rng)
         b = dict(a)
         axes = self.trait_axes()
-        for axis in rng.sample(axes, min(len(axes), rng.choice((2, 2, 3, 3, 4)))):
+        for axis in rng.sample(axes, min(len(axes), rng.choice(cfg.pair_axes))):
             b[axis] = -b[axis]
-        return [self.render(meta, qid, st, self.view(rng, cfg), rng.randrange(cfg.writers)) for st in (a, b)], {}
+        view, writer = self.view(rng, cfg), rng.randrange(cfg.writers)
+        return [self.render(meta, qid, st, view, writer) for st in (a, b)], {}
 
     def roster(self, n, rng):
         test = held_out_blocks(n, 1, 0.1, rng)
@@ -501,7 +516,7 @@ def generate(name, cfg, out_dir):
     n_users, n_pairs = cfg.sizes[name]
     items = dom.items_for(cfg.seed)
     rng = random.Random(f"{cfg.seed}/{name}/split")
-    # held-out questions are about held-out subjects, concepts or movies: no answer text is shared
+    # held-out questions: roleplay holds out whole questions, elix and reviews whole concepts or movies
     keys = sorted({dom.split_key(it) for it in items})
     test_keys = set(rng.sample(keys, round(TEST_Q_FRAC * len(keys))))
     cfg.pools[name] = {s: [it for it in items if (dom.split_key(it) in test_keys) == (s == "test")]
@@ -538,7 +553,8 @@ def generate(name, cfg, out_dir):
         groups.setdefault(key, {"train": 0, "test": 0})[job[2]] += 1
     stats = {
         "domain": name, "seed": cfg.seed,
-        "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes")}
+        "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes",
+                                                  "max_traits", "pair_axes")}
                   | {"users": n_users, "pairs_per_user": n_pairs},
         "users": {s: sum(j[2] == s for j in jobs) for s in ("train", "test")}, "groups": groups,
         "questions": {s: len(v) for s, v in cfg.pools[name].items()},
@@ -582,6 +598,9 @@ def main(argv=None):
     p.add_argument("--axes", type=lambda v: v.split(","), default=None,
                    help="roleplay: comma list of the style axes personas care about and pairs differ on "
                         f"(default all: {','.join(judge.Roleplay.axes)})")
+    p.add_argument("--max-traits", type=int, default=4, help="roleplay: traits a persona may end with")
+    p.add_argument("--pair-axes", type=lambda v: [int(k) for k in v.split(",")], default=[2, 2, 3, 3, 4],
+                   help="roleplay: how many axes the two answers of a pair differ on, drawn from this list")
     cfg = p.parse_args(argv)
     if cfg.users is not None and cfg.users < 20:
         p.error("--users must be at least 20 (each domain needs train and held-out users)")
@@ -593,6 +612,8 @@ def main(argv=None):
         p.error("--temperature must be a positive number")
     if cfg.axes and (set(cfg.axes) - set(judge.Roleplay.axes) or len(cfg.axes) < 2):
         p.error(f"--axes takes two or more of {','.join(judge.Roleplay.axes)}")
+    if not 1 <= cfg.max_traits <= len(judge.Roleplay.axes) or min(cfg.pair_axes) < 1:
+        p.error("--max-traits and --pair-axes must be positive (max traits at most the axes)")
     if cfg.workers < 1:
         p.error("--workers must be at least 1")
     names = list(DOMAINS) if cfg.domain == "all" else [cfg.domain]

@@ -193,7 +193,7 @@ class Roleplay(Judge):
         return {"formality": sign(c["formality"]), "confidence": sign(c["confidence"]),
                 "format": 1 if bullets >= 2 else -1, "example": 1 if c["example"] else -1,
                 "humor": 1 if c["humor"] else -1, "order": 0 if a is None or b is None else sign(b - a),
-                "technical": frac(tech, plain), "length": max(-1, min(1, content - 3)),
+                "technical": frac(tech, plain), "length": 1 if content > 2 else -1,
                 "rel": relevance(on, off, subj), "q": quality(sents, n, known)}
 
 

@@ -361,6 +361,21 @@ def test_pack_batch_labels_and_mask():
     assert sft["targets"][sft["seg"] == 2].eq(-1).all()
     assert torch.equal(sft["targets"][sft["seg"] == 1], b["targets"][b["seg"] == 1])
 
+def test_pack_sft_context_labels_every_next_token():
+    """context=True: by position, the labels are exactly the naive row ctx + chosen shifted by
+    one (the context predicts itself and the first completion token), and the rejected
+    segment keeps its own labels."""
+    eps = random_episodes(random.Random(3), 5)
+    b, plain = pack_sft(eps, 49, context=True), pack_sft(eps, 49)
+    for r, e in enumerate(eps):
+        row = e.ctx + e.chosen
+        n = len(row)
+        # positions 0..n-2 hold ctx + chosen[:-1]; their labels are row[1:]
+        assert b["targets"][r, :n - 1].tolist() == row[1:]
+        assert b["targets"][r, n - 1] == -1  # the last chosen token predicts nothing
+    two = b["seg"] == 2
+    assert torch.equal(b["targets"][two], plain["targets"][two])
+
 def test_pack_naive_labels():
     eps = random_episodes(random.Random(1), 4)
     n = pack_naive(eps, pad_id=19)
