@@ -192,6 +192,10 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
             g: dict(zip(("rate", "lo", "hi", "n"),
                         win_rate([scores[m][i] for i in idx], [scores["base"][i] for i in idx])))
             for g, idx in groups.items()}
+    # share of answers the judge reads as well-formed (known words, no repeated sentence)
+    read = synth.judge.JUDGES[domain].read
+    res["well_formed"] = {m: sum(read(q.prompt, resp)["q"] == 1.0 for (_, q, _), (_, resp)
+                                 in zip(items, responses[m])) / len(items) for m in methods}
     for m in [m for m in methods if m.startswith("cot")]:
         rec = [synth.trait_recovery(users[uid], desc or "")
                for (uid, _, _), (desc, _) in zip(items, responses[m])]
@@ -217,6 +221,9 @@ def format_tables(results):
                          f"{100 * wr[g]['hi']:.1f}] (n={wr[g]['n']})" if g in wr else "-"
                          for g in groups]
                 lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+            if r.get("well_formed"):
+                lines.append("\nwell-formed answers (judge quality 1.0): " + ", ".join(
+                    f"{LABELS.get(m, m)} {100 * v:.0f}%" for m, v in r["well_formed"].items()))
             for k, v in r.items():
                 if k.endswith("trait_recovery"):
                     lines.append(f"\n{k.split('/')[0]}: written description recovers "

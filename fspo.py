@@ -47,9 +47,12 @@ PRESETS = {
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
                  lr=3e-3, pref_lr=1e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
                  domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024,
-                batch_size=8, grad_accum=1, sft_steps=600, pref_steps=400, warmup=50,
-                lr=2e-3, pref_lr=1e-4, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
+    # cpu: easier roleplay users (5 style axes, one writer, the chosen answer in the user's
+    # style) and 4 shots, the largest task measured to learn within this budget (README)
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
+                batch_size=8, grad_accum=1, sft_steps=600, pref_steps=1600, warmup=50,
+                lr=2e-3, pref_lr=2e-4, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
+                synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, pref_steps=1500, warmup=150,
@@ -111,6 +114,7 @@ def get_args(argv=None):
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train")
     a("--domains", default=None, help="main job: comma list of domains")
     a("--scale", default=None, help="main job: generate_synthetic.py --scale")
+    a("--synth", default=None, help="main job: more generate_synthetic.py flags, one string")
     a("--eval-users", type=int, default=None, help="held-out users in the win-rate eval")
     a("--eval-questions", type=int, default=None, help="held-out questions per user")
     a("--max-new-tokens", type=int, default=96, help="generation length cap in eval")
@@ -525,7 +529,7 @@ def main_job(args):
         print(f"[data] generating {','.join(missing)} ({args.scale} scale) into {data_dir}")
         for d in missing:
             synth.main(["--domain", d, "--out", data_dir, "--scale", args.scale,
-                        "--seed", str(args.seed)])
+                        "--seed", str(args.seed), *(args.synth or "").split()])
     tok_path = os.path.join(out, "tokenizer.txt")
     if not os.path.exists(tok_path):
         train_tokenizer([os.path.join(data_dir, d) for d in domains], args.vocab_size, tok_path)

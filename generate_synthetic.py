@@ -3,6 +3,8 @@
     python generate_synthetic.py --domain all --out data/synth --seed 0
     python generate_synthetic.py --domain all --out data/synth_full --seed 0 --scale full
     python generate_synthetic.py --domain roleplay --out /tmp/ablate --no-views --writers 1 --no-refine
+    python generate_synthetic.py --domain roleplay --out /tmp/easy --pair-mode taste \
+        --axes formality,confidence,format,example,humor --writers 1   # the cpu preset's users
 
 The paper writes personas, questions and answers with LLMs and labels pairs with an LLM judge.
 Here answers come from short templates whose style is carried by a few salient marker phrases, and
@@ -32,7 +34,7 @@ from functools import lru_cache
 from tqdm import tqdm
 
 import judge
-from judge import EX_LEVELS, MARGIN, words_of
+from judge import EX_LEVELS, MARGIN, sign, words_of
 from judge import load_users, score, summary_for_response, trait_recovery, trait_summary  # noqa: F401 (the API)
 
 N_VIEWS = 4         # viewpoints per question when view conditioning is on
@@ -192,8 +194,11 @@ class Roleplay(Writer, judge.Roleplay):
         (default two to four), so the pair's difference is all style and the label all taste."""
         qid, _, meta = item
         a = self.random_style(rng)
-        b = dict(a)
         axes = self.trait_axes()
+        if cfg.pair_mode == "taste":  # one answer in the user's style, the other breaks some of it
+            a.update({ax: sign(w) for ax, w in user["traits"].items()})
+            axes = list(user["traits"])
+        b = dict(a)
         for axis in rng.sample(axes, min(len(axes), rng.choice(cfg.pair_axes))):
             b[axis] = -b[axis]
         view, writer = self.view(rng, cfg), rng.randrange(cfg.writers)
@@ -554,7 +559,7 @@ def generate(name, cfg, out_dir):
     stats = {
         "domain": name, "seed": cfg.seed,
         "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes",
-                                                  "max_traits", "pair_axes")}
+                                                  "max_traits", "pair_axes", "pair_mode")}
                   | {"users": n_users, "pairs_per_user": n_pairs},
         "users": {s: sum(j[2] == s for j in jobs) for s in ("train", "test")}, "groups": groups,
         "questions": {s: len(v) for s, v in cfg.pools[name].items()},
@@ -601,6 +606,9 @@ def main(argv=None):
     p.add_argument("--max-traits", type=int, default=4, help="roleplay: traits a persona may end with")
     p.add_argument("--pair-axes", type=lambda v: [int(k) for k in v.split(",")], default=[2, 2, 3, 3, 4],
                    help="roleplay: how many axes the two answers of a pair differ on, drawn from this list")
+    p.add_argument("--pair-mode", choices=("random", "taste"), default="random",
+                   help="roleplay: random = two random styles; taste = one answer in the user's style "
+                        "and one that breaks --pair-axes of its traits (easier users)")
     cfg = p.parse_args(argv)
     if cfg.users is not None and cfg.users < 20:
         p.error("--users must be at least 20 (each domain needs train and held-out users)")

@@ -7,7 +7,7 @@
 The paper labels its synthetic pairs with an LLM judge; here each domain has a closed vocabulary and
 the judge reads it back with word lexicons, so the same function labels the training data and scores
 model outputs at evaluation. A user's reward:
-    r_u(x, y) = W_REL * relevance(x, y) * quality(y) + sum over the user's traits of w_a * feature_a(y)
+    r_u(x, y) = W_REL * (relevance(x, y) * quality(y) - (1 - quality(y))) + sum over the user's traits of w_a * feature_a(y)
 (elix adds -LEVEL_W * |level(y) - user level|). generate_synthetic.py writes text in this vocabulary.
 """
 import json
@@ -86,7 +86,9 @@ class Judge:
     group_traits = ()  # traits fixed by the user's group (reviews scorer type)
 
     def reward(self, user, f):
-        r = W_REL * f["rel"] * f["q"]
+        # malformed text (unknown words, repeated sentences, nothing at all) loses W_REL per unit
+        # of lost quality, so no style can make it beat a well-formed answer
+        r = W_REL * (f["rel"] * f["q"] - (1 - f["q"]))
         for axis, w in user["traits"].items():
             r += w * f[axis]
         return r
@@ -194,7 +196,8 @@ class Roleplay(Judge):
                 "format": 1 if bullets >= 2 else -1, "example": 1 if c["example"] else -1,
                 "humor": 1 if c["humor"] else -1, "order": 0 if a is None or b is None else sign(b - a),
                 "technical": frac(tech, plain), "length": 1 if content > 2 else -1,
-                "rel": relevance(on, off, subj), "q": quality(sents, n, known)}
+                # an answer needs one content sentence: openers, jokes and examples alone are not one
+                "rel": relevance(on, off, subj), "q": quality(sents, n, known) if content else 0.0}
 
 
 # ---------------------------------------------------------------- elix

@@ -21,6 +21,8 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
         wr = res["win_rate"][m]["all"]
         assert 0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1 and wr["n"] > 0
     assert res["win_rate"]["base"]["all"]["rate"] == 0.5  # base against itself: all ties
+    assert set(res["well_formed"]) == set(res["win_rate"])
+    assert all(0 <= v <= 1 for v in res["well_formed"].values()) and "well-formed answers" in report
     for m in ("fspo", "pooled"):
         accs = res["pair_accuracy"][m]
         assert sorted(int(k) for k in accs) == [0, 1, 2, 4, 8]

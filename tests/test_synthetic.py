@@ -73,6 +73,22 @@ def test_off_topic_answer_loses_whatever_its_style(domain, tiny):
         assert worst > best
 
 
+@pytest.mark.parametrize("domain", ("roleplay", "reviews"))
+def test_malformed_text_loses_to_any_well_formed_answer(domain, tiny):
+    """Degenerate generations (list marks only, empty, one sentence repeated) must not win on
+    style: for every user, each loses to every well-formed answer in any style, even one about
+    another topic (elix is left out: there a wrong level may cost more than malformed text)."""
+    dom, rng = gs.DOMAINS[domain], random.Random(2)
+    items = dom.items_for(3)
+    for user in list(gs.load_users(os.path.join(tiny, domain)).values())[:20]:
+        (qid, prompt, meta), (oid, _, ometa) = rng.sample(items, 2)
+        good = [dom.render(ometa, oid, dom.random_style(rng), v, 0) for v in range(4)]
+        one = dom.render(meta, qid, dom.random_style(rng), 0, 0)
+        bad = ["", "-\n-", "- \n- \n- ", (one.split(".")[0] + ". ") * 6]
+        bad += ["Hey!\n-\n-", "Certainly.\nHa, pasta forever!"] if domain == "roleplay" else []
+        assert max(gs.score(user, prompt, b) for b in bad) < min(gs.score(user, prompt, g) for g in good)
+
+
 HOSTILE = ["", " ", "\n\n\n", "\x00\x01\x02", "\ud800\udfff", "🙂" * 500, "- \n* \n1. \n" * 50, ". . . ! ? !",
            "a" * 200_000, "Certainly. Definitely " * 10_000, "## Preferred Response\n", "## Question\n## Question",
            "pasta " * 3000, "Explain gravity.", "Review The Silent Harbor, a horror movie.", "ΣΩ≈ç√∫˜µ", "'-'-'"]
@@ -219,3 +235,22 @@ def test_bad_flags_give_one_line_errors(flags, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("usage:") or "error:" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_taste_pairs_show_the_users_style_in_the_chosen_answer(tmp_path):
+    """--pair-mode taste: the chosen answer is written in the user's style on every trait axis
+    (up to Bradley-Terry label noise), the rejected one breaks at least one trait, and no
+    persona needs refinement."""
+    out = run(tmp_path, "--pair-mode", "taste", domain="roleplay")
+    users = gs.load_users(os.path.join(out, "roleplay"))
+    rows = read_jsonl(os.path.join(out, "roleplay", "prefs.jsonl"))
+    dom, match = gs.DOMAINS["roleplay"], 0
+    for r in rows:
+        traits = users[r["user_id"]]["traits"]
+        fc, fr = dom.read(r["prompt"], r["chosen"]), dom.read(r["prompt"], r["rejected"])
+        ok_c = all(judge.sign(fc[a]) == judge.sign(w) for a, w in traits.items())
+        ok_r = all(judge.sign(fr[a]) == judge.sign(w) for a, w in traits.items())
+        match += ok_c and not ok_r
+    assert match / len(rows) >= 0.9
+    assert {len(u["traits"]) for u in users.values()} <= {1, 2, 3}
+    assert stats(out, "roleplay")["traits_added"] == 0
