@@ -51,7 +51,7 @@ PRESETS = {
     # style) and 4 shots, the largest task measured to learn within this budget (README)
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
                 batch_size=8, grad_accum=1, sft_steps=600, pref_steps=1600, warmup=50,
-                lr=2e-3, pref_lr=2e-4, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
+                lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
                 synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
