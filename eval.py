@@ -173,7 +173,8 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     if not items:
         raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
     methods = ["base", "prompted"] + [m for m in ckpts if m not in ("sft",)]
-    responses, scores = {}, {}
+    judges = [synth.judge.JUDGES[users[uid]["domain"]] for uid, _, _ in items]  # as score() picks
+    responses, scores, well_formed = {}, {}, {}
     for m in methods:
         model = models["sft" if m in ("base", "prompted") else m]
         limit = model.config.block_size - args.max_new_tokens
@@ -181,8 +182,11 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
                          args.max_new_tokens, args.gen_batch)
         parsed = [split_response(m, t) for t in texts]
         responses[m] = parsed
-        scores[m] = [synth.score(users[uid], q.prompt, resp)
-                     for (uid, q, _), (_, resp) in zip(items, parsed)]
+        # read each answer once: its features give both the user's reward and its quality
+        feats = [j.read(q.prompt, resp) for j, (_, q, _), (_, resp) in zip(judges, items, parsed)]
+        scores[m] = [j.reward(users[uid], f) for j, (uid, _, _), f in zip(judges, items, feats)]
+        # well-formed: the judge's quality is 1.0 (known words, no repeated sentence, content)
+        well_formed[m] = sum(f["q"] == 1.0 for f in feats) / len(feats)
     groups = {"all": list(range(len(items)))}
     for i, (uid, q, _) in enumerate(items):
         if domain == "reviews":
@@ -192,10 +196,7 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
             g: dict(zip(("rate", "lo", "hi", "n"),
                         win_rate([scores[m][i] for i in idx], [scores["base"][i] for i in idx])))
             for g, idx in groups.items()}
-    # share of answers the judge reads as well-formed (known words, no repeated sentence)
-    read = synth.judge.JUDGES[domain].read
-    res["well_formed"] = {m: sum(read(q.prompt, resp)["q"] == 1.0 for (_, q, _), (_, resp)
-                                 in zip(items, responses[m])) / len(items) for m in methods}
+    res["well_formed"] = well_formed
     for m in [m for m in methods if m.startswith("cot")]:
         rec = [synth.trait_recovery(users[uid], desc or "")
                for (uid, _, _), (desc, _) in zip(items, responses[m])]

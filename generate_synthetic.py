@@ -143,8 +143,8 @@ class Roleplay(Writer, judge.Roleplay):
              "technical": -1, "length": -1}
 
     @property
-    def max_traits(self):  # --max-traits
-        return getattr(_CFG, "max_traits", 4)
+    def max_traits(self):  # --max-traits (read while labelling, when _CFG is set)
+        return _CFG.max_traits
 
     def random_style(self, rng):
         axes = self.trait_axes()

@@ -7,7 +7,8 @@
 The paper labels its synthetic pairs with an LLM judge; here each domain has a closed vocabulary and
 the judge reads it back with word lexicons, so the same function labels the training data and scores
 model outputs at evaluation. A user's reward:
-    r_u(x, y) = W_REL * (relevance(x, y) * quality(y) - (1 - quality(y))) + sum over the user's traits of w_a * feature_a(y)
+    r_u(x, y) = W_REL * (relevance(x, y) * quality(y) - (1 - quality(y)))
+                + sum over the user's traits of w_a * feature_a(y)
 (elix adds -LEVEL_W * |level(y) - user level|). generate_synthetic.py writes text in this vocabulary.
 """
 import json
