@@ -133,16 +133,18 @@ def pair_accuracy(policy, ref, tok, test_rows, shots, args, device, max_shots):
 
 def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
     """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
-    models = {}
+    models, anchors = {}, {}
     for m, path in ckpts.items():
         model, meta, _ = fspo.load_gpt(path, device)
         fspo.check_tokenizer(meta, tok, tok_path, path)
         models[m] = model
+        if meta["args"].get("nll"):  # the table names a preference loss with an NLL anchor
+            anchors[m] = meta["args"]["nll"]
     rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]
     if not rows:
         raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
     test_rows = data.by_user(rows)
-    res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}}
+    res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors}
 
     # the meta-learning curve: implicit-reward accuracy as shots grow
     ref = models["sft"]
@@ -210,6 +212,9 @@ def format_tables(results):
     """Markdown tables in the shape of the paper's."""
     lines = []
     for r in results:
+        def label(m):
+            w = r.get("nll", {}).get(m)
+            return LABELS.get(m, m) + (f" + {w:g} x NLL(chosen)" if w else "")
         d, n = r["domain"], r["shots"]
         groups = [g for g in ("all", "trained", "interpolated")
                   if any(g in v for v in r["win_rate"].values())]
@@ -221,10 +226,10 @@ def format_tables(results):
                 cells = [f"{100 * wr[g]['rate']:.1f} [{100 * wr[g]['lo']:.1f}, "
                          f"{100 * wr[g]['hi']:.1f}] (n={wr[g]['n']})" if g in wr else "-"
                          for g in groups]
-                lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
             if r.get("well_formed"):
                 lines.append("\nwell-formed answers (judge quality 1.0): " + ", ".join(
-                    f"{LABELS.get(m, m)} {100 * v:.0f}%" for m, v in r["well_formed"].items()))
+                    f"{label(m)} {100 * v:.0f}%" for m, v in r["well_formed"].items()))
             for k, v in r.items():
                 if k.endswith("trait_recovery"):
                     lines.append(f"\n{k.split('/')[0]}: written description recovers "
@@ -233,7 +238,7 @@ def format_tables(results):
             lines += [f"\n### {d}, {n} shots: held-out pair accuracy by query pair (%)\n",
                       "| method | easy | hard |", "|---|---|---|"]
             for m, acc in r["pair_accuracy_by_difficulty"].items():
-                lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
+                lines.append(f"| {label(m)} | " + " | ".join(
                     f"{100 * acc[g]:.1f}" if g in acc else "-" for g in ("easy", "hard")) + " |")
         if r["pair_accuracy"]:
             ks = sorted({k for v in r["pair_accuracy"].values() for k in v})
@@ -241,8 +246,11 @@ def format_tables(results):
                       "| method | " + " | ".join(f"{k} shots" for k in ks) + " |",
                       "|---|" + "---|" * len(ks)]
             for m, acc in r["pair_accuracy"].items():
-                lines.append(f"| {LABELS.get(m, m)} | " +
+                lines.append(f"| {label(m)} | " +
                              " | ".join(f"{100 * acc[k]:.1f}" for k in ks) + " |")
+            if max(ks) > n:  # learned positions past the trained episodes' lengths are untrained
+                lines.append(f"\nTrained with {n} shots: the columns past {n} shots are longer "
+                             f"contexts than any training episode.")
     return "\n".join(lines)
 
 

@@ -47,12 +47,15 @@ PRESETS = {
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
                  lr=3e-3, pref_lr=1e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
                  domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
-    # cpu: easier roleplay users (5 style axes, one writer, the chosen answer in the user's
-    # style) and 4 shots, the largest task measured to learn within this budget (README)
+    # cpu: easier roleplay users (5 style axes, one writer, 2-4 traits, the chosen answer in
+    # the user's style) and 4 shots. SFT runs past ~900 steps, where the model learns to copy
+    # the question's subject; stage 2 anchors the preference loss with the chosen answer's
+    # NLL, without which greedy answers drift off-format (README)
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
-                batch_size=8, grad_accum=1, sft_steps=600, pref_steps=1600, warmup=50,
+                batch_size=8, grad_accum=1, sft_steps=1500, pref_steps=800, nll=10.0, warmup=50,
                 lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
-                synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1",
+                synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1 "
+                      "--traits 2,3,4",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, pref_steps=1500, warmup=150,
@@ -86,6 +89,9 @@ def get_args(argv=None):
     a("--loss", choices=["ipo", "dpo"], default="ipo")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
+    a("--nll", type=float, default=None,
+      help="stage 2: add this weight times the chosen completion's token-mean NLL to the "
+           "preference loss (RPO's anchor; 0 = the paper's pure IPO/DPO)")
     a("--beta", type=float, default=0.1,
       help="IPO target margin is 1/(2 beta) nats of summed log-prob (paper: 0.01 at 3B)")
     a("--steps", type=int, default=None, help="optimizer steps (default: preset's)")
@@ -129,6 +135,7 @@ def get_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -137,16 +144,21 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------
 # The preference loss: one pure function of four summed log-prob tensors.
 
-def preference_loss(pi_w, pi_l, ref_w, ref_l, beta, loss_type="ipo"):
+def preference_loss(pi_w, pi_l, ref_w, ref_l, beta, loss_type="ipo", nll=0.0, n_w=None):
     """Per-episode losses and detached implicit rewards beta * log(pi / pi_ref).
 
     h is the log-ratio margin [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)].
-    IPO regresses h onto 1/(2 beta); DPO maximises log sigmoid(beta h)."""
+    IPO regresses h onto 1/(2 beta); DPO maximises log sigmoid(beta h). nll > 0 adds
+    nll * (-pi_w / n_w), the chosen completion's token-mean NLL (n_w tokens), as RPO does:
+    the margin alone can be met by pushing both answers down, and then greedy decoding
+    writes what neither answer contains."""
     h = (pi_w - ref_w) - (pi_l - ref_l)
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         losses = -F.logsigmoid(beta * h)
+    if nll:
+        losses = losses + nll * (-pi_w / n_w)
     return losses, beta * (pi_w - ref_w).detach(), beta * (pi_l - ref_l).detach()
 
 
@@ -379,6 +391,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     if args.resume and has_checkpoint(args.out):
         tensors, saved = load_checkpoint(ckpt_dir(args.out))
         check_tokenizer(saved, tok, tok_path, args.out)
+        check_recipe(saved["args"], args, args.out)
         load_weights(model, tensors)
         names = dict(model.named_parameters())
         for k, v in tensors.items():
@@ -409,7 +422,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
 
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{method}",
                disable=not master or args.no_progress, dynamic_ncols=True)
-    last = {}
+    last, last_acc = {}, float("nan")  # last_acc: the latest held-out pair accuracy, for the bar
     for step in bar:
         lr = get_lr(step, args)
         for g in opt.param_groups:
@@ -426,7 +439,9 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
                     if pref:
                         with torch.no_grad():
                             rw, rl = batch_logps(ref_scorer, b)
-                        losses, rew_w, rew_l = preference_loss(pw, pl, rw, rl, args.beta, args.loss)
+                        n_w = ((b["seg"] == 1) & (b["targets"] != -1)).sum(-1)  # (B,) chosen tokens
+                        losses, rew_w, rew_l = preference_loss(pw, pl, rw, rl, args.beta, args.loss,
+                                                               args.nll, n_w)
                         loss = losses.mean()
                         parts = {"rewards/chosen": rew_w.mean(), "rewards/rejected": rew_l.mean(),
                                  "rewards/accuracies": (rew_w > rew_l).float().mean(),
@@ -452,10 +467,10 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
             model.eval()
             row.update(heldout_metrics(LogProbs(model), ref_scorer, eval_batches, args, ctx))
             model.train()
+        last_acc = row.get("eval/pair_accuracy", last_acc)
         if (step + 1) % args.log_every == 0 or "eval/pair_accuracy" in row:
             log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}",
-                            acc=f"{row.get('eval/pair_accuracy', float('nan')):.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{last_acc:.2f}")  # latest eval's
         last = row
         done = step + 1 == args.steps
         if master and ((step + 1) % args.ckpt_every == 0 or done):
@@ -476,23 +491,41 @@ def stage_steps(method, args):
     return {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4}.get(method, args.pref_steps)
 
 
-def stage_done(path):
+# the flags that decide what a stage learns: a checkpoint made with other values is stale
+RECIPE = ("method", "init", "shots", "steps", "lr", "loss", "beta", "nll", "context_loss", "batch_size",
+          "grad_accum", "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head",
+          "n_embd", "block_size", "seed")
+
+
+def check_recipe(saved_args, args, where):
+    """Refuse to resume or reuse a checkpoint trained with another recipe (say, an older
+    preset's step count): its results would be reported under the new flags."""
+    diff = [f"{k}: {saved_args.get(k)!r} there, {getattr(args, k, None)!r} now" for k in RECIPE
+            if saved_args.get(k) != getattr(args, k, None)]
+    if diff:
+        raise ValueError(f"{where} was trained with other settings ({'; '.join(diff)}); "
+                         f"delete it or pick another --out")
+
+
+def stage_done(path, args):
     try:
         with open(os.path.join(ckpt_dir(path), "config.json")) as f:
-            return json.load(f).get("done", False)
+            meta = json.load(f)
     except (OSError, ValueError):
         return False
+    check_recipe(meta["args"], args, path)
+    return meta.get("done", False)
 
 
 def run_stage(args, tok, tok_path, method, out, prefs, users, init=None, ref=None, **over):
-    if stage_done(out):
-        print(f"[skip] {out} exists")
-        return
     a = copy.copy(args)
     a.method, a.out, a.init, a.ref = method, out, init, ref
-    a.resume = has_checkpoint(out)
     for k, v in over.items():
         setattr(a, k, v)
+    if stage_done(out, a):
+        print(f"[skip] {out} exists")
+        return
+    a.resume = has_checkpoint(out)
     t0 = time.time()
     final = train(a, tok, tok_path, prefs, users)
     print(f"[{method}] {time.time() - t0:.0f}s held-out pair accuracy "
@@ -523,13 +556,27 @@ def main_job(args):
     data_dir = args.data or os.path.join(out, "data")
     domains = args.domains.split(",")
     t0 = time.time()
-    # stats.json is the generator's last write: a domain without it is incomplete
-    missing = [d for d in domains if not os.path.exists(os.path.join(data_dir, d, "stats.json"))]
-    if missing:
-        print(f"[data] generating {','.join(missing)} ({args.scale} scale) into {data_dir}")
-        for d in missing:
-            synth.main(["--domain", d, "--out", data_dir, "--scale", args.scale,
-                        "--seed", str(args.seed), *(args.synth or "").split()])
+    # stats.json is the generator's last write: a domain without it is incomplete; one made
+    # with other generator settings (say, an older preset's) is refused, not reused
+    missing = []
+    for d in domains:
+        argv = ["--domain", d, "--out", data_dir, "--scale", args.scale, "--seed", str(args.seed),
+                *(args.synth or "").split()]
+        stats_path = os.path.join(data_dir, d, "stats.json")
+        if not os.path.exists(stats_path):
+            missing.append(argv)
+            continue
+        with open(stats_path) as f:
+            stats = json.load(f)
+        want = {**synth.recipe(synth.parse_args(argv), d), "seed": args.seed}
+        have = {**stats.get("config", {}), "seed": stats.get("seed")}
+        diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
+        if diff:
+            raise SystemExit(f"{stats_path}: the data was generated with other settings "
+                             f"({'; '.join(diff)}); delete {os.path.dirname(stats_path)} to regenerate it")
+    for argv in missing:
+        print(f"[data] generating {argv[1]} ({args.scale} scale) into {data_dir}")
+        synth.main(argv)
     tok_path = os.path.join(out, "tokenizer.txt")
     if not os.path.exists(tok_path):
         train_tokenizer([os.path.join(data_dir, d) for d in domains], args.vocab_size, tok_path)

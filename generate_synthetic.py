@@ -182,7 +182,9 @@ class Roleplay(Writer, judge.Roleplay):
                 "description": f"{rng.choice(NAMES)} is a {rng.randint(18, 75)}-year-old "
                                f"{rng.choice(RP_JOBS)} who enjoys {rng.choice(RP_HOBBIES)}."}
         axes = self.trait_axes()
-        for axis in rng.sample(axes, min(len(axes), rng.choices((1, 2, 3), weights=(35, 40, 25))[0])):
+        # --traits: how many traits a persona starts with (default 1-3, mostly 2)
+        k = rng.choice(_CFG.traits) if getattr(_CFG, "traits", None) else rng.choices((1, 2, 3), weights=(35, 40, 25))[0]
+        for axis in rng.sample(axes, min(len(axes), k)):
             self.add_trait(user, axis, -1 if rng.random() < self.skew.get(axis, 0.5) else 1, rng)
         return user
 
@@ -558,9 +560,7 @@ def generate(name, cfg, out_dir):
         groups.setdefault(key, {"train": 0, "test": 0})[job[2]] += 1
     stats = {
         "domain": name, "seed": cfg.seed,
-        "config": {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes",
-                                                  "max_traits", "pair_axes", "pair_mode")}
-                  | {"users": n_users, "pairs_per_user": n_pairs},
+        "config": recipe(cfg, name),
         "users": {s: sum(j[2] == s for j in jobs) for s in ("train", "test")}, "groups": groups,
         "questions": {s: len(v) for s, v in cfg.pools[name].items()},
         "rows": rows_split, "rows_total": sum(per_user),
@@ -586,7 +586,14 @@ def generate(name, cfg, out_dir):
     return stats
 
 
-def main(argv=None):
+def recipe(cfg, name):
+    """The settings that decide a domain's data (stats.json "config"; the main job compares them)."""
+    return {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes",
+                                         "max_traits", "pair_axes", "pair_mode", "traits")} \
+        | {"users": cfg.sizes[name][0], "pairs_per_user": cfg.sizes[name][1]}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Synthetic FSPO users, preferences and judge.")
     p.add_argument("--domain", default="all", choices=("roleplay", "elix", "reviews", "all"))
     p.add_argument("--out", required=True, help="output folder; writes <out>/<domain>/{users,prefs}.jsonl, stats.json")
@@ -604,6 +611,9 @@ def main(argv=None):
                    help="roleplay: comma list of the style axes personas care about and pairs differ on "
                         f"(default all: {','.join(judge.Roleplay.axes)})")
     p.add_argument("--max-traits", type=int, default=4, help="roleplay: traits a persona may end with")
+    p.add_argument("--traits", type=lambda v: [int(k) for k in v.split(",")], default=None,
+                   help="roleplay: initial traits per persona, drawn from this list (default 1-3, mostly 2); "
+                        "a persona with one trait agrees with half of all answers on everything it cares about")
     p.add_argument("--pair-axes", type=lambda v: [int(k) for k in v.split(",")], default=[2, 2, 3, 3, 4],
                    help="roleplay: how many axes the two answers of a pair differ on, drawn from this list")
     p.add_argument("--pair-mode", choices=("random", "taste"), default="random",
@@ -620,6 +630,8 @@ def main(argv=None):
         p.error("--temperature must be a positive number")
     if cfg.axes and (set(cfg.axes) - set(judge.Roleplay.axes) or len(cfg.axes) < 2):
         p.error(f"--axes takes two or more of {','.join(judge.Roleplay.axes)}")
+    if cfg.traits and not all(1 <= k <= len(judge.Roleplay.axes) for k in cfg.traits):
+        p.error(f"--traits takes counts between 1 and {len(judge.Roleplay.axes)}")
     if not 1 <= cfg.max_traits <= len(judge.Roleplay.axes) or min(cfg.pair_axes) < 1:
         p.error("--max-traits and --pair-axes must be positive (max traits at most the axes)")
     if cfg.workers < 1:
@@ -632,6 +644,13 @@ def main(argv=None):
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         p.error(f"--out {cfg.out}: {e.strerror}")
+    cfg.names = names
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    names = cfg.names
     cfg.pools = {}
     for name in names:
         t0 = time.time()

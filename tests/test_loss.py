@@ -32,3 +32,16 @@ def test_hand_computed_values_and_gradients():
     assert pi_l.grad.item() == pytest.approx(-2 * (1.5 - 5.0))
     dpo, _, _ = preference_loss(pi_w.detach(), pi_l.detach(), ref_w, ref_l, beta, "dpo")
     assert dpo.item() == pytest.approx(math.log(1 + math.exp(-0.15)))
+
+
+def test_nll_anchor_adds_the_chosen_token_mean_nll():
+    """IPO + 2 x NLL: h = 1.5 as above; chosen has 4 tokens summing to -10 nats, so the
+    anchor adds 2 * 10 / 4 = 5 and pulls log pi(y_w) up by 2/4 per unit of loss."""
+    pi_w = torch.tensor([-10.0], requires_grad=True)
+    pi_l = torch.tensor([-12.0], requires_grad=True)
+    ref_w, ref_l = torch.tensor([-11.0]), torch.tensor([-11.5])
+    loss, _, _ = preference_loss(pi_w, pi_l, ref_w, ref_l, 0.1, "ipo", nll=2.0, n_w=torch.tensor([4]))
+    assert loss.item() == pytest.approx((1.5 - 5.0) ** 2 + 5.0)
+    loss.sum().backward()
+    assert pi_w.grad.item() == pytest.approx(2 * (1.5 - 5.0) - 0.5)
+    assert pi_l.grad.item() == pytest.approx(-2 * (1.5 - 5.0))

@@ -35,3 +35,9 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
     # stages are cached: a second run skips training and evaluates again
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("[skip]") == 3, r.stdout
+    # a cached stage or dataset made with other settings is refused with the path and the
+    # setting named, never reused under the new flags
+    r = subprocess.run(cmd + ["--pref-steps", "21"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "roleplay-2shot/fspo" in r.stderr and "steps: 20 there, 21 now" in r.stderr
+    r = subprocess.run(cmd + ["--synth", "--writers 2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "stats.json" in r.stderr and "writers: 3 there, 2 now" in r.stderr

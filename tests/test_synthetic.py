@@ -254,3 +254,10 @@ def test_taste_pairs_show_the_users_style_in_the_chosen_answer(tmp_path):
     assert match / len(rows) >= 0.9
     assert {len(u["traits"]) for u in users.values()} <= {1, 2, 3}
     assert stats(out, "roleplay")["traits_added"] == 0
+
+
+def test_traits_flag_sets_how_many_traits_a_persona_starts_with(tmp_path):
+    out = run(tmp_path, "--pair-mode", "taste", "--traits", "3,4", domain="roleplay")
+    counts = [len(u["traits"]) for u in gs.load_users(os.path.join(out, "roleplay")).values()]
+    assert set(counts) == {3, 4}
+    assert stats(out, "roleplay")["config"]["traits"] == [3, 4]
