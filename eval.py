@@ -133,18 +133,21 @@ def pair_accuracy(policy, ref, tok, test_rows, shots, args, device, max_shots):
 
 def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
     """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
-    models, anchors = {}, {}
+    models, anchors, sft_shots = {}, {}, None
     for m, path in ckpts.items():
         model, meta, _ = fspo.load_gpt(path, device)
         fspo.check_tokenizer(meta, tok, tok_path, path)
         models[m] = model
         if meta["args"].get("nll"):  # the table names a preference loss with an NLL anchor
             anchors[m] = meta["args"]["nll"]
+        if m == "sft":
+            sft_shots = meta["args"].get("shots")
     rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]
     if not rows:
         raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
     test_rows = data.by_user(rows)
-    res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors}
+    res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
+           "sft_shots": sft_shots}
 
     # the meta-learning curve: implicit-reward accuracy as shots grow
     ref = models["sft"]
@@ -249,8 +252,10 @@ def format_tables(results):
                 lines.append(f"| {label(m)} | " +
                              " | ".join(f"{100 * acc[k]:.1f}" for k in ks) + " |")
             if max(ks) > n:  # learned positions past the trained episodes' lengths are untrained
-                lines.append(f"\nTrained with {n} shots: the columns past {n} shots are longer "
-                             f"contexts than any training episode.")
+                seen = max(n, r.get("sft_shots") or 0)
+                lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
+                    f": the columns past {seen} shots are longer contexts than any training "
+                    f"episode." if max(ks) > seen else "."))
     return "\n".join(lines)
 
 

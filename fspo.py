@@ -50,7 +50,8 @@ PRESETS = {
     # cpu: easier roleplay users (5 style axes, one writer, 2-4 traits, the chosen answer in
     # the user's style) and 4 shots. SFT runs past ~900 steps, where the model learns to copy
     # the question's subject; stage 2 anchors the preference loss with the chosen answer's
-    # NLL, without which greedy answers drift off-format (README)
+    # NLL, without which greedy answers drift off-format. --sft-shots 8 keeps the curve's
+    # 8-shot column in range but takes 19m45s here, too close to the 20-minute budget (README)
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
                 batch_size=8, grad_accum=1, sft_steps=1500, pref_steps=800, nll=10.0, warmup=50,
                 lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
@@ -115,6 +116,9 @@ def get_args(argv=None):
     a("--compile", action="store_true", default=None, help="torch.compile the model")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
+    a("--sft-shots", type=int, default=None,
+      help="main job: the SFT stage's episodes hold 0..this many shots (default N), so the "
+           "base model's learned positions also cover longer contexts than stage 2 uses")
     a("--pref-lr", type=float, default=None, help="main job: peak lr of stage-2 methods")
     a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train")
@@ -492,15 +496,17 @@ def stage_steps(method, args):
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
-RECIPE = ("method", "init", "shots", "steps", "lr", "loss", "beta", "nll", "context_loss", "batch_size",
-          "grad_accum", "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head",
-          "n_embd", "block_size", "seed")
+RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
+          "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
+          "block_size", "seed")
+PREF_RECIPE = ("loss", "beta", "nll")  # only the preference stages read these
 
 
 def check_recipe(saved_args, args, where):
     """Refuse to resume or reuse a checkpoint trained with another recipe (say, an older
     preset's step count): its results would be reported under the new flags."""
-    diff = [f"{k}: {saved_args.get(k)!r} there, {getattr(args, k, None)!r} now" for k in RECIPE
+    keys = RECIPE + (PREF_RECIPE if saved_args.get("method") in PREF_METHODS else ())
+    diff = [f"{k}: {saved_args.get(k)!r} there, {getattr(args, k, None)!r} now" for k in keys
             if saved_args.get(k) != getattr(args, k, None)]
     if diff:
         raise ValueError(f"{where} was trained with other settings ({'; '.join(diff)}); "
@@ -589,7 +595,7 @@ def main_job(args):
         for n in [args.shots] if args.shots else SHOTS[d]:
             base = os.path.join(out, f"{d}-{n}shot")
             sft = os.path.join(base, "sft")
-            run_stage(args, tok, tok_path, "sft", sft, prefs, users, shots=n,
+            run_stage(args, tok, tok_path, "sft", sft, prefs, users, shots=args.sft_shots or n,
                       steps=stage_steps("sft", args))
             ckpts = {"sft": sft}
             for m in methods:
