@@ -502,12 +502,16 @@ RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size"
 PREF_RECIPE = ("loss", "beta", "nll")  # only the preference stages read these
 
 
+def changed_settings(saved, now):
+    """["key: old there, new now", ...] for every key of `now` whose value `saved` does not share."""
+    return [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in now.items() if saved.get(k) != v]
+
+
 def check_recipe(saved_args, args, where):
     """Refuse to resume or reuse a checkpoint trained with another recipe (say, an older
     preset's step count): its results would be reported under the new flags."""
     keys = RECIPE + (PREF_RECIPE if saved_args.get("method") in PREF_METHODS else ())
-    diff = [f"{k}: {saved_args.get(k)!r} there, {getattr(args, k, None)!r} now" for k in keys
-            if saved_args.get(k) != getattr(args, k, None)]
+    diff = changed_settings(saved_args, {k: getattr(args, k, None) for k in keys})
     if diff:
         raise ValueError(f"{where} was trained with other settings ({'; '.join(diff)}); "
                          f"delete it or pick another --out")
@@ -556,14 +560,10 @@ def train_tokenizer(dirs, vocab_size, path):
     print(f"[tokenizer] {tok.n_vocab} tokens from {len(prefs)} rows in {time.time() - t0:.1f}s")
 
 
-def main_job(args):
-    import eval as evaluation  # the evaluation lives in eval.py; imported late, it imports us
-    out = args.out or os.path.join("runs", args.preset)
-    data_dir = args.data or os.path.join(out, "data")
-    domains = args.domains.split(",")
-    t0 = time.time()
-    # stats.json is the generator's last write: a domain without it is incomplete; one made
-    # with other generator settings (say, an older preset's) is refused, not reused
+def ensure_data(args, data_dir, domains):
+    """Generate each domain the main job needs unless it is there. stats.json is the
+    generator's last write: a domain without it is incomplete; one made with other generator
+    settings (say, an older preset's) is refused, not reused."""
     missing = []
     for d in domains:
         argv = ["--domain", d, "--out", data_dir, "--scale", args.scale, "--seed", str(args.seed),
@@ -574,15 +574,23 @@ def main_job(args):
             continue
         with open(stats_path) as f:
             stats = json.load(f)
-        want = {**synth.recipe(synth.parse_args(argv), d), "seed": args.seed}
-        have = {**stats.get("config", {}), "seed": stats.get("seed")}
-        diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
+        diff = changed_settings({**stats.get("config", {}), "seed": stats.get("seed")},
+                                {**synth.recipe(synth.parse_args(argv), d), "seed": args.seed})
         if diff:
             raise SystemExit(f"{stats_path}: the data was generated with other settings "
                              f"({'; '.join(diff)}); delete {os.path.dirname(stats_path)} to regenerate it")
     for argv in missing:
         print(f"[data] generating {argv[1]} ({args.scale} scale) into {data_dir}")
         synth.main(argv)
+
+
+def main_job(args):
+    import eval as evaluation  # the evaluation lives in eval.py; imported late, it imports us
+    out = args.out or os.path.join("runs", args.preset)
+    data_dir = args.data or os.path.join(out, "data")
+    domains = args.domains.split(",")
+    t0 = time.time()
+    ensure_data(args, data_dir, domains)
     tok_path = os.path.join(out, "tokenizer.txt")
     if not os.path.exists(tok_path):
         train_tokenizer([os.path.join(data_dir, d) for d in domains], args.vocab_size, tok_path)

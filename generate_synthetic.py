@@ -183,7 +183,7 @@ class Roleplay(Writer, judge.Roleplay):
                                f"{rng.choice(RP_JOBS)} who enjoys {rng.choice(RP_HOBBIES)}."}
         axes = self.trait_axes()
         # --traits: how many traits a persona starts with (default 1-3, mostly 2)
-        k = rng.choice(_CFG.traits) if getattr(_CFG, "traits", None) else rng.choices((1, 2, 3), weights=(35, 40, 25))[0]
+        k = rng.choice(_CFG.traits) if _CFG.traits else rng.choices((1, 2, 3), weights=(35, 40, 25))[0]
         for axis in rng.sample(axes, min(len(axes), k)):
             self.add_trait(user, axis, -1 if rng.random() < self.skew.get(axis, 0.5) else 1, rng)
         return user
