@@ -251,7 +251,7 @@ def format_tables(results):
             for m, acc in r["pair_accuracy"].items():
                 lines.append(f"| {label(m)} | " +
                              " | ".join(f"{100 * acc[k]:.1f}" for k in ks) + " |")
-            if max(ks) > n:  # learned positions past the trained episodes' lengths are untrained
+            if max(ks) > n:  # name the longest contexts each stage was trained on
                 seen = max(n, r.get("sft_shots") or 0)
                 lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
                     f": the columns past {seen} shots are longer contexts than any training "

@@ -48,13 +48,14 @@ PRESETS = {
                  lr=3e-3, pref_lr=1e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
                  domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
     # cpu: easier roleplay users (5 style axes, one writer, 2-4 traits, the chosen answer in
-    # the user's style) and 4 shots. SFT runs past ~900 steps, where the model learns to copy
-    # the question's subject; stage 2 anchors the preference loss with the chosen answer's
-    # NLL, without which greedy answers drift off-format. --sft-shots 8 keeps the curve's
-    # 8-shot column in range but takes 19m45s here, too close to the 20-minute budget (README)
+    # the user's style) and 4 shots. SFT sees 0-8 shots, so the pair-accuracy curve's 8-shot
+    # column is a context length it has trained on, and runs past ~400 steps, where the model
+    # learns to copy the question's subject. Stage 2 anchors the preference loss with the
+    # chosen answer's NLL, without which greedy answers drift off-format (README)
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
-                batch_size=8, grad_accum=1, sft_steps=1500, pref_steps=800, nll=10.0, warmup=50,
-                lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128, scale="default",
+                batch_size=8, grad_accum=1, sft_steps=700, sft_shots=8, pref_steps=800, nll=10.0,
+                warmup=50, lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128,
+                scale="default",
                 synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1 "
                       "--traits 2,3,4",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
@@ -118,7 +119,7 @@ def get_args(argv=None):
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
     a("--sft-shots", type=int, default=None,
       help="main job: the SFT stage's episodes hold 0..this many shots (default N), so the "
-           "base model's learned positions also cover longer contexts than stage 2 uses")
+           "base model has also read contexts longer than stage 2 uses")
     a("--pref-lr", type=float, default=None, help="main job: peak lr of stage-2 methods")
     a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence: the number of learned positions
+    block_size: int = 1024  # longest sequence (positions the rotary tables cover)
     vocab_size: int = 4096
     n_layer: int = 4
     n_head: int = 4
@@ -50,6 +50,23 @@ class KVCache:
         return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
 
 
+def rotary_tables(n_pos, head_size, base=10000.0):
+    # -> cos, sin (n_pos, head_size/2): angle pos * base^(-2i/head_size) for pair i
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angle = torch.arange(n_pos, dtype=torch.float32)[:, None] * inv_freq  # (n_pos, hs/2)
+    return angle.cos(), angle.sin()
+
+
+def rotate(x, cos, sin):
+    # Rotary position embedding (RoFormer, Su et al. 2021): rotate each pair (x_i, x_{i+hs/2})
+    # by its position's angle. A query at m and a key at n then score q.k through angles of
+    # m - n alone, so attention sees only relative offsets: shifting every position by the
+    # same amount changes nothing, and no position has a parameter that training may miss.
+    # x (B, nh, T, hs); cos, sin (B or 1, 1, T, hs/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
@@ -60,10 +77,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, cache=None):
+    def forward(self, x, rope, mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = rotate(q, *rope), rotate(k, *rope)  # the cache keeps keys already rotated
         if cache is not None:  # generation always passes a mask: the queries are the last T keys
             k, v = cache.update(self.layer, k, v)  # (B, nh, t+T, hs)
         # mask (B, 1, T, t+T) bool, True = may attend. Without one, plain causal attention
@@ -96,8 +114,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x, rope, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -107,12 +125,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # tied: one matrix embeds tokens and scores them
+        # computed, not learned, so kept out of the state dict and the checkpoints
+        cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: the residual projections are scaled down so the residual stream's variance
         # does not grow with depth (each block adds two of them)
@@ -131,15 +152,17 @@ class GPT(nn.Module):
         if pos is None:
             assert idx.size(1) <= self.config.block_size, "sequence longer than block_size"
             pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.drop(self.wte(idx))  # (B, T, C)
+        dev = x.device.type  # the dtype attention runs in: q and k are rotated in it
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        pos = pos if pos.dim() == 2 else pos[None]  # (B or 1, T)
+        rope = (self.cos[pos][:, None].to(dt), self.sin[pos][:, None].to(dt))  # (B|1, 1, T, hs/2)
         if mask is not None and mask.dtype == torch.bool:
             # SDPA would convert a bool mask to an additive one in every layer (and autograd
-            # would keep each copy): convert once, in the dtype the attention runs in
-            dev = x.device.type
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            # would keep each copy): convert once
             mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, -math.inf)
         for block in self.blocks:
-            x = block(x, mask, cache)
+            x = block(x, rope, mask, cache)
         if cache is not None:
             cache.t += idx.size(1)
         return self.ln_f(x)
@@ -161,17 +184,16 @@ class GPT(nn.Module):
         lp = -F.cross_entropy(logits, targets[keep], reduction="none")  # (N,) float32 log-softmax
         return torch.zeros(targets.shape, device=x.device).masked_scatter(keep, lp)
 
-    def num_params(self, non_embedding=False):
-        # parameters() yields the tied matrix once. The position table is the "embedding"
-        # left out of flop counts; the token table is also the lm_head, a real matmul.
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+    def num_params(self):
+        # parameters() yields the tied matrix once (buffers such as the rotary tables are not
+        # parameters). Every weight is a matmul: the token table is also the lm_head.
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, T):
         # forward + backward training flops per token at sequence length T (PaLM appendix B,
         # as in nanoGPT's MFU): 6 per weight, plus attention scores and their weighted sum
         cfg = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None,

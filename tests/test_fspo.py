@@ -174,7 +174,7 @@ def test_tiny_fspo_learns_held_out_users_from_context(tmp_path):
     accs = {}
     for m in ("fspo", "pooled"):
         r = run([*common, "--method", m, "--init", str(tmp_path / "sft"), "--out", str(tmp_path / m),
-                 "--steps", "100", "--lr", "1e-3", "--eval-every", "100"])
+                 "--steps", "200", "--lr", "1e-3", "--eval-every", "200"])
         assert r.returncode == 0, r.stderr
         accs[m] = final_row(tmp_path / m)["eval/pair_accuracy"]
     assert accs["fspo"] >= 0.85, accs

@@ -36,11 +36,24 @@ def tiny_model(seed=0, std=0.5, **overrides):
 
 # ---------------------------------------------------------------------------- attention
 
+def complex_rotate(x, pos, base=10000.0):
+    # rotary embedding as complex multiplication: pair (x_i, x_{i+hs/2}) is x_i + j x_{i+hs/2},
+    # turned by e^{j pos theta_i}, theta_i = base^(-2i/hs); x (..., T, hs), pos (T,)
+    hs = x.size(-1)
+    theta = torch.tensor([base ** (-2 * i / hs) for i in range(hs // 2)], dtype=torch.float64)
+    z = torch.complex(x[..., :hs // 2].double(), x[..., hs // 2:].double())
+    z = z * torch.polar(torch.ones(len(pos), hs // 2, dtype=torch.float64),
+                        pos.double()[:, None] * theta)  # (T, hs/2)
+    return torch.cat([z.real, z.imag], -1).to(x.dtype)
+
+
 def manual_attention(attn, x, mask):
-    # masked softmax attention written out; mask (B, 1, T, T) bool, True = may attend
+    # masked softmax attention written out, positions 0..T-1; mask (B, 1, T, T) bool,
+    # True = may attend
     B, T, C = x.shape
     hs = C // attn.n_head
     q, k, v = (t.view(B, T, attn.n_head, hs).transpose(1, 2) for t in attn.c_attn(x).split(C, 2))
+    q, k = complex_rotate(q, torch.arange(T)), complex_rotate(k, torch.arange(T))
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
     att = att.masked_fill(~mask, float("-inf")).softmax(-1)
     return attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
@@ -48,19 +61,42 @@ def manual_attention(attn, x, mask):
 
 @torch.no_grad()
 def test_sdpa_matches_manual_attention():
-    attn = tiny_model().blocks[0].attn
+    model = tiny_model()
+    attn = model.blocks[0].attn
     B, T = 3, 10
     x = torch.randn(B, T, 32)
+    rope = (model.cos[None, None, :T], model.sin[None, None, :T])  # positions 0..T-1
     causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
-    torch.testing.assert_close(attn(x), manual_attention(attn, x, causal), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, rope), manual_attention(attn, x, causal), atol=1e-5, rtol=1e-5)
     custom = torch.rand(B, 1, T, T) < 0.4
     custom |= torch.eye(T, dtype=torch.bool)  # every query keeps at least itself
-    torch.testing.assert_close(attn(x, custom), manual_attention(attn, x, custom),
+    torch.testing.assert_close(attn(x, rope, custom), manual_attention(attn, x, custom),
                                atol=1e-5, rtol=1e-5)
     only_self = torch.eye(T, dtype=torch.bool).expand(B, 1, T, T)
-    y = attn(x, only_self)
+    y = attn(x, rope, only_self)
     assert not y.isnan().any()
     torch.testing.assert_close(y, manual_attention(attn, x, only_self), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_rotary_matches_complex_rotation_and_sees_only_offsets():
+    x = torch.randn(2, 3, 7, 16)  # (B, nh, T, hs)
+    pos = torch.tensor([0, 1, 2, 5, 40, 63, 9])
+    cos, sin = M.rotary_tables(64, 16)
+    torch.testing.assert_close(M.rotate(x, cos[pos], sin[pos]), complex_rotate(x, pos),
+                               atol=1e-5, rtol=1e-5)
+    # q at m and k at n score the same as q at m+s and k at n+s
+    q, k = torch.randn(2, 16), torch.randn(2, 16)
+    m, n, s = torch.tensor([9, 4]), torch.tensor([3, 4]), 30
+    score = (M.rotate(q, cos[m], sin[m]) * M.rotate(k, cos[n], sin[n])).sum(-1)
+    shifted = (M.rotate(q, cos[m + s], sin[m + s]) * M.rotate(k, cos[n + s], sin[n + s])).sum(-1)
+    torch.testing.assert_close(score, shifted, atol=1e-5, rtol=1e-5)
+    # so a whole model's output does not move when every position moves by the same amount
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 12))
+    torch.testing.assert_close(model(idx, pos=torch.arange(12) + 37)[0], model(idx)[0],
+                               atol=1e-4, rtol=1e-5)
+    assert not any("cos" in k or "sin" in k for k in M.model_tensors(model))  # not saved
 
 
 @torch.no_grad()
@@ -130,12 +166,12 @@ def test_init_loss_near_uniform_and_scaled_init():
 
 def test_param_count_and_flops_by_hand():
     cfg = GPTConfig(block_size=64, vocab_size=50, n_layer=3, n_head=2, n_embd=32)
-    V, T, L, C = 50, 64, 3, 32
+    V, L, C = 50, 3, 32
     model = GPT(cfg)
     per_layer = 3 * C * C + C * C + 2 * 4 * C * C + 2 * C  # qkv, proj, mlp, two LN weights
-    n = V * C + T * C + L * per_layer + C  # tied wte/lm_head counted once, final LN
+    n = V * C + L * per_layer + C  # tied wte/lm_head counted once, final LN; rotary has none
     assert model.num_params() == n
-    assert model.flops_per_token(16) == 6 * (n - T * C) + 12 * L * C * 16
+    assert model.flops_per_token(16) == 6 * n + 12 * L * C * 16
 
 
 # ---------------------------------------------------------------------------- generation
