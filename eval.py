@@ -113,19 +113,21 @@ def generate(model, tok, prompts, max_new_tokens, batch_size):
 
 @torch.no_grad()
 def pair_accuracy(policy, ref, tok, test_rows, shots, args, device, max_shots):
-    """Fraction of held-out pairs whose implicit reward log(pi/ref) ranks chosen first."""
+    """-> (fraction of held-out pairs whose implicit reward log(pi/ref) ranks chosen first,
+    number of pairs): the first args.curve_episodes episodes of the held-out stream, 0 = all."""
     stream = fspo.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
                                 policy.config.block_size, args.seed + 17, which="both",
                                 use_shots=shots)
     pol, rf = fspo.LogProbs(policy.eval()), fspo.LogProbs(ref.eval())
     hits = n = 0
-    for i in range(min(stream.per_epoch, max(1, args.eval_episodes // args.batch_size))):
+    n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
+    for i in range(min(stream.per_epoch, n_batches)):
         b = fspo.to_device(stream.batch(i), device)
         pw, pl = fspo.batch_logps(pol, b)
         rw, rl = fspo.batch_logps(rf, b)
         hits += ((pw - rw) > (pl - rl)).sum().item()
         n += len(pw)
-    return hits / max(n, 1)
+    return hits / max(n, 1), n
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,8 +159,10 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
         raise ValueError(f"{prefs_path}: too few held-out rows per user for pair accuracy")
     curve = [k for k in SHOT_CURVE if k <= max_shots]
     for m in [m for m in ("fspo", "pooled") if m in models]:
-        res["pair_accuracy"][m] = {k: pair_accuracy(models[m], ref, tok, test_rows, k, args, device,
-                                                    max_shots) for k in curve}
+        for k in curve:
+            acc, res["curve_pairs"] = pair_accuracy(models[m], ref, tok, test_rows, k, args, device,
+                                                    max_shots)
+            res["pair_accuracy"].setdefault(m, {})[k] = acc
     if domain == "elix":  # the paper's easy / hard split is a property of the query PAIR
         for d in ("easy", "hard"):
             rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
@@ -166,7 +170,7 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
             for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
                 if rows_d:
                     res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
-                        pair_accuracy(models[m], ref, tok, rows_d, n_shots, args, device, n_shots)
+                        pair_accuracy(models[m], ref, tok, rows_d, n_shots, args, device, n_shots)[0]
     users = synth.load_users(users_path) if users_path and os.path.exists(users_path) else None
     if users is None:
         return res
@@ -251,6 +255,9 @@ def format_tables(results):
             for m, acc in r["pair_accuracy"].items():
                 lines.append(f"| {label(m)} | " +
                              " | ".join(f"{100 * acc[k]:.1f}" for k in ks) + " |")
+            if r.get("curve_pairs"):
+                lines.append(f"\nn = {r['curve_pairs']} held-out pairs per figure, the same queries "
+                             "at every shot count.")
             if max(ks) > n:  # name the longest contexts each stage was trained on
                 seen = max(n, r.get("sft_shots") or 0)
                 lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
@@ -295,7 +302,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="where report.md and metrics.json go")
     p.add_argument("--eval-users", type=int, default=150)
     p.add_argument("--eval-questions", type=int, default=2)
-    p.add_argument("--eval-episodes", type=int, default=256)
+    p.add_argument("--curve-episodes", type=int, default=0,
+                   help="held-out episodes per pair-accuracy figure (0 = all)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=96)

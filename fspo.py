@@ -45,7 +45,8 @@ from model import GPT, GPTConfig, load_checkpoint, model_tensors, save_checkpoin
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1024, block_size=1024, shots=2,
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
-                 lr=3e-3, pref_lr=1e-3, eval_every=10, ckpt_every=10, eval_episodes=16, scale="tiny",
+                 lr=3e-3, pref_lr=1e-3, eval_every=10, ckpt_every=10, eval_episodes=16,
+                 curve_episodes=16, scale="tiny",
                  domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
     # cpu: easier roleplay users (5 style axes, one writer, 2-4 traits, the chosen answer in
     # the user's style) and 4 shots. SFT sees 0-8 shots, so the pair-accuracy curve's 8-shot
@@ -55,13 +56,14 @@ PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
                 batch_size=8, grad_accum=1, sft_steps=700, sft_shots=8, pref_steps=800, nll=10.0,
                 warmup=50, lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128,
-                scale="default",
+                curve_episodes=0, scale="default",
                 synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1 "
                       "--traits 2,3,4",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, pref_steps=1500, warmup=150,
-                lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500, eval_episodes=512, scale="default",
+                lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500, eval_episodes=512,
+                curve_episodes=0, scale="default",
                 domains="roleplay,elix,reviews", compile=True,
                 methods="fspo,fspo-dpo,pooled,pref-ft,cot-sft,cot,oracle",
                 eval_users=300, eval_questions=4),
@@ -111,6 +113,8 @@ def get_args(argv=None):
     a("--block-size", type=int, default=None, help="max tokens of a packed episode")
     a("--eval-every", type=int, default=None)
     a("--eval-episodes", type=int, default=None, help="held-out episodes per evaluation")
+    a("--curve-episodes", type=int, default=None,
+      help="main job: held-out episodes per pair-accuracy figure of the report (0 = all)")
     a("--ckpt-every", type=int, default=None)
     a("--log-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from the checkpoint in --out")

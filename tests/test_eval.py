@@ -1,5 +1,6 @@
 """Evaluation statistics against hand-built cases: python -m pytest -q tests/test_eval.py"""
 import math
+import random
 
 import pytest
 
@@ -31,3 +32,43 @@ def test_all_ties_is_half_and_interval_clipped():
     assert evaluation.win_rate([1.0] * 4, [1.0] * 4)[:3] == (0.5, 0.5, 0.5)
     rate, lo, hi, _ = evaluation.win_rate([2.0] * 3, [1.0] * 3)
     assert (rate, lo, hi) == (1.0, 1.0, 1.0)
+
+
+def test_pair_accuracy_counts_against_brute_force():
+    """Pair accuracy over the held-out stream equals a loop that scores each pair's chosen
+    and rejected answers as two plain sequences; curve_episodes picks how many pairs."""
+    from argparse import Namespace
+
+    import torch
+
+    import fspo
+    from data import Pref, Tokenizer, by_user
+    from model import GPT, GPTConfig
+
+    tok = Tokenizer({bytes([i]): i for i in range(256)})  # one token per byte
+    rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test")
+            for u in range(12) for i in range(3)]
+    torch.manual_seed(0)
+    policy, ref = (GPT(GPTConfig(block_size=256, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+                                 n_embd=16)).eval() for _ in range(2))
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0)
+    acc, n = evaluation.pair_accuracy(policy, ref, tok, by_user(rows), 1, args, "cpu", 2)
+    stream = fspo.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17, which="both",
+                                use_shots=1)
+    assert n == stream.per_epoch * 2 == 12  # 12 users x 1 episode of 2 shots + a query
+
+    def logp(model, ctx, y):  # summed log p(y | ctx), the sequence run alone, no packing
+        with torch.no_grad():
+            lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)  # (T, V)
+        return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
+
+    stream.batch(0)  # draws the epoch's episodes
+    hits = 0
+    for shots, query in stream.episodes[:n]:
+        e = stream.encode(shots, query, random.Random(0))  # 1 shot: no randomness used
+        h_w = logp(policy, e.ctx, e.chosen) - logp(ref, e.ctx, e.chosen)
+        h_l = logp(policy, e.ctx, e.rejected) - logp(ref, e.ctx, e.rejected)
+        hits += h_w > h_l
+    assert acc == hits / n and 0 < hits < n  # a mix, so a flipped sign would show
+    args.curve_episodes = 3  # rounded up to whole batches
+    assert evaluation.pair_accuracy(policy, ref, tok, by_user(rows), 1, args, "cpu", 2)[1] == 4
