@@ -140,8 +140,8 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
         model, meta, _ = fspo.load_gpt(path, device)
         fspo.check_tokenizer(meta, tok, tok_path, path)
         models[m] = model
-        if meta["args"].get("nll"):  # the table names a preference loss with an NLL anchor
-            anchors[m] = meta["args"]["nll"]
+        if meta["args"]["method"] in fspo.PREF_METHODS and meta["args"].get("nll"):
+            anchors[m] = meta["args"]["nll"]  # the table names a preference loss with an NLL anchor
         if m == "sft":
             sft_shots = meta["args"].get("shots")
     rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]

@@ -1,10 +1,15 @@
 """Evaluation statistics against hand-built cases: python -m pytest -q tests/test_eval.py"""
 import math
 import random
+from argparse import Namespace
 
 import pytest
+import torch
 
 import eval as evaluation
+import fspo
+from data import Pref, Tokenizer, by_user
+from model import GPT, GPTConfig
 
 
 def test_win_rate_hand_built_with_ties():
@@ -37,14 +42,6 @@ def test_all_ties_is_half_and_interval_clipped():
 def test_pair_accuracy_counts_against_brute_force():
     """Pair accuracy over the held-out stream equals a loop that scores each pair's chosen
     and rejected answers as two plain sequences; curve_episodes picks how many pairs."""
-    from argparse import Namespace
-
-    import torch
-
-    import fspo
-    from data import Pref, Tokenizer, by_user
-    from model import GPT, GPTConfig
-
     tok = Tokenizer({bytes([i]): i for i in range(256)})  # one token per byte
     rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test")
             for u in range(12) for i in range(3)]
