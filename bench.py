@@ -15,7 +15,7 @@ fspo step    one training step (policy forward+backward, reference forward, IPO 
 fspo memory  the peak memory such a step adds on top of model, reference, optimizer state
              and batch (CPU: resident memory of a fresh process; CUDA: allocated memory).
 generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whole prefix.
-data         episodes/s that fspo.EpisodeStream builds (encode + pack; the training loop
+data         episodes/s that data.EpisodeStream builds (encode + pack; the training loop
              builds them inline) vs episodes/s that the shared training step consumes.
 sdpa, mfu    CUDA only: which SDPA kernel each layout runs, and model flops utilisation
              against the GPU's bf16 peak. On CPU these lines say skipped.
@@ -91,7 +91,7 @@ def build(cfg, device):
 def seq_logps(scorer, b):
     """Summed completion log-probs, chosen (B,) and rejected (B,), for either layout."""
     if b["mask"] is not None:
-        return fspo.batch_logps(scorer, b)
+        return data.pair_logps(scorer, b)
     lp = scorer(b["idx"], b["targets"], None, None).sum(-1)  # (2B,) chosen rows, then rejected
     return lp.chunk(2)
 
@@ -227,7 +227,7 @@ def bench_fspo(m, eps, shots):
     step_s, batches = {}, {}
     for n in shots:
         naive = data.pack_naive(eps[n], m.pad)
-        b = {"shared": fspo.to_device(data.pack_batch(eps[n], m.pad), m.dev),
+        b = {"shared": data.to_device(data.pack_batch(eps[n], m.pad), m.dev),
              "naive": {k: None if v is None else v.to(m.dev) for k, v in naive.items()}}
         fns = {k: (lambda bk=bk: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, bk, m.ctx))
                for k, bk in b.items()}
@@ -287,13 +287,13 @@ def bench_generate(m, eps, run):
 
 def bench_data(m, users, shots, B, step_s):
     for n in shots:
-        stream = fspo.EpisodeStream(m.tok, users, None, "fspo", n, B, m.cfg.block_size, seed=0)
+        stream = data.EpisodeStream(m.tok, users, None, "fspo", n, B, m.cfg.block_size, seed=0)
         stream.batch(0)  # builds the epoch's episode list, once per epoch
         k = min(stream.per_epoch - 1, 5)
         t = []
         for i in range(1, k + 1):
             t0 = time.perf_counter()
-            fspo.to_device(stream.batch(i), m.dev)
+            data.to_device(stream.batch(i), m.dev)
             sync(m.dev)
             t.append(time.perf_counter() - t0)
         s = statistics.median(t)

@@ -1,19 +1,22 @@
 """
-Tokenizer, preference data, FSPO episodes and batch packing.
+Everything from preference rows to scored batches: the tokenizer, the rows, the method table,
+the few-shot prompt (one function for training and evaluation), episodes, the episode stream,
+shared-context packing with named segments, and summed sequence log-probs.
 
     python data.py --prefs data/roleplay/prefs.jsonl --vocab-size 4096 --out data/tokenizer.bpe
     python data.py --prefs data/elix/prefs.jsonl --tokenizer data/tokenizer.bpe --n-shots 4
 
-The first trains the byte-level BPE tokenizer on the preference text and saves its ranks;
+The first trains the byte-level BPE tokenizer on the training rows and saves its ranks;
 the second prints one encoded episode and how often shots had to be dropped to fit.
 """
 import base64
 import hashlib
 import heapq
+import itertools
 import json
 import os
 import random
-import tempfile
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -21,6 +24,8 @@ from typing import Iterable
 import regex
 import tiktoken
 import torch
+
+import judge
 
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level BPE trained on our own corpus, served by tiktoken
@@ -143,38 +148,27 @@ class Tokenizer:
             raise ValueError(f"{path}: ranks are not 0..n-1 covering all 256 bytes")
         return cls(ranks)
 
-# tiktoken fetches GPT-2's files from these URLs (tiktoken_ext/openai_public.py) and caches
-# them under sha1(url); we only ever read that cache, since this project runs offline
-GPT2_FILES = {
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
-        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
-        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
+def check_tokenizer(meta, tok, tok_path, where):
+    """Refuse a checkpoint trained with another vocabulary: its token ids mean other text."""
+    if meta.get("tokenizer_sha256") != tok.sha256:
+        raise ValueError(f"{where} was trained with tokenizer {meta.get('tokenizer')} "
+                         f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]}), not {tok_path} "
+                         f"(sha256 {tok.sha256[:12]})")
 
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-def get_tokenizer(path=None, kind="fspo") -> Tokenizer:
-    if kind == "fspo":
-        if path is None:
-            raise ValueError("kind='fspo' needs the path of a ranks file (python data.py --out ...)")
-        return Tokenizer.load(path)
-    if kind != "gpt2":
-        raise ValueError(f"unknown tokenizer kind {kind!r} (fspo or gpt2)")
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get(
-        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
-    for url, sha in GPT2_FILES.items():
-        p = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
-        # a missing or corrupt cache file would make tiktoken download it: refuse instead
-        if not cache or not os.path.exists(p) or _sha256(p) != sha:
-            raise RuntimeError(
-                f"the gpt2 tokenizer is not in tiktoken's cache ({cache or 'caching disabled'}) "
-                f"and there is no network here; use kind='fspo', or copy a populated "
-                f"data-gym-cache and point TIKTOKEN_CACHE_DIR at it")
-    enc = tiktoken.get_encoding("gpt2")
-    return Tokenizer(enc._mergeable_ranks, name="gpt2")  # same pat_str, EOT id 50256
+def train_tokenizer(sources, vocab_size, path):
+    """BPE on the training rows of each (prefs.jsonl, users.jsonl or None) source plus the
+    users' trait summaries (the text the cot method writes): no held-out text shapes it."""
+    t0, prefs, summaries = time.time(), [], []
+    for prefs_path, users_path in sources:
+        prefs += [r for r in load_prefs(prefs_path) if r.split == "train"]
+        if users_path and os.path.exists(users_path):
+            summaries += [COT_HEADER + judge.trait_summary(u) for u in judge.load_users(users_path).values()
+                          if u.get("split") == "train"]
+    tok = Tokenizer(train_bpe(itertools.chain(corpus_texts(prefs), summaries), vocab_size))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tok.save(path)
+    print(f"[tokenizer] {tok.n_vocab} tokens from {len(prefs)} rows in {time.time() - t0:.1f}s")
+    return tok
 
 # -----------------------------------------------------------------------------
 # preference data
@@ -228,9 +222,39 @@ def corpus_texts(prefs) -> Iterable[str]:
         yield format_prompt([p], p.prompt) + COMPLETION_HEADER + p.chosen
 
 # -----------------------------------------------------------------------------
-# episodes: N shots of one user, then a query pair of the same user
+# methods: how each one is prompted and what it learns (one row each; eval-only rows have
+# no stage). "-dpo" names (fspo-dpo) are the same row trained with the DPO loss.
+
+@dataclass(frozen=True)
+class Method:
+    prompt: str       # "shots": the user's N pairs | "some shots": 0..N, drawn per episode |
+                      # "bare": the question alone | "description": the user's true description
+    cot: bool         # the completion states the user description before the response
+    learns: str       # "both": SFT on both completions | "chosen": SFT on the chosen one |
+                      # "preference": IPO/DPO on chosen vs rejected | "": evaluation only
+    model: str = ""   # evaluation-only rows answer with this checkpoint
+    init: str = "sft" # the checkpoint a stage starts from, also its reference
+
+METHODS = {
+    "sft":      Method("some shots", False, "both"),         # stage 1: base and reference
+    "base":     Method("bare", False, "", model="sft"),
+    "prompted": Method("shots", False, "", model="sft"),
+    "pooled":   Method("bare", False, "preference"),         # the paper's IPO baseline
+    "pref-ft":  Method("shots", False, "chosen"),
+    "fspo":     Method("shots", False, "preference"),
+    "cot-sft":  Method("shots", True, "chosen"),             # format warm-up for cot
+    "cot":      Method("shots", True, "preference", init="cot-sft"),
+    "oracle":   Method("description", False, "preference"),
+}
+
+def method(name) -> Method:
+    return METHODS[name.removesuffix("-dpo")]
+
+# -----------------------------------------------------------------------------
+# the prompt: N shots of one user, then the question
 
 COMPLETION_HEADER = "## Preferred Response\n"
+COT_HEADER = "## User Description\n"
 INSTRUCTION = "Given the examples above, generate a preferred response to the following question."
 
 def format_prompt(shots: list[Pref], question: str, description: str | None = None) -> str:
@@ -241,30 +265,53 @@ def format_prompt(shots: list[Pref], question: str, description: str | None = No
     parts.append(f"# Task\n{INSTRUCTION}\n## Question\n{question}\n")
     return "".join(parts)
 
-def make_episodes(prefs_by_user, n_shots, rng: random.Random, repeats=1, min_shots=None,
-                  report=True):
-    """Per user and repeat: shuffle the rows, cut into chunks of n_shots+1 (last = query).
-    A short tail chunk is topped up with rows from earlier chunks so every row is used; a
-    user with k+1 rows, min_shots <= k < n_shots, gives episodes of k shots. Users with
-    fewer than min_shots+1 rows are skipped (reported). Episodes come back shuffled."""
-    min_shots = n_shots if min_shots is None else min_shots
-    k = n_shots + 1
-    episodes, skipped = [], 0
+def prompt_tokens(tok, name, shots, question, room, user=None) -> tuple[list[int], int]:
+    """Token ids of method `name`'s prompt and the shots kept. Training and evaluation both
+    call this, so a model is tested on exactly the tokens it was trained on. Whole shots are
+    dropped, oldest first, until the prompt fits in `room` tokens; the question is never cut."""
+    how = method(name).prompt
+    shots = shots if how.endswith("shots") else []
+    description = judge.trait_summary(user) if how == "description" else None
+    for first in range(len(shots) + 1):
+        ids = tok.encode(format_prompt(shots[first:], question, description))
+        if len(ids) <= room:
+            return ids, len(shots) - first
+    raise ValueError(f"the bare question does not fit in {room} tokens ({len(ids)}): {question[:60]!r}")
+
+def header(name) -> str:
+    """The completion's first line: the model is prompted with it at test time."""
+    return COT_HEADER if method(name).cot else COMPLETION_HEADER
+
+def completion_tokens(tok, name, text) -> list[int]:
+    # header and text encoded apart: evaluation prompts with exactly these header tokens
+    return tok.encode(header(name)) + tok.encode(text) + [tok.eot_id]
+
+def cot_text(description, response):
+    """The cot completion after its header: the user description, then the response."""
+    return f"{description}\n{COMPLETION_HEADER}{response}"
+
+# -----------------------------------------------------------------------------
+# episodes: a user's shots and one query pair, encoded, and a stream of packed batches
+
+def make_episodes(prefs_by_user, n_shots, rng: random.Random, report=True):
+    """Per user: shuffle the rows, cut into chunks of n_shots+1 (last = query). A short tail
+    chunk is topped up with rows from earlier chunks so every row is used. Users with fewer
+    than n_shots+1 rows are skipped (reported). Episodes come back shuffled."""
+    k, episodes, skipped = n_shots + 1, [], 0
     for rows in prefs_by_user.values():
-        if len(rows) < min_shots + 1:
+        if len(rows) < k:
             skipped += 1
             continue
-        for _ in range(repeats):
-            order = rows[:]
-            rng.shuffle(order)
-            for i in range(0, len(order), k):
-                chunk = order[i:i + k]
-                if len(chunk) < min_shots + 1:           # i >= k here, so no row repeats
-                    chunk = order[:k - len(chunk)] + chunk
-                episodes.append((chunk[:-1], chunk[-1]))
+        order = rows[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), k):
+            chunk = order[i:i + k]
+            if len(chunk) < k:                           # i >= k here, so no row repeats
+                chunk = order[:k - len(chunk)] + chunk
+            episodes.append((chunk[:-1], chunk[-1]))
     if skipped and report:
         print(f"make_episodes: skipped {skipped} of {len(prefs_by_user)} users "
-              f"with fewer than {min_shots + 1} pairs")
+              f"with fewer than {k} pairs")
     rng.shuffle(episodes)
     return episodes
 
@@ -275,23 +322,65 @@ class Episode:
     rejected: list[int]
     n_shots: int = 0        # shots that fit (fewer than given when old ones were dropped)
 
-def encode_episode(tok, shots, query, max_len, description=None, chosen_text=None,
-                   rejected_text=None) -> Episode:
-    # chosen_text / rejected_text replace the whole completion (the cot method's own headers)
-    chosen = tok.encode(COMPLETION_HEADER + query.chosen if chosen_text is None else chosen_text)
-    rejected = tok.encode(COMPLETION_HEADER + query.rejected if rejected_text is None else rejected_text)
-    chosen, rejected = chosen + [tok.eot_id], rejected + [tok.eot_id]
+def encode_episode(tok, shots, query, max_len, name="fspo", user=None) -> Episode:
+    """Method `name`'s prompt and both completions of the query; cot methods also need the
+    user (its description opens the chosen completion, the one behind y_l the rejected)."""
+    chosen, rejected = query.chosen, query.rejected
+    if method(name).cot:
+        chosen = cot_text(judge.trait_summary(user), chosen)
+        rejected = cot_text(judge.summary_for_response(user, query.prompt, rejected), rejected)
+    chosen, rejected = completion_tokens(tok, name, chosen), completion_tokens(tok, name, rejected)
     room = max_len - max(len(chosen), len(rejected)) - 1
-    # drop whole shots, oldest first; the query and both completions are never cut
-    for first in range(len(shots) + 1):
-        ctx = tok.encode(format_prompt(shots[first:], query.prompt, description))
-        if len(ctx) <= room:
-            return Episode(ctx, chosen, rejected, len(shots) - first)
-    raise ValueError(f"episode does not fit in max_len={max_len} even with no shots: "
-                     f"query prompt {len(ctx)} tokens, completions {len(chosen)}/{len(rejected)}")
+    try:
+        ctx, kept = prompt_tokens(tok, name, shots, query.prompt, room, user)
+    except ValueError:
+        raise ValueError(f"episode does not fit in max_len={max_len} even with no shots: "
+                         f"completions {len(chosen)}/{len(rejected)} tokens") from None
+    return Episode(ctx, chosen, rejected, kept)
+
+class EpisodeStream:
+    """Packed batches of method `name`'s episodes. Batch i is a pure function of (seed, i):
+    resuming at step s rebuilds exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
+                 which=None, use_shots=None, context=False):
+        self.tok, self.users, self.name = tok, users, name
+        learns = method(name).learns
+        self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
+        self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
+        self.prefs_by_user, self.use_shots, self.context = prefs_by_user, use_shots, context
+        self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
+        # methods without shots still cut chunks of N+1 rows so every method sees the same queries
+        eps = make_episodes(prefs_by_user, n_shots, random.Random(seed))
+        self.per_epoch = len(eps) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(eps)} episodes is less than one batch of {batch_size}")
+        self.epoch, self.episodes = None, None
+
+    def encode(self, shots, query, rng):
+        if method(self.name).prompt == "some shots":  # the base also answers with fewer shots
+            shots = shots[: rng.randint(0, len(shots))]
+        elif self.use_shots is not None:  # evaluation at fewer shots, same queries
+            shots = shots[: self.use_shots]
+        user = self.users[query.user_id] if self.users else None
+        return encode_episode(self.tok, shots, query, self.max_len, self.name, user)
+
+    def batch(self, i):
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch != self.epoch:
+            rng = random.Random(self.seed * 100003 + epoch)
+            self.episodes = make_episodes(self.prefs_by_user, self.n, rng, report=False)
+            rng.shuffle(self.episodes)
+            self.epoch = epoch
+        rng = random.Random(self.seed * 7919 + i)
+        eps = [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
+        return pack_sft(eps, self.tok.eot_id, which=self.which, multiple=self.multiple,
+                        context=self.context)
 
 # -----------------------------------------------------------------------------
-# batches
+# batches: one packed row per episode, its parts told apart by segment ids
+
+CONTEXT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # the segment ids of pack_batch's rows
 
 def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
     """One row per episode: the context once, chosen, then rejected behind a segment mask.
@@ -358,29 +447,32 @@ def sequence_logps(token_lp, seg):
     return (torch.where(seg == 1, token_lp, 0.0).sum(-1),
             torch.where(seg == 2, token_lp, 0.0).sum(-1))
 
+def pair_logps(scorer, b):
+    """Summed completion log-probs of chosen and rejected, the context run once: (B,), (B,).
+    scorer(idx, targets, pos, mask) -> (B, T) per-token log-probs (GPT.token_logprobs)."""
+    return sequence_logps(scorer(b["idx"], b["targets"], b["pos"], b["mask"]), b["seg"])
+
+def to_device(b, device):
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     import argparse
-    import time
     ap = argparse.ArgumentParser(description="train the BPE tokenizer, or inspect episodes")
-    ap.add_argument("--prefs", nargs="+", required=True, help="prefs.jsonl file(s)")
+    ap.add_argument("--prefs", required=True, help="prefs.jsonl (and users.jsonl beside it, if any)")
     ap.add_argument("--vocab-size", type=int, default=4096, help="tokens incl. EOT")
-    ap.add_argument("--out", help="write the trained ranks here")
+    ap.add_argument("--out", help="train on the training rows, write the ranks here")
     ap.add_argument("--tokenizer", help="ranks file to inspect episodes with")
     ap.add_argument("--n-shots", type=int, default=4, help="shots per episode")
     ap.add_argument("--max-len", type=int, default=1024, help="context length (block_size)")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    prefs = [p for path in args.prefs for p in load_prefs(path)]
     if args.out:
-        t0 = time.time()
-        tok = Tokenizer(train_bpe(corpus_texts(prefs), args.vocab_size))
-        tok.save(args.out)
-        print(f"{len(prefs)} pairs -> {tok.n_vocab} tokens in {time.time() - t0:.1f}s, saved {args.out}")
+        users = os.path.join(os.path.dirname(args.prefs), "users.jsonl")
+        tok = train_tokenizer([(args.prefs, users)], args.vocab_size, args.out)
     else:
-        tok = get_tokenizer(args.tokenizer)
-    eps = make_episodes(by_user(prefs), args.n_shots, random.Random(args.seed))
+        tok = Tokenizer.load(args.tokenizer)
+    eps = make_episodes(by_user(load_prefs(args.prefs)), args.n_shots, random.Random(0))
     enc = [encode_episode(tok, s, q, args.max_len) for s, q in eps]
     lens = [len(e.ctx) + len(e.chosen) + len(e.rejected) for e in enc]
     print(f"{len(enc)} episodes, packed length mean {sum(lens) / len(lens):.0f} max {max(lens)}, "

@@ -11,22 +11,24 @@ model's answer to the bare question with that user's reward; ties count half.
 Pair accuracy vs shots: how often beta*log(pi/pi_ref) ranks a held-out pair correctly with
 0, 1, 2, 4, 8 shots in context: the meta-learning curve.
 Pair accuracy needs only preference rows; win rate needs users in the generator's schema.
+Owns the evaluation: the held-out pair accuracy (also the training loop's running metric),
+generation, the judge's win rates, and the report (report.md, metrics.json).
 """
 import argparse
 import json
 import math
 import os
 import random
+import sys
+from contextlib import nullcontext
 
 import torch
 
 import data
-import fspo
-import generate_synthetic as synth
+import judge
+from model import ckpt_dir, load_checkpoint, load_model
 
 SHOT_CURVE = (0, 1, 2, 4, 8)
-# how each method is prompted at test time: shots in context, description in the prompt
-PROMPTING = {"base": "bare", "prompted": "shots", "pooled": "bare", "oracle": "description"}
 LABELS = {"base": "base (SFT, no context)", "pooled": "IPO, no user context (pooled)",
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
@@ -70,24 +72,17 @@ def eval_set(test_rows, n_shots, n_users, n_questions, seed):
     return items
 
 
-def prompt_ids(method, item, users, tok, limit):
-    """Token ids of the method's test-time prompt, completion header included; like
-    training, whole shots are dropped oldest first until the prompt fits in `limit`."""
+def prompt_ids(name, item, users, tok, limit):
+    """Token ids of method `name`'s test-time prompt and its completion header: the tokens
+    training saw (data.prompt_tokens, data.completion_tokens), cut to fit in `limit`."""
     uid, q, shots = item
-    how = PROMPTING.get(method, "shots")
-    shots = shots if how == "shots" else []
-    desc = synth.trait_summary(users[uid]) if how == "description" else None
-    header = fspo.COT_HEADER if method.startswith("cot") else data.COMPLETION_HEADER
-    for first in range(len(shots) + 1):
-        ids = tok.encode(data.format_prompt(shots[first:], q.prompt, desc) + header)
-        if len(ids) <= limit:
-            return ids
-    raise ValueError(f"the bare question of user {uid} ({len(ids)} tokens) does not fit {limit}")
+    head = tok.encode(data.header(name))
+    return data.prompt_tokens(tok, name, shots, q.prompt, limit - len(head), users[uid])[0] + head
 
 
 def split_response(method, text):
     """(description or None, response) from generated completion text."""
-    if not method.startswith("cot"):
+    if not data.method(method).cot:
         return None, text.strip()
     desc, sep, resp = text.partition(data.COMPLETION_HEADER)
     return desc.strip(), resp.strip() if sep else ""
@@ -112,87 +107,84 @@ def generate(model, tok, prompts, max_new_tokens, batch_size):
 # Pair accuracy vs number of shots
 
 @torch.no_grad()
-def pair_accuracy(policy, ref, tok, test_rows, shots, args, device, max_shots):
-    """-> (fraction of held-out pairs whose implicit reward log(pi/ref) ranks chosen first,
-    number of pairs): the first args.curve_episodes episodes of the held-out stream, 0 = all."""
-    stream = fspo.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
-                                policy.config.block_size, args.seed + 17, which="both",
-                                use_shots=shots)
-    pol, rf = fspo.LogProbs(policy.eval()), fspo.LogProbs(ref.eval())
+def pair_accuracy(policy, ref, batches, autocast=nullcontext()):
+    """-> (share of pairs whose implicit reward log(pi/ref) ranks chosen first, pairs).
+    policy, ref: per-token log-prob functions (GPT.token_logprobs); ref None compares raw
+    log-probs (stage 1 has no reference)."""
     hits = n = 0
-    n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
-    for i in range(min(stream.per_epoch, n_batches)):
-        b = fspo.to_device(stream.batch(i), device)
-        pw, pl = fspo.batch_logps(pol, b)
-        rw, rl = fspo.batch_logps(rf, b)
-        hits += ((pw - rw) > (pl - rl)).sum().item()
+    for b in batches:
+        with autocast:
+            pw, pl = data.pair_logps(policy, b)
+            if ref is not None:
+                rw, rl = data.pair_logps(ref, b)
+                pw, pl = pw - rw, pl - rl
+        hits += (pw > pl).sum().item()
         n += len(pw)
     return hits / max(n, 1), n
+
+
+def curve_batches(tok, test_rows, shots, max_shots, args, block_size, device):
+    """The first args.curve_episodes held-out episodes (0 = all) with `shots` of their
+    max_shots shots: the same queries at every shot count."""
+    stream = data.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
+                                block_size, args.seed + 17, which="both", use_shots=shots)
+    n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
+    return (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
 
 
 # ----------------------------------------------------------------------------------------
 # Whole evaluation of one domain / shot count
 
-def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
-    """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
+def load_models(ckpts, tok, tok_path, device):
+    """-> ({name: GPT}, {name: NLL anchor weight}, the SFT stage's shot count)."""
     models, anchors, sft_shots = {}, {}, None
     for m, path in ckpts.items():
-        model, meta, _ = fspo.load_gpt(path, device)
-        fspo.check_tokenizer(meta, tok, tok_path, path)
-        models[m] = model
-        if meta["args"]["method"] in fspo.PREF_METHODS and meta["args"].get("nll"):
+        models[m], meta, _ = load_model(ckpt_dir(path), device)
+        data.check_tokenizer(meta, tok, tok_path, path)
+        if data.method(meta["args"]["method"]).learns == "preference" and meta["args"].get("nll"):
             anchors[m] = meta["args"]["nll"]  # the table names a preference loss with an NLL anchor
         if m == "sft":
             sft_shots = meta["args"].get("shots")
-    rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]
-    if not rows:
-        raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
-    test_rows = data.by_user(rows)
-    res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
-           "sft_shots": sft_shots}
+    return models, anchors, sft_shots
 
-    # the meta-learning curve: implicit-reward accuracy as shots grow
-    ref = models["sft"]
+
+def shot_curve(models, rows, tok, args, device, domain, n_shots, res):
+    """The meta-learning curve: implicit-reward pair accuracy as shots grow (fspo, pooled),
+    and for ELIX the paper's easy / hard split, a property of the query PAIR."""
+    test_rows, ref = data.by_user(rows), models["sft"].token_logprobs
+    block = models["sft"].config.block_size
     # the curve's queries are the same for every k: episodes of the largest k the data allows
     max_shots = min(max(SHOT_CURVE), max(len(v) for v in test_rows.values()) - 1)
     if max_shots < 1 or sum(len(v) // (max_shots + 1) for v in test_rows.values()) < args.batch_size:
-        raise ValueError(f"{prefs_path}: too few held-out rows per user for pair accuracy")
-    curve = [k for k in SHOT_CURVE if k <= max_shots]
+        raise ValueError("too few held-out rows per user for pair accuracy")
     for m in [m for m in ("fspo", "pooled") if m in models]:
-        for k in curve:
-            acc, res["curve_pairs"] = pair_accuracy(models[m], ref, tok, test_rows, k, args, device,
-                                                    max_shots)
+        for k in [k for k in SHOT_CURVE if k <= max_shots]:
+            batches = curve_batches(tok, test_rows, k, max_shots, args, block, device)
+            acc, res["curve_pairs"] = pair_accuracy(models[m].token_logprobs, ref, batches)
             res["pair_accuracy"].setdefault(m, {})[k] = acc
-    if domain == "elix":  # the paper's easy / hard split is a property of the query PAIR
-        for d in ("easy", "hard"):
-            rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
-            rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
-            for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
-                if rows_d:
-                    res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
-                        pair_accuracy(models[m], ref, tok, rows_d, n_shots, args, device, n_shots)[0]
-    users = synth.load_users(users_path) if users_path and os.path.exists(users_path) else None
-    if users is None:
-        return res
-    unknown = sorted(set(test_rows) - set(users))
-    if unknown:
-        raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
+    if domain != "elix":
+        return
+    for d in ("easy", "hard"):
+        rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
+        rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
+        for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
+            batches = curve_batches(tok, rows_d, n_shots, n_shots, args, block, device)
+            res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
+                pair_accuracy(models[m].token_logprobs, ref, batches)[0]
 
-    items = eval_set(test_rows, n_shots, args.eval_users, args.eval_questions, args.seed)
-    if not items:
-        raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
-    methods = ["base", "prompted"] + [m for m in ckpts if m not in ("sft",)]
-    judges = [synth.judge.JUDGES[users[uid]["domain"]] for uid, _, _ in items]  # as score() picks
+
+def win_rates(models, methods, items, users, tok, args, domain, res):
+    """Every method answers every item (greedy); the user's reward decides against base."""
+    judges = [judge.JUDGES[users[uid]["domain"]] for uid, _, _ in items]  # as score() picks
     responses, scores, well_formed = {}, {}, {}
     for m in methods:
-        model = models["sft" if m in ("base", "prompted") else m]
+        model = models[data.method(m).model or m]
         limit = model.config.block_size - args.max_new_tokens
         texts = generate(model, tok, [prompt_ids(m, it, users, tok, limit) for it in items],
                          args.max_new_tokens, args.gen_batch)
-        parsed = [split_response(m, t) for t in texts]
-        responses[m] = parsed
+        responses[m] = [split_response(m, t) for t in texts]
         # read each answer once: its features give both the user's reward and its quality
-        feats = [j.read(q.prompt, resp) for j, (_, q, _), (_, resp) in zip(judges, items, parsed)]
+        feats = [j.read(q.prompt, resp) for j, (_, q, _), (_, resp) in zip(judges, items, responses[m])]
         scores[m] = [j.reward(users[uid], f) for j, (uid, _, _), f in zip(judges, items, feats)]
         # well-formed: the judge's quality is 1.0 (known words, no repeated sentence, content)
         well_formed[m] = sum(f["q"] == 1.0 for f in feats) / len(feats)
@@ -206,12 +198,38 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
                         win_rate([scores[m][i] for i in idx], [scores["base"][i] for i in idx])))
             for g, idx in groups.items()}
     res["well_formed"] = well_formed
-    for m in [m for m in methods if m.startswith("cot")]:
-        rec = [synth.trait_recovery(users[uid], desc or "")
+    for m in [m for m in methods if data.method(m).cot]:
+        rec = [judge.trait_recovery(users[uid], desc or "")
                for (uid, _, _), (desc, _) in zip(items, responses[m])]
         res[f"{m}/trait_recovery"] = sum(rec) / len(rec)
     res["examples"] = [{"user": items[0][0], "question": items[0][1].prompt,
                         **{m: responses[m][0][1] for m in methods}}]
+
+
+def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
+    """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
+    models, anchors, sft_shots = load_models(ckpts, tok, tok_path, device)
+    rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]
+    if not rows:
+        raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
+    res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
+           "sft_shots": sft_shots}
+    try:
+        shot_curve(models, rows, tok, args, device, domain, n_shots, res)
+    except ValueError as e:
+        raise ValueError(f"{prefs_path}: {e}") from None
+    users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
+    if users is None:
+        return res
+    test_rows = data.by_user(rows)
+    unknown = sorted(set(test_rows) - set(users))
+    if unknown:
+        raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
+    items = eval_set(test_rows, n_shots, args.eval_users, args.eval_questions, args.seed)
+    if not items:
+        raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
+    methods = ["base", "prompted"] + [m for m in ckpts if m != "sft"]
+    win_rates(models, methods, items, users, tok, args, domain, res)
     return res
 
 
@@ -313,19 +331,19 @@ def main(argv=None):
     args.preset = "custom"
     prefs = args.prefs or os.path.join(args.data or "data", args.domain, "prefs.jsonl")
     users = args.users or os.path.join(os.path.dirname(prefs), "users.jsonl")
-    _, base_meta = fspo.load_checkpoint(fspo.ckpt_dir(args.base))
+    _, base_meta = load_checkpoint(ckpt_dir(args.base))
     tok_path = args.tokenizer or base_meta["tokenizer"]
-    tok = data.get_tokenizer(tok_path)
+    tok = data.Tokenizer.load(tok_path)
     n = args.shots or base_meta["args"]["shots"]
     ckpts = {"sft": args.base}
     for c in args.ckpt:
-        _, meta = fspo.load_checkpoint(fspo.ckpt_dir(c))
+        _, meta = load_checkpoint(ckpt_dir(c))
         name = meta["method"] + ("-dpo" if meta["args"].get("loss") == "dpo" else "")
         ckpts[name] = c
     res = evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, args.domain, n)
     out = args.out or os.path.dirname(os.path.abspath(args.base))
     print(write_report([res], out, f"# FSPO evaluation\n\nCommand: `python eval.py "
-                                   f"{' '.join(argv or __import__('sys').argv[1:])}`\n"))
+                                   f"{' '.join(argv or sys.argv[1:])}`\n"))
 
 
 if __name__ == "__main__":

@@ -314,16 +314,28 @@ def load_checkpoint(path):
     return tensors, meta
 
 
-def save_model(path, model, meta):
-    save_checkpoint(path, model_tensors(model), {**meta, "model": asdict(unwrap(model).config)})
+def ckpt_dir(run):
+    """A training run's dir holds metrics.jsonl and ckpt/, the atomically replaced checkpoint."""
+    return os.path.join(run, "ckpt")
+
+
+def save_model(path, model, meta, extra=None):
+    """The weights, the model config in meta, and `extra` tensors (optimizer and RNG state
+    for resuming: names that start with "optim." or "rng.")."""
+    save_checkpoint(path, {**model_tensors(model), **(extra or {})},
+                    {**meta, "model": asdict(unwrap(model).config)})
 
 
 def load_model(path, device="cpu"):
-    # -> (GPT, meta). The checkpoint may carry other tensors too (optimizer state).
+    """-> (GPT, meta, tensors): the one loader. Refuses a checkpoint whose weights do not
+    fit the model it describes (a missing or unexpected weight)."""
     tensors, meta = load_checkpoint(path)
     model = GPT(GPTConfig(**meta["model"]))
     names = model_tensors(model).keys()  # lm_head is wte's Parameter: loading wte fills both
-    if missing := [k for k in names if k not in tensors]:
-        raise ValueError(f"{path}: checkpoint lacks {missing}")
+    missing = [k for k in names if k not in tensors]
+    unexpected = [k for k in tensors if k not in names and not k.startswith(("optim.", "rng."))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
     model.load_state_dict({k: tensors[k] for k in names}, strict=False)
-    return model.to(device), meta
+    return model.to(device), meta, tensors

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data
-from data import (COMPLETION_HEADER, Episode, Pref, Tokenizer, by_user, encode_episode,
-                  format_prompt, get_tokenizer, load_prefs, make_episodes, pack_batch,
+import judge
+from data import (COMPLETION_HEADER, COT_HEADER, Episode, Pref, Tokenizer, by_user, encode_episode,
+                  format_prompt, load_prefs, make_episodes, pack_batch,
                   pack_naive, pack_sft, sequence_logps, train_bpe)
 
 # -----------------------------------------------------------------------------
@@ -165,33 +166,12 @@ def test_save_load(tok, tmp_path, corpus):
     path = tmp_path / "tok.bpe"
     tok.save(path)
     assert os.listdir(tmp_path) == ["tok.bpe"]           # no temp file left behind
-    tok2 = get_tokenizer(path)
+    tok2 = Tokenizer.load(path)
     assert tok2.ranks == tok.ranks and tok2.eot_id == tok.eot_id
     assert tok2.encode(corpus[0]) == tok.encode(corpus[0])
     (tmp_path / "bad.bpe").write_text("QUI= 0\nnot-a-line\n")
     with pytest.raises(ValueError, match="bad.bpe:2"):
         Tokenizer.load(tmp_path / "bad.bpe")
-
-def test_gpt2_not_cached_is_a_clear_error(tmp_path, monkeypatch):
-    import tiktoken.load
-    def no_network(*a, **k):
-        raise AssertionError("tried to download")
-    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
-    t0 = time.time()
-    with pytest.raises(RuntimeError, match="not in tiktoken's cache"):
-        get_tokenizer(kind="gpt2")
-    assert time.time() - t0 < 1
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")             # caching disabled
-    with pytest.raises(RuntimeError, match="caching disabled"):
-        get_tokenizer(kind="gpt2")
-
-def test_gpt2_when_cached():
-    try:
-        t = get_tokenizer(kind="gpt2")
-    except RuntimeError:
-        pytest.skip("gpt2 files not in tiktoken's cache (expected offline)")
-    assert t.eot_id == 50256 and t.encode("hello world") == [31373, 995]
 
 def test_bpe_training_speed():
     texts = templated_corpus(2, 5_000_000)
@@ -265,16 +245,10 @@ def test_make_episodes(capsys):
         used |= {p.prompt for p in shots + [query]}
     assert used == {p.prompt for p in prefs if p.user_id in ("u0", "u1", "u3")}
     assert len(eps) == 3 + 1 + 2                                # ceil(n / 5) per kept user
-    # determinism by seed; repeats reshuffle so each row is seen in several contexts
+    # determinism by seed
     key = lambda eps: [([p.prompt for p in s], q.prompt) for s, q in eps]
     assert key(make_episodes(users, 4, random.Random(0))) == key(eps)
     assert key(make_episodes(users, 4, random.Random(1))) != key(eps)
-    rep = make_episodes(users, 4, random.Random(0), repeats=3)
-    seen = Counter(p.prompt for s, q in rep for p in s + [q])
-    assert len(rep) == 3 * len(eps) and min(seen.values()) >= 3
-    # min_shots lets small users in with fewer shots
-    small = make_episodes(users, 4, random.Random(0), min_shots=1)
-    assert sorted(len(s) for s, q in small if q.user_id in ("u2", "u4")) == [1, 3]
 
 def test_encode_episode_drops_oldest_shots():
     t = byte_tok()
@@ -293,9 +267,22 @@ def test_encode_episode_drops_oldest_shots():
     assert t.decode(e.ctx) == format_prompt([], query.prompt) and e.chosen == chosen
     with pytest.raises(ValueError, match="even with no shots"):
         encode_episode(t, shots, query, max_len=bare + len(chosen))
-    e = encode_episode(t, shots, query, 10_000, description="terse", chosen_text="X", rejected_text="Y")
-    assert t.decode(e.ctx) == format_prompt(shots, query.prompt, "terse")
-    assert t.decode(e.chosen[:-1]) == "X" and e.rejected[-1] == t.eot_id  # whole completion replaced
+
+def test_methods_prompt_and_complete_as_the_table_says():
+    t = byte_tok()
+    shots = [Pref("u", f"question {i}", f"good {i}", f"bad {i}") for i in range(3)]
+    query = Pref("u", "What is the secret to great chess?", "Certainly. plan chess.", "Hey! plan chess.")
+    user = {"user_id": "u", "domain": "roleplay", "traits": {"formality": 1.5}, "group": "g"}
+    desc = judge.trait_summary(user)
+    desc_l = judge.summary_for_response(user, query.prompt, query.rejected)
+    e = encode_episode(t, shots, query, 10_000, name="oracle", user=user)
+    assert t.decode(e.ctx) == format_prompt([], query.prompt, desc) and e.n_shots == 0
+    assert t.decode(encode_episode(t, shots, query, 10_000, name="pooled").ctx) == \
+        format_prompt([], query.prompt)
+    e = encode_episode(t, shots, query, 10_000, name="cot", user=user)
+    assert t.decode(e.ctx) == format_prompt(shots, query.prompt)
+    assert t.decode(e.chosen[:-1]) == f"{COT_HEADER}{desc}\n{COMPLETION_HEADER}{query.chosen}"
+    assert t.decode(e.rejected[:-1]) == f"{COT_HEADER}{desc_l}\n{COMPLETION_HEADER}{query.rejected}"
 
 # -----------------------------------------------------------------------------
 # packing

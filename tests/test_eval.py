@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import eval as evaluation
-import fspo
+import data
 from data import Pref, Tokenizer, by_user
 from model import GPT, GPTConfig
 
@@ -49,8 +49,9 @@ def test_pair_accuracy_counts_against_brute_force():
     policy, ref = (GPT(GPTConfig(block_size=256, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
     args = Namespace(batch_size=2, seed=0, curve_episodes=0)
-    acc, n = evaluation.pair_accuracy(policy, ref, tok, by_user(rows), 1, args, "cpu", 2)
-    stream = fspo.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17, which="both",
+    curve = lambda: evaluation.curve_batches(tok, by_user(rows), 1, 2, args, 256, "cpu")
+    acc, n = evaluation.pair_accuracy(policy.token_logprobs, ref.token_logprobs, curve())
+    stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17, which="both",
                                 use_shots=1)
     assert n == stream.per_epoch * 2 == 12  # 12 users x 1 episode of 2 shots + a query
 
@@ -68,4 +69,4 @@ def test_pair_accuracy_counts_against_brute_force():
         hits += h_w > h_l
     assert acc == hits / n and 0 < hits < n  # a mix, so a flipped sign would show
     args.curve_episodes = 3  # rounded up to whole batches
-    assert evaluation.pair_accuracy(policy, ref, tok, by_user(rows), 1, args, "cpu", 2)[1] == 4
+    assert evaluation.pair_accuracy(policy.token_logprobs, ref.token_logprobs, curve())[1] == 4

@@ -26,12 +26,13 @@ def tiny(tmp_path_factory):
     """Tiny roleplay data and a tokenizer trained on it."""
     d = tmp_path_factory.mktemp("fspo")
     synth.main(["--domain", "roleplay", "--out", str(d / "data"), "--scale", "tiny", "--seed", "0"])
-    fspo.train_tokenizer([str(d / "data" / "roleplay")], 300, str(d / "tokenizer.txt"))
+    rp = d / "data" / "roleplay"
+    data.train_tokenizer([(str(rp / "prefs.jsonl"), str(rp / "users.jsonl"))], 300, str(d / "tokenizer.txt"))
     return d
 
 
 def episodes(tiny, n, shots=3, seed=0):
-    tok = data.get_tokenizer(str(tiny / "tokenizer.txt"))
+    tok = data.Tokenizer.load(str(tiny / "tokenizer.txt"))
     rows = data.by_user(data.load_prefs(str(tiny / "data" / "roleplay" / "prefs.jsonl")))
     eps = data.make_episodes(rows, shots, random.Random(seed))[:n]
     return tok, [data.encode_episode(tok, s, q, 1024) for s, q in eps]
@@ -42,7 +43,7 @@ def test_shared_context_equals_naive(tiny):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32)).eval()
     scorer = fspo.LogProbs(model)
-    pw, pl = fspo.batch_logps(scorer, data.pack_batch(eps, tok.eot_id))
+    pw, pl = data.pair_logps(scorer, data.pack_batch(eps, tok.eot_id))
     naive = data.pack_naive(eps, tok.eot_id)
     lp = scorer(naive["idx"], naive["targets"], None, None).sum(1)  # (2B,)
     # sums of ~40 float32 log-probs of ~-6: float32 rounding alone is ~1e-6 relative
@@ -67,8 +68,8 @@ def test_context_labels_never_change_the_loss(tiny):
     assert (b["targets"][ctx] == -1).all() and (b["targets"][b["seg"] == 3] == -1).all()
 
     def loss(batch):
-        pw, pl = fspo.batch_logps(policy, batch)
-        rw, rl = fspo.batch_logps(ref, batch)
+        pw, pl = data.pair_logps(policy, batch)
+        rw, rl = data.pair_logps(ref, batch)
         return fspo.preference_loss(pw, pl, rw, rl, 0.1)[0].mean()
 
     base = loss(b)

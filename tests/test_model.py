@@ -269,7 +269,7 @@ def test_checkpoint_round_trip_is_exact_and_tied(tmp_path):
     ck = tmp_path / "ck"
     M.save_model(ck, model, {"step": 7})
     assert sorted(os.listdir(tmp_path)) == ["ck"]  # no .tmp / .old left behind
-    loaded, meta = M.load_model(ck)
+    loaded, meta, _ = M.load_model(ck)
     assert meta["step"] == 7 and meta["model"] == asdict(model.config)
     assert torch.equal(logits_of(loaded), logits_of(model))
     assert loaded.lm_head.weight is loaded.wte.weight
@@ -326,7 +326,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         M.save_model(ck, after, {"step": 2})
     monkeypatch.undo()
-    loaded, meta = M.load_model(ck)
+    loaded, meta, _ = M.load_model(ck)
     assert meta["step"] == 1 and torch.equal(logits_of(loaded), logits_of(before))
 
     # a crash between the two renames: ck is already ck.old, ck.tmp is not yet ck
@@ -342,10 +342,10 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         M.save_model(ck, after, {"step": 2})
     monkeypatch.undo()
     assert not ck.exists()
-    loaded, meta = M.load_model(ck)
+    loaded, meta, _ = M.load_model(ck)
     assert meta["step"] == 1 and torch.equal(logits_of(loaded), logits_of(before))
 
     M.save_model(ck, after, {"step": 2})  # the next save clears the debris
-    loaded, meta = M.load_model(ck)
+    loaded, meta, _ = M.load_model(ck)
     assert meta["step"] == 2 and torch.equal(logits_of(loaded), logits_of(after))
     assert sorted(os.listdir(tmp_path)) == ["ck"]
