@@ -148,6 +148,14 @@ class Tokenizer:
             raise ValueError(f"{path}: ranks are not 0..n-1 covering all 256 bytes")
         return cls(ranks)
 
+def file_sha256(path) -> str:
+    """A file's fingerprint: a stage records those of its inputs and refuses changed ones."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 def check_tokenizer(meta, tok, tok_path, where):
     """Refuse a checkpoint trained with another vocabulary: its token ids mean other text."""
     if meta.get("tokenizer_sha256") != tok.sha256:
@@ -181,32 +189,64 @@ class Pref:
     rejected: str
     split: str = "train"
     tags: dict = field(default_factory=dict)
+    where: str = ""         # file:line, for errors about the row
+
+SPLITS = ("train", "val", "test")  # val: running metric and tuning; test: the report, read once
+
+def user_split(user_id) -> str:
+    """The split of a user whose rows name none: by a hash of the id alone, so every run and
+    every row of the user agree. 80% train, 10% val, 10% test."""
+    h = int(hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:8], 16) / 16 ** 8
+    return "train" if h < 0.8 else "val" if h < 0.9 else "test"
+
+def parse_row(line, where) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row.setdefault("tags", {})
+    for k in ("user_id", "prompt", "chosen", "rejected", "split"):
+        if k == "split" and k not in row:
+            row[k] = user_split(row["user_id"])
+        if k not in row:
+            raise ValueError(f"{where}: field '{k}' is missing")
+        if not isinstance(row[k], str) or not row[k]:
+            raise ValueError(f"{where}: field '{k}' must be a non-empty string, got {row[k]!r:.40}")
+        try:
+            row[k].encode("utf-8")
+        except UnicodeEncodeError:  # JSON may escape half a surrogate pair
+            raise ValueError(f"{where}: field '{k}' holds a lone surrogate, not text") from None
+    if row["split"] not in SPLITS:
+        raise ValueError(f"{where}: field 'split' is {row['split']!r}, not one of {', '.join(SPLITS)}")
+    if row["chosen"] == row["rejected"]:
+        raise ValueError(f"{where}: field 'rejected' equals 'chosen': the pair prefers nothing")
+    if not isinstance(row["tags"], dict):
+        raise ValueError(f"{where}: field 'tags' must be an object, got {row['tags']!r:.40}")
+    return row
 
 def load_prefs(path) -> list[Pref]:
-    """JSONL rows {user_id, prompt, chosen, rejected[, split, tags]}; blank lines skipped."""
-    prefs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """JSONL rows {user_id, prompt, chosen, rejected[, split, tags]}; blank lines skipped. A
+    row without a split gets its user's (user_split). Bad input raises a ValueError naming
+    file:line and field before anything is trained or written."""
+    prefs, first = [], {}  # first: user_id -> (split, where) of the user's first row
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            row.setdefault("split", "train")
-            row.setdefault("tags", {})
-            for k in ("user_id", "prompt", "chosen", "rejected", "split"):
-                if k not in row:
-                    raise ValueError(f"{where}: field '{k}' is missing")
-                if not isinstance(row[k], str) or not row[k]:
-                    raise ValueError(f"{where}: field '{k}' must be a non-empty string, got {row[k]!r:.40}")
-            if not isinstance(row["tags"], dict):
-                raise ValueError(f"{where}: field 'tags' must be an object, got {row['tags']!r:.40}")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            row = parse_row(line, where)
+            split, seen = first.setdefault(row["user_id"], (row["split"], where))
+            if row["split"] != split:
+                raise ValueError(f"{where}: field 'split': user {row['user_id']!r} is {row['split']!r} "
+                                 f"here but {split!r} at {seen}; a user belongs to one split")
             prefs.append(Pref(row["user_id"], row["prompt"], row["chosen"], row["rejected"],
-                              row["split"], row["tags"]))
+                              row["split"], row["tags"], where))
     return prefs
 
 def by_user(prefs) -> dict[str, list[Pref]]:
@@ -337,6 +377,14 @@ def encode_episode(tok, shots, query, max_len, name="fspo", user=None) -> Episod
         raise ValueError(f"episode does not fit in max_len={max_len} even with no shots: "
                          f"completions {len(chosen)}/{len(rejected)} tokens") from None
     return Episode(ctx, chosen, rejected, kept)
+
+def check_lengths(tok, prefs, max_len, name="fspo", users=None):
+    """Fail at load, not hours into training: every row must fit the block with no shots."""
+    for r in prefs:
+        try:
+            encode_episode(tok, [], r, max_len, name, users[r.user_id] if users else None)
+        except ValueError as e:
+            raise ValueError(f"{r.where}: the row does not fit --block-size {max_len} ({e})") from None
 
 class EpisodeStream:
     """Packed batches of method `name`'s episodes. Batch i is a pure function of (seed, i):

@@ -16,12 +16,13 @@ generation, the judge's win rates, and the report (report.md, metrics.json).
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
+from collections import defaultdict
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 import data
@@ -38,17 +39,25 @@ LABELS = {"base": "base (SFT, no context)", "pooled": "IPO, no user context (poo
 # ----------------------------------------------------------------------------------------
 # Statistics
 
-def win_rate(scores, base_scores):
-    """Wins count 1, ties 1/2. Returns (rate, ci_low, ci_high, n): a 95% normal interval on
-    the mean outcome; with no ties it is the binomial Wald interval p +- 1.96 sqrt(p(1-p)/n)."""
-    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base_scores)]
-    n = len(outcomes)
-    if n == 0:
-        return float("nan"), float("nan"), float("nan"), 0
-    p = sum(outcomes) / n
-    var = sum((o - p) ** 2 for o in outcomes) / n
-    half = 1.96 * math.sqrt(var / n)
-    return p, max(0.0, p - half), min(1.0, p + half), n
+def interval(values, users, n_boot=2000, seed=0):
+    """{rate, lo, hi, n}: the mean of per-item values and a 95% percentile interval from a
+    bootstrap that resamples whole users, since two items of one user are not independent."""
+    by_user = defaultdict(list)
+    for v, u in zip(values, users):
+        by_user[u].append(float(v))
+    if not by_user:
+        return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    sums = np.array([sum(v) for v in by_user.values()])  # (U,)
+    counts = np.array([len(v) for v in by_user.values()])  # (U,)
+    pick = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
+    lo, hi = np.percentile(sums[pick].sum(1) / counts[pick].sum(1), [2.5, 97.5])
+    return {"rate": sums.sum() / counts.sum(), "lo": float(lo), "hi": float(hi), "n": int(counts.sum())}
+
+
+def win_rate(scores, base_scores, users):
+    """Wins count 1, ties 1/2, with interval()'s user-level bootstrap interval."""
+    return interval([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base_scores)],
+                    users)
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,45 +116,45 @@ def generate(model, tok, prompts, max_new_tokens, batch_size):
 # Pair accuracy vs number of shots
 
 @torch.no_grad()
-def pair_accuracy(policy, ref, batches, autocast=nullcontext()):
-    """-> (share of pairs whose implicit reward log(pi/ref) ranks chosen first, pairs).
-    policy, ref: per-token log-prob functions (GPT.token_logprobs); ref None compares raw
-    log-probs (stage 1 has no reference)."""
-    hits = n = 0
+def pair_hits(policy, ref, batches, autocast=nullcontext()):
+    """-> (pairs,) bool: does the implicit reward log(pi/ref) rank chosen first? policy, ref:
+    per-token log-prob functions (GPT.token_logprobs); ref None compares raw log-probs
+    (stage 1 has no reference)."""
+    hits = []
     for b in batches:
         with autocast:
             pw, pl = data.pair_logps(policy, b)
             if ref is not None:
                 rw, rl = data.pair_logps(ref, b)
                 pw, pl = pw - rw, pl - rl
-        hits += (pw > pl).sum().item()
-        n += len(pw)
-    return hits / max(n, 1), n
+        hits.append((pw > pl).cpu())
+    return torch.cat(hits)
 
 
-def curve_batches(tok, test_rows, shots, max_shots, args, block_size, device):
-    """The first args.curve_episodes held-out episodes (0 = all) with `shots` of their
-    max_shots shots: the same queries at every shot count."""
+def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
+    """-> (hits, user ids) over the first args.curve_episodes held-out episodes (0 = all),
+    each with `shots` of its max_shots shots: the same queries at every shot count."""
     stream = data.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
-    return (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
+    batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
+    hits = pair_hits(policy, ref, batches)
+    return hits, [q.user_id for _, q in stream.episodes[:len(hits)]]
 
 
 # ----------------------------------------------------------------------------------------
 # Whole evaluation of one domain / shot count
 
 def load_models(ckpts, tok, tok_path, device):
-    """-> ({name: GPT}, {name: NLL anchor weight}, the SFT stage's shot count)."""
-    models, anchors, sft_shots = {}, {}, None
+    """-> ({name: GPT}, {name: NLL anchor weight}, {name: shots it was trained with})."""
+    models, anchors, shots = {}, {}, {}
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
         data.check_tokenizer(meta, tok, tok_path, path)
         if data.method(meta["args"]["method"]).learns == "preference" and meta["args"].get("nll"):
             anchors[m] = meta["args"]["nll"]  # the table names a preference loss with an NLL anchor
-        if m == "sft":
-            sft_shots = meta["args"].get("shots")
-    return models, anchors, sft_shots
+        shots[m] = meta["args"].get("shots")
+    return models, anchors, shots
 
 
 def shot_curve(models, rows, tok, args, device, domain, n_shots, res):
@@ -159,18 +168,18 @@ def shot_curve(models, rows, tok, args, device, domain, n_shots, res):
         raise ValueError("too few held-out rows per user for pair accuracy")
     for m in [m for m in ("fspo", "pooled") if m in models]:
         for k in [k for k in SHOT_CURVE if k <= max_shots]:
-            batches = curve_batches(tok, test_rows, k, max_shots, args, block, device)
-            acc, res["curve_pairs"] = pair_accuracy(models[m].token_logprobs, ref, batches)
-            res["pair_accuracy"].setdefault(m, {})[k] = acc
+            hits, uids = curve_hits(models[m].token_logprobs, ref, tok, test_rows, k, max_shots,
+                                    args, block, device)
+            res["pair_accuracy"].setdefault(m, {})[k] = interval(hits.tolist(), uids)
     if domain != "elix":
         return
     for d in ("easy", "hard"):
         rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
         rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
         for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
-            batches = curve_batches(tok, rows_d, n_shots, n_shots, args, block, device)
-            res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
-                pair_accuracy(models[m].token_logprobs, ref, batches)[0]
+            hits, uids = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
+                                    args, block, device)
+            res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = interval(hits.tolist(), uids)
 
 
 def win_rates(models, methods, items, users, tok, args, domain, res):
@@ -193,10 +202,8 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
         if domain == "reviews":
             groups.setdefault(users[uid].get("group", "?"), []).append(i)
     for m in methods:
-        res["win_rate"][m] = {
-            g: dict(zip(("rate", "lo", "hi", "n"),
-                        win_rate([scores[m][i] for i in idx], [scores["base"][i] for i in idx])))
-            for g, idx in groups.items()}
+        res["win_rate"][m] = {g: win_rate([scores[m][i] for i in idx], [scores["base"][i] for i in idx],
+                                          [items[i][0] for i in idx]) for g, idx in groups.items()}
     res["well_formed"] = well_formed
     for m in [m for m in methods if data.method(m).cot]:
         rec = [judge.trait_recovery(users[uid], desc or "")
@@ -208,12 +215,12 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
 
 def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
     """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
-    models, anchors, sft_shots = load_models(ckpts, tok, tok_path, device)
+    models, anchors, trained = load_models(ckpts, tok, tok_path, device)
     rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]
     if not rows:
         raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
-           "sft_shots": sft_shots}
+           "sft_shots": trained["sft"], "trained_shots": trained}
     try:
         shot_curve(models, rows, tok, args, device, domain, n_shots, res)
     except ValueError as e:
@@ -233,6 +240,55 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     return res
 
 
+def cell(c):
+    return f"{100 * c['rate']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"
+
+
+def prompt_shots(m, r):
+    """What method m's prompt held at test time: N shots, none, or the description."""
+    how = data.method(m).prompt
+    return {"shots": str(r["shots"]), "bare": "0", "description": "description"}[how]
+
+
+def win_table(r, label):
+    groups = [g for g in ("all", "trained", "interpolated") if any(g in v for v in r["win_rate"].values())]
+    lines = [f"\n### {r['domain']}, {r['shots']} shots: win rate vs base (%, 95% CI over users, "
+             "judge = user's reward)\n",
+             "| method | shots in prompt | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+    for m, wr in r["win_rate"].items():
+        trained = r.get("trained_shots", {}).get(m)
+        note = f" (trained with {trained})" if trained not in (None, r["shots"]) and \
+            data.method(m).prompt == "shots" else ""
+        cells = [f"{cell(wr[g])} (n={wr[g]['n']})" if g in wr else "-" for g in groups]
+        lines.append(f"| {label(m)} | {prompt_shots(m, r)}{note} | " + " | ".join(cells) + " |")
+    if r.get("well_formed"):
+        lines.append("\nwell-formed answers (judge quality 1.0): " + ", ".join(
+            f"{label(m)} {100 * v:.0f}%" for m, v in r["well_formed"].items()))
+    for k, v in r.items():
+        if k.endswith("trait_recovery"):
+            lines.append(f"\n{k.split('/')[0]}: written description recovers "
+                         f"{100 * v:.1f}% of the user's true traits")
+    return lines
+
+
+def curve_table(r, label):
+    ks = sorted({k for v in r["pair_accuracy"].values() for k in v})
+    lines = [f"\n### {r['domain']}: held-out pair accuracy of beta*log(pi/pi_ref) vs shots "
+             "(%, 95% CI over users)\n",
+             "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for m, acc in r["pair_accuracy"].items():
+        lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
+    n_pairs = next(iter(next(iter(r["pair_accuracy"].values())).values()))["n"]
+    lines.append(f"\nn = {n_pairs} held-out pairs of test users per figure, the same queries "
+                 "at every shot count.")
+    n, seen = r["shots"], max(r["shots"], r.get("sft_shots") or 0)
+    if max(ks) > n:  # name the longest contexts each stage was trained on
+        lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
+            f": the columns past {seen} shots are longer contexts than any training "
+            f"episode." if max(ks) > seen else "."))
+    return lines
+
+
 def format_tables(results):
     """Markdown tables in the shape of the paper's."""
     lines = []
@@ -240,47 +296,16 @@ def format_tables(results):
         def label(m):
             w = r.get("nll", {}).get(m)
             return LABELS.get(m, m) + (f" + {w:g} x NLL(chosen)" if w else "")
-        d, n = r["domain"], r["shots"]
-        groups = [g for g in ("all", "trained", "interpolated")
-                  if any(g in v for v in r["win_rate"].values())]
         if r["win_rate"]:
-            lines += [f"\n### {d}, {n} shots: win rate vs base (%, 95% CI, judge = user's reward)\n",
-                      "| method | " + " | ".join(groups) + " |",
-                      "|---|" + "---|" * len(groups)]
-            for m, wr in r["win_rate"].items():
-                cells = [f"{100 * wr[g]['rate']:.1f} [{100 * wr[g]['lo']:.1f}, "
-                         f"{100 * wr[g]['hi']:.1f}] (n={wr[g]['n']})" if g in wr else "-"
-                         for g in groups]
-                lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
-            if r.get("well_formed"):
-                lines.append("\nwell-formed answers (judge quality 1.0): " + ", ".join(
-                    f"{label(m)} {100 * v:.0f}%" for m, v in r["well_formed"].items()))
-            for k, v in r.items():
-                if k.endswith("trait_recovery"):
-                    lines.append(f"\n{k.split('/')[0]}: written description recovers "
-                                 f"{100 * v:.1f}% of the user's true traits")
+            lines += win_table(r, label)
         if r.get("pair_accuracy_by_difficulty"):
-            lines += [f"\n### {d}, {n} shots: held-out pair accuracy by query pair (%)\n",
-                      "| method | easy | hard |", "|---|---|---|"]
+            lines += [f"\n### {r['domain']}, {r['shots']} shots: held-out pair accuracy by query "
+                      "pair (%, 95% CI over users)\n", "| method | easy | hard |", "|---|---|---|"]
             for m, acc in r["pair_accuracy_by_difficulty"].items():
                 lines.append(f"| {label(m)} | " + " | ".join(
-                    f"{100 * acc[g]:.1f}" if g in acc else "-" for g in ("easy", "hard")) + " |")
+                    cell(acc[g]) if g in acc else "-" for g in ("easy", "hard")) + " |")
         if r["pair_accuracy"]:
-            ks = sorted({k for v in r["pair_accuracy"].values() for k in v})
-            lines += [f"\n### {d}: held-out pair accuracy of beta*log(pi/pi_ref) vs shots (%)\n",
-                      "| method | " + " | ".join(f"{k} shots" for k in ks) + " |",
-                      "|---|" + "---|" * len(ks)]
-            for m, acc in r["pair_accuracy"].items():
-                lines.append(f"| {label(m)} | " +
-                             " | ".join(f"{100 * acc[k]:.1f}" for k in ks) + " |")
-            if r.get("curve_pairs"):
-                lines.append(f"\nn = {r['curve_pairs']} held-out pairs per figure, the same queries "
-                             "at every shot count.")
-            if max(ks) > n:  # name the longest contexts each stage was trained on
-                seen = max(n, r.get("sft_shots") or 0)
-                lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
-                    f": the columns past {seen} shots are longer contexts than any training "
-                    f"episode." if max(ks) > seen else "."))
+            lines += curve_table(r, label)
     return "\n".join(lines)
 
 
@@ -316,7 +341,7 @@ def main(argv=None):
     p.add_argument("--prefs", default=None, help="prefs.jsonl (overrides --data/--domain)")
     p.add_argument("--users", default=None, help="users.jsonl; without it, no win rate")
     p.add_argument("--tokenizer", default=None, help="ranks file (default: the base's)")
-    p.add_argument("--shots", type=int, default=None, help="N (default: the base's)")
+    p.add_argument("--shots", type=int, default=None, help="N (default: the first --ckpt's that reads shots, else the base's)")
     p.add_argument("--out", default=None, help="where report.md and metrics.json go")
     p.add_argument("--eval-users", type=int, default=150)
     p.add_argument("--eval-questions", type=int, default=2)
@@ -334,12 +359,15 @@ def main(argv=None):
     _, base_meta = load_checkpoint(ckpt_dir(args.base))
     tok_path = args.tokenizer or base_meta["tokenizer"]
     tok = data.Tokenizer.load(tok_path)
-    n = args.shots or base_meta["args"]["shots"]
-    ckpts = {"sft": args.base}
+    ckpts, trained = {"sft": args.base}, []
     for c in args.ckpt:
         _, meta = load_checkpoint(ckpt_dir(c))
         name = meta["method"] + ("-dpo" if meta["args"].get("loss") == "dpo" else "")
         ckpts[name] = c
+        if data.method(name).prompt == "shots":
+            trained.append(meta["args"]["shots"])
+    # N is what the stage-2 methods were trained with (SFT saw a range of shot counts)
+    n = args.shots or (trained[0] if trained else base_meta["args"]["shots"])
     res = evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, args.domain, n)
     out = args.out or os.path.dirname(os.path.abspath(args.base))
     print(write_report([res], out, f"# FSPO evaluation\n\nCommand: `python eval.py "

@@ -122,18 +122,21 @@ def setup_distributed(args):
 
 
 def make_streams(args, tok, prefs_path, users_path, device):
-    """The training stream (train users) and fixed held-out batches for the running metric."""
+    """The training stream (train users) and fixed batches of validation users for the
+    running metric; test users are left for the report."""
     prefs = data.load_prefs(prefs_path)
     users = judge.load_users(users_path) if users_path else None
     m = data.method(args.method)
     if users is None and (m.cot or m.prompt == "description"):
         raise ValueError(f"--method {args.method} needs the users file (--users or --data)")
-    train_rows = data.by_user([r for r in prefs if r.split == "train"])
-    test_rows = data.by_user([r for r in prefs if r.split == "test"])
-    stream = data.EpisodeStream(tok, train_rows, users, args.method, args.shots, args.batch_size,
+    data.check_lengths(tok, prefs, args.block_size, args.method, users)
+    rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
+    if not rows["val"]:
+        raise ValueError(f"{prefs_path}: no rows with split 'val' (validation users) for the running metric")
+    stream = data.EpisodeStream(tok, rows["train"], users, args.method, args.shots, args.batch_size,
                                 args.block_size, args.seed,
                                 context=args.method == "sft" and args.context_loss)
-    held = data.EpisodeStream(tok, test_rows, users, "fspo" if args.method == "sft" else args.method,
+    held = data.EpisodeStream(tok, rows["val"], users, "fspo" if args.method == "sft" else args.method,
                               args.shots, args.batch_size, args.block_size, args.seed + 1, which="both")
     n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
     return stream, [data.to_device(held.batch(i), device) for i in range(n)]
@@ -172,8 +175,21 @@ def make_optimizer(model, args, fused):
                              lr=args.lr, betas=(0.9, 0.95), fused=fused)
 
 
-def has_checkpoint(path):
-    return os.path.exists(os.path.join(ckpt_dir(path), "config.json"))
+def saved_meta(run):
+    """config.json of the run's checkpoint, or of ckpt.old when a save crashed between its
+    two renames (model.save_checkpoint); None when there is neither."""
+    for d in (ckpt_dir(run), ckpt_dir(run) + ".old"):
+        if os.path.exists(os.path.join(d, "config.json")):
+            with open(os.path.join(d, "config.json")) as f:
+                return json.load(f)
+    return None
+
+
+def stage_inputs(args, tok, prefs_path):
+    """Fingerprints of what a stage read: a cached stage whose inputs changed is stale."""
+    init = os.path.join(ckpt_dir(args.init), "model.safetensors") if args.init else None
+    return {"prefs": data.file_sha256(prefs_path)[:16], "tokenizer": tok.sha256[:16],
+            "init": data.file_sha256(init)[:16] if init else None}
 
 
 def save_training(path, model, opt, meta):
@@ -185,11 +201,11 @@ def save_training(path, model, opt, meta):
     save_model(path, model, meta, extra)
 
 
-def resume(args, model, opt, tok, tok_path, device, metrics_path, master):
+def resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master):
     """Restore the checkpoint in --out -> its step; drop metrics logged after it."""
     saved_model, saved, tensors = load_model(ckpt_dir(args.out))
     data.check_tokenizer(saved, tok, tok_path, args.out)
-    check_recipe(saved["args"], args, args.out)
+    check_recipe(saved, args, inputs, args.out)
     model.load_state_dict(saved_model.state_dict())
     names = dict(model.named_parameters())
     for k, v in tensors.items():
@@ -198,11 +214,24 @@ def resume(args, model, opt, tok, tok_path, device, metrics_path, master):
             opt.state[names[pname]][key] = v.to(device)
     torch.set_rng_state(tensors["rng.torch"])
     if master and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            keep = [l for l in f if json.loads(l)["step"] <= saved["step"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
+        rows = read_metrics(metrics_path)
+        data.atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in rows
+                                                if r["step"] <= saved["step"]))
     return saved["step"]
+
+
+def read_metrics(path):
+    """metrics.jsonl rows. A last line without its newline (a crash mid-write) is dropped;
+    any other line that does not parse is an error naming it."""
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]  # after the last newline: nothing, or a cut line
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{i}: not a JSON metrics row") from None
+    return rows
 
 
 def train(args, tok, tok_path, prefs_path, users_path=None):
@@ -221,11 +250,17 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     ref_scorer = load_reference(args, device)
     model.train()
     opt = make_optimizer(model, args, fused=use_cuda)
-    meta = {"method": args.method, "args": vars(args), "tokenizer": tok_path,
+    inputs = stage_inputs(args, tok, prefs_path)
+    meta = {"method": args.method, "args": vars(args), "tokenizer": tok_path, "inputs": inputs,
             "tokenizer_sha256": tok.sha256, "step": 0, "done": False}
-    metrics_path, start = os.path.join(args.out, "metrics.jsonl"), 0
-    if args.resume and has_checkpoint(args.out):
-        start = resume(args, model, opt, tok, tok_path, device, metrics_path, master)
+    metrics_path, start, saved = os.path.join(args.out, "metrics.jsonl"), 0, saved_meta(args.out)
+    if saved and not args.resume:
+        raise ValueError(f"{args.out} already holds a checkpoint (step {saved['step']}"
+                         f"{', done' if saved['done'] else ''}): pass --resume to continue it, "
+                         f"or delete it to start over")
+    if saved:
+        start = resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master)
+        print(f"[resume] {args.out} from step {start}") if master else None
     elif master:
         os.makedirs(args.out, exist_ok=True)
         open(metrics_path, "w").close()
@@ -262,8 +297,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         row = {"step": step + 1, **sums, "grad_norm": grad_norm.item(), "lr": lr}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
-            acc, n = evaluation.pair_accuracy(model.token_logprobs, ref_scorer, eval_batches, autocast)
-            row.update({"eval/pair_accuracy": acc, "eval/episodes": n})
+            hits = evaluation.pair_hits(model.token_logprobs, ref_scorer, eval_batches, autocast)
+            row.update({"eval/pair_accuracy": hits.sum().item() / len(hits), "eval/episodes": len(hits)})
             model.train()
         last_acc = row.get("eval/pair_accuracy", last_acc)
         if master and ((step + 1) % args.log_every == 0 or "eval/pair_accuracy" in row):
@@ -301,25 +336,24 @@ def changed_settings(saved, now):
     return [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in now.items() if saved.get(k) != v]
 
 
-def check_recipe(saved_args, args, where):
+def check_recipe(saved, args, inputs, where):
     """Refuse to resume or reuse a checkpoint trained with another recipe (say, an older
-    preset's step count): its results would be reported under the new flags."""
-    pref = data.method(saved_args.get("method", "sft")).learns == "preference"
+    preset's step count) or on other inputs (data, tokenizer, init checkpoint): its
+    results would be reported under the new flags."""
+    pref = data.method(saved["args"].get("method", "sft")).learns == "preference"
     keys = RECIPE + (PREF_RECIPE if pref else ())
-    diff = changed_settings(saved_args, {k: getattr(args, k, None) for k in keys})
+    diff = changed_settings(saved["args"], {k: getattr(args, k, None) for k in keys})
+    diff += changed_settings(saved.get("inputs", {}), inputs)
     if diff:
-        raise ValueError(f"{where} was trained with other settings ({'; '.join(diff)}); "
+        raise ValueError(f"{where} was trained with other settings or inputs ({'; '.join(diff)}); "
                          f"delete it or pick another --out")
 
 
-def stage_done(path, args):
-    try:
-        with open(os.path.join(ckpt_dir(path), "config.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    check_recipe(meta["args"], args, path)
-    return meta.get("done", False)
+def stage_done(path, args, inputs):
+    meta = saved_meta(path)
+    if meta is not None:
+        check_recipe(meta, args, inputs, path)
+    return meta is not None and meta.get("done", False)
 
 
 def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, **over):
@@ -329,10 +363,10 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, **over):
     a.out, a.init, a.ref = out, init, None
     for k, v in over.items():
         setattr(a, k, v)
-    if stage_done(out, a):
+    if stage_done(out, a, stage_inputs(a, tok, prefs)):
         print(f"[skip] {out} exists")
         return
-    a.resume = has_checkpoint(out)
+    a.resume = True  # an unfinished stage continues where it stopped
     t0 = time.time()
     final = train(a, tok, tok_path, prefs, users)
     print(f"[{name}] {time.time() - t0:.0f}s held-out pair accuracy "
@@ -363,6 +397,22 @@ def ensure_data(args, data_dir, domains):
         synth.main(argv)
 
 
+def ensure_tokenizer(sources, vocab_size, path):
+    """The tokenizer at `path`, trained on the training rows of `sources` ((prefs, users)
+    pairs); retrained when those files or the vocabulary size changed since (path.json
+    records them), so a tokenizer from a failed run on other data is never reused."""
+    stamp = {"vocab_size": vocab_size, "data": [data.file_sha256(p)[:16] for p, _ in sources]}
+    try:
+        with open(path + ".json") as f:
+            fresh = json.load(f) == stamp and os.path.exists(path)
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        data.train_tokenizer(sources, vocab_size, path)
+        data.atomic_write(path + ".json", json.dumps(stamp) + "\n")
+    return data.Tokenizer.load(path)
+
+
 def main_job(args):
     """Data, tokenizer, then per domain and N: SFT, each stage-2 method, evaluation."""
     out = args.out or os.path.join("runs", args.preset)
@@ -371,10 +421,8 @@ def main_job(args):
     t0 = time.time()
     ensure_data(args, data_dir, domains)
     tok_path = os.path.join(out, "tokenizer.txt")
-    if not os.path.exists(tok_path):
-        data.train_tokenizer([(os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
-                              for d in domains], args.vocab_size, tok_path)
-    tok = data.Tokenizer.load(tok_path)
+    tok = ensure_tokenizer([(os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
+                            for d in domains], args.vocab_size, tok_path)
     runs = {}
     for d in domains:
         prefs = os.path.join(data_dir, d, "prefs.jsonl")
@@ -529,14 +577,17 @@ def main(argv=None):
                                               "tokenizer.txt")
     if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 trains the tokenizer
         for _ in range(600):
-            if os.path.exists(tok_path):
+            if os.path.exists(tok_path + ".json"):
                 break
             time.sleep(1)
-    if not os.path.exists(tok_path):
-        data.train_tokenizer([(prefs, users)], args.vocab_size, tok_path)
+        tok = data.Tokenizer.load(tok_path)
+    elif args.tokenizer:  # given: used as it is
+        tok = data.Tokenizer.load(tok_path)
+    else:
+        tok = ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
     args.shots = args.shots or 8
     args.steps = args.steps or stage_steps(args.method, args)
-    final = train(args, data.Tokenizer.load(tok_path), tok_path, prefs, users)
+    final = train(args, tok, tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(final))
 

@@ -330,6 +330,10 @@ def load_model(path, device="cpu"):
     """-> (GPT, meta, tensors): the one loader. Refuses a checkpoint whose weights do not
     fit the model it describes (a missing or unexpected weight)."""
     tensors, meta = load_checkpoint(path)
+    known = GPTConfig.__dataclass_fields__
+    if unknown := [k for k in meta.get("model", {}) if k not in known]:
+        raise ValueError(f"{Path(path) / 'config.json'}: field 'model' has unknown key {unknown[0]!r} "
+                         f"(known: {', '.join(known)})")
     model = GPT(GPTConfig(**meta["model"]))
     names = model_tensors(model).keys()  # lm_head is wte's Parameter: loading wte fills both
     missing = [k for k in names if k not in tensors]

@@ -173,13 +173,10 @@ def test_save_load(tok, tmp_path, corpus):
     with pytest.raises(ValueError, match="bad.bpe:2"):
         Tokenizer.load(tmp_path / "bad.bpe")
 
-def test_bpe_training_speed():
-    texts = templated_corpus(2, 5_000_000)
-    t0 = time.time()
-    ranks = train_bpe(texts, 4096)
-    dt = time.time() - t0
-    print(f"train_bpe: 5 MB -> {len(ranks) + 1} tokens in {dt:.1f}s")
-    assert dt < 15                                       # i.e. 20 MB well under a minute
+def test_bpe_training_is_deterministic_and_fills_the_vocabulary():
+    texts = templated_corpus(2, 200_000)
+    ranks = train_bpe(texts, 1024)
+    assert len(ranks) == 1023 and train_bpe(texts, 1024) == ranks
 
 # -----------------------------------------------------------------------------
 # preference files
@@ -192,10 +189,23 @@ def row(**kw):
     return {"user_id": "u1", "prompt": "q", "chosen": "a", "rejected": "b", **kw}
 
 def test_load_prefs_defaults(tmp_path):
-    p = write_lines(tmp_path / "prefs.jsonl", [row(), "", row(split="test", tags={"question_id": 3})])
+    p = write_lines(tmp_path / "prefs.jsonl", [row(split="test"), "", row(split="test", tags={"question_id": 3})])
     prefs = load_prefs(p)
-    assert prefs == [Pref("u1", "q", "a", "b", "train", {}),
-                     Pref("u1", "q", "a", "b", "test", {"question_id": 3})]
+    assert prefs == [Pref("u1", "q", "a", "b", "test", {}, f"{p}:1"),
+                     Pref("u1", "q", "a", "b", "test", {"question_id": 3}, f"{p}:3")]
+
+def test_rows_without_split_get_their_users_split(tmp_path):
+    """By a hash of the user id: the same in every run and for every row of a user, about
+    80 / 10 / 10 over many users (4,000 users: each share within 2 points)."""
+    ids = [f"user-{i}" for i in range(4000)]
+    p = write_lines(tmp_path / "prefs.jsonl", [row(user_id=u, chosen=c) for u in ids for c in "ac"])
+    prefs = load_prefs(p)
+    split = {r.user_id: r.split for r in prefs}
+    assert all(r.split == split[r.user_id] for r in prefs)
+    assert [r.split for r in load_prefs(p)] == [r.split for r in prefs]
+    share = Counter(split.values())
+    for s, want in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+        assert abs(share[s] / len(ids) - want) < 0.02, share
 
 @pytest.mark.parametrize("bad,lineno,msg", [
     ('{"user_id": "u1", "prompt": ', 2, "invalid JSON"),
@@ -204,11 +214,44 @@ def test_load_prefs_defaults(tmp_path):
     (row(rejected=""), 2, "field 'rejected' must be a non-empty string"),
     (row(tags=[1]), 2, "field 'tags'"),
     ("[1, 2]", 2, "expected a JSON object"),
+    (row(rejected="a"), 2, "field 'rejected' equals 'chosen'"),
+    (row(split="TEST"), 2, "field 'split' is 'TEST', not one of train, val, test"),
+    (row(split="validation"), 2, "field 'split' is 'validation'"),
+    (row(split="test"), 2, "field 'split': user 'u1' is 'test' here but 'train' at .*prefs.jsonl:1"),
+    ('{"user_id": "u1", "prompt": "\\ud800", "chosen": "a", "rejected": "b"}', 2, "field 'prompt' holds a lone surrogate"),
 ])
 def test_load_prefs_errors(tmp_path, bad, lineno, msg):
-    p = write_lines(tmp_path / "prefs.jsonl", [row(), bad, row()])
+    p = write_lines(tmp_path / "prefs.jsonl", [row(split="train"), bad, row(split="train")])
     with pytest.raises(ValueError, match=f"prefs.jsonl:{lineno}: {msg}"):
         load_prefs(p)
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    p = tmp_path / "prefs.jsonl"
+    p.write_bytes(json.dumps(row(split="train")).encode() + b"\n" + b'{"user_id": "u\xff"}\n')
+    with pytest.raises(ValueError, match="prefs.jsonl:2: not valid UTF-8"):
+        load_prefs(p)
+
+def test_a_row_too_long_for_the_block_fails_at_load(tmp_path):
+    t = byte_tok()
+    p = write_lines(tmp_path / "prefs.jsonl", [row(split="train"), row(split="train", chosen="x" * 300)])
+    prefs = load_prefs(p)
+    data.check_lengths(t, prefs[:1], 200)
+    with pytest.raises(ValueError, match="prefs.jsonl:2: the row does not fit --block-size 200"):
+        data.check_lengths(t, prefs, 200)
+
+def test_training_and_evaluation_prompt_with_the_same_tokens():
+    """A BPE that merges " \n" splits "? \n" differently when the header follows in the same
+    string: the test-time prompt must be the training context plus the header's tokens."""
+    import eval as evaluation
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b" \n"] = 256
+    t = Tokenizer(ranks)
+    shots = [Pref("u", "why? ", "because. ", "no. ")]
+    query = Pref("u", "how so? ", "like this.", "not so.")
+    e = encode_episode(t, shots, query, 1024)
+    ids = evaluation.prompt_ids("fspo", ("u", query, shots), {"u": {}}, t, 1024)
+    assert ids == e.ctx + e.chosen[:len(ids) - len(e.ctx)]
+    assert t.decode(ids[len(e.ctx):]) == COMPLETION_HEADER
 
 # -----------------------------------------------------------------------------
 # prompts and episodes

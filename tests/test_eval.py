@@ -1,8 +1,9 @@
 """Evaluation statistics against hand-built cases: python -m pytest -q tests/test_eval.py"""
+import itertools
 import math
-import random
 from argparse import Namespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,58 +16,69 @@ from model import GPT, GPTConfig
 def test_win_rate_hand_built_with_ties():
     ours = [3.0, 1.0, 2.0, 5.0, 0.5]
     base = [1.0, 1.0, 4.0, 2.0, 0.5]  # win, tie, loss, win, tie
-    rate, lo, hi, n = evaluation.win_rate(ours, base)
-    assert n == 5
-    assert rate == pytest.approx((1 + 0.5 + 0 + 1 + 0.5) / 5)
-    outcomes = [1, 0.5, 0, 1, 0.5]
-    var = sum((o - 0.6) ** 2 for o in outcomes) / 5
-    assert hi - rate == pytest.approx(1.96 * math.sqrt(var / 5))
-    assert lo == pytest.approx(rate - (hi - rate))
+    wr = evaluation.win_rate(ours, base, ["a", "b", "c", "d", "e"])
+    assert wr["n"] == 5 and wr["rate"] == pytest.approx((1 + 0.5 + 0 + 1 + 0.5) / 5)
+    ties = evaluation.win_rate([1.0] * 4, [1.0] * 4, ["a", "a", "b", "b"])
+    assert (ties["rate"], ties["lo"], ties["hi"]) == (0.5, 0.5, 0.5)
 
 
-def test_ci_matches_binomial_wald_interval():
-    # 70 wins out of 100, no ties: the textbook interval p +- 1.96 sqrt(p (1 - p) / n)
-    rate, lo, hi, n = evaluation.win_rate([1.0] * 70 + [0.0] * 30, [0.5] * 100)
-    assert (rate, n) == (0.7, 100)
+def test_interval_with_one_item_per_user_is_the_binomial_one():
+    # 70 wins out of 100 users: close to the textbook p +- 1.96 sqrt(p (1 - p) / n)
+    wr = evaluation.win_rate([1.0] * 70 + [0.0] * 30, [0.5] * 100, list(range(100)))
     half = 1.96 * math.sqrt(0.7 * 0.3 / 100)
-    assert lo == pytest.approx(0.7 - half) and hi == pytest.approx(0.7 + half)
-    assert lo == pytest.approx(0.6102, abs=1e-4)
+    assert wr["rate"] == 0.7 and abs(wr["lo"] - (0.7 - half)) < 0.015 and abs(wr["hi"] - (0.7 + half)) < 0.015
 
 
-def test_all_ties_is_half_and_interval_clipped():
-    assert evaluation.win_rate([1.0] * 4, [1.0] * 4)[:3] == (0.5, 0.5, 0.5)
-    rate, lo, hi, _ = evaluation.win_rate([2.0] * 3, [1.0] * 3)
-    assert (rate, lo, hi) == (1.0, 1.0, 1.0)
+def test_interval_resamples_users_not_items():
+    """Exact reference: with 3 users, the 27 equally likely resamples of users give the
+    bootstrap distribution of the pooled mean; its 2.5% / 97.5% quantiles are the interval.
+    Treating the 7 items as independent would give a much narrower one."""
+    values = [1, 1, 1, 0] + [0, 0] + [1]
+    users = ["a"] * 4 + ["b"] * 2 + ["c"]
+    per = {"a": (3, 4), "b": (0, 2), "c": (1, 1)}
+    means = sorted(sum(per[u][0] for u in pick) / sum(per[u][1] for u in pick)
+                   for pick in itertools.product("abc", repeat=3))
+    got = evaluation.interval(values, users, n_boot=20000)
+    assert got["rate"] == pytest.approx(4 / 7) and got["n"] == 7
+    assert got["lo"] == pytest.approx(np.quantile(means, 0.025, method="inverted_cdf"), abs=0.02)
+    assert got["hi"] == pytest.approx(np.quantile(means, 0.975, method="inverted_cdf"), abs=0.02)
+    two = evaluation.interval([1] * 10 + [0] * 10, ["a"] * 10 + ["b"] * 10)
+    assert (two["lo"], two["hi"]) == (0.0, 1.0)  # two users: all of one, or all of the other
 
 
-def test_pair_accuracy_counts_against_brute_force():
-    """Pair accuracy over the held-out stream equals a loop that scores each pair's chosen
-    and rejected answers as two plain sequences; curve_episodes picks how many pairs."""
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_pair_accuracy_counts_against_brute_force(k):
+    """Curve hits over the held-out stream equal a loop that writes each episode's prompt by
+    hand (the paper's markdown), encodes it byte by byte and scores chosen and rejected as
+    two plain sequences; curve_episodes picks how many pairs."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})  # one token per byte
     rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test")
             for u in range(12) for i in range(3)]
     torch.manual_seed(0)
-    policy, ref = (GPT(GPTConfig(block_size=256, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+    policy, ref = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
     args = Namespace(batch_size=2, seed=0, curve_episodes=0)
-    curve = lambda: evaluation.curve_batches(tok, by_user(rows), 1, 2, args, 256, "cpu")
-    acc, n = evaluation.pair_accuracy(policy.token_logprobs, ref.token_logprobs, curve())
-    stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17, which="both",
-                                use_shots=1)
-    assert n == stream.per_epoch * 2 == 12  # 12 users x 1 episode of 2 shots + a query
+    hits, uids = evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+                                       k, 2, args, 512, "cpu")
+    assert len(hits) == len(uids) == 12  # 12 users x 1 episode of 2 shots + a query
 
     def logp(model, ctx, y):  # summed log p(y | ctx), the sequence run alone, no packing
         with torch.no_grad():
             lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)  # (T, V)
         return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
 
-    stream.batch(0)  # draws the epoch's episodes
-    hits = 0
-    for shots, query in stream.episodes[:n]:
-        e = stream.encode(shots, query, random.Random(0))  # 1 shot: no randomness used
-        h_w = logp(policy, e.ctx, e.chosen) - logp(ref, e.ctx, e.chosen)
-        h_l = logp(policy, e.ctx, e.rejected) - logp(ref, e.ctx, e.rejected)
-        hits += h_w > h_l
-    assert acc == hits / n and 0 < hits < n  # a mix, so a flipped sign would show
+    stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17)
+    stream.batch(0)  # draws the epoch's episodes: which rows are shots is the stream's choice
+    want = []
+    for shots, q in stream.episodes[:12]:
+        text = "".join(f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
+                       f"## Dispreferred Response\n{s.rejected}\n" for i, s in enumerate(shots[:k], 1))
+        ctx = list(f"{text}# Task\nGiven the examples above, generate a preferred response to the "
+                   f"following question.\n## Question\n{q.prompt}\n".encode())
+        y_w, y_l = (list(f"## Preferred Response\n{y}".encode()) + [tok.eot_id] for y in (q.chosen, q.rejected))
+        want.append(logp(policy, ctx, y_w) - logp(ref, ctx, y_w) > logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
+        assert uids[len(want) - 1] == q.user_id
+    assert hits.tolist() == want and 0 < sum(want) < 12  # a mix, so a flipped sign would show
     args.curve_episodes = 3  # rounded up to whole batches
-    assert evaluation.pair_accuracy(policy.token_logprobs, ref.token_logprobs, curve())[1] == 4
+    assert len(evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+                                     k, 2, args, 512, "cpu")[0]) == 4

@@ -5,10 +5,12 @@ after SIGKILL, and 2-process DDP gradients against one process on the same globa
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ import torch
 import data
 import fspo
 import generate_synthetic as synth
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +130,8 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny):
     assert a == b
     wa, _ = load_checkpoint(str(full / "ckpt"))
     wb, _ = load_checkpoint(str(cut / "ckpt"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("model."))
+    assert "wte.weight" in wa and wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k != "rng.torch")
 
 
 def test_ddp_two_processes_same_gradients_as_one(tiny):
@@ -158,25 +161,119 @@ def test_ddp_two_processes_same_gradients_as_one(tiny):
 def test_tiny_fspo_learns_held_out_users_from_context(tmp_path):
     """Users who each prefer one word over another, in the generator's row format. Only the
     shots say which: FSPO must read them, so held-out pair accuracy far above chance is
-    in-context personalization, while pooled IPO (no context) stays near chance."""
+    in-context personalization, while pooled IPO (no context) stays near chance. Held-out
+    users ask questions no training user asks, and no answer repeats within a user, so the
+    query's chosen string is never in its shots: only the preferred WORD carries over.
+    Measured: FSPO 0.775, pooled 0.475 on the 80 validation episodes."""
     rng = random.Random(0)
-    words = ["alpha", "bravo", "charlie", "delta"]
+    words, fillers = ["alpha", "bravo", "charlie", "delta"], ["kilo", "lima", "mike", "oscar", "papa", "romeo"]
     with open(tmp_path / "prefs.jsonl", "w") as f:
-        for u in range(240):
+        for u in range(260):
             a, b = rng.sample(words, 2)
-            for _ in range(6):
-                f.write(json.dumps({"user_id": f"u{u}", "prompt": f"question {rng.randrange(40)}?",
-                                    "chosen": f"{a} {a}.", "rejected": f"{b} {b}.",
-                                    "split": "test" if u >= 200 else "train"}) + "\n")
+            split = "train" if u < 200 else "val" if u < 240 else "test"
+            qs = range(40) if split == "train" else range(40, 60)
+            for x in rng.sample(fillers, 6):
+                f.write(json.dumps({"user_id": f"u{u}", "prompt": f"question {rng.choice(qs)}?",
+                                    "chosen": f"{a} {x}.", "rejected": f"{b} {x}.",
+                                    "split": split}) + "\n")
     common = ["fspo.py", "--preset", "tiny", "--prefs", str(tmp_path / "prefs.jsonl"), "--shots", "2",
-              "--n-embd", "64", "--batch-size", "16", "--eval-episodes", "64", "--no-progress"]
+              "--n-embd", "64", "--batch-size", "16", "--eval-episodes", "80", "--no-progress"]
     r = run([*common, "--method", "sft", "--out", str(tmp_path / "sft"), "--steps", "60"])
     assert r.returncode == 0, r.stderr
     accs = {}
     for m in ("fspo", "pooled"):
         r = run([*common, "--method", m, "--init", str(tmp_path / "sft"), "--out", str(tmp_path / m),
-                 "--steps", "200", "--lr", "1e-3", "--eval-every", "200"])
+                 "--steps", "400", "--lr", "1e-3", "--eval-every", "400"])
         assert r.returncode == 0, r.stderr
         accs[m] = final_row(tmp_path / m)["eval/pair_accuracy"]
-    assert accs["fspo"] >= 0.85, accs
-    assert accs["pooled"] <= 0.7, accs
+    assert accs["fspo"] >= 0.7 and accs["pooled"] <= 0.6, accs
+
+
+@pytest.fixture(scope="module")
+def mine(tmp_path_factory):
+    """A plain preference file that is not called prefs.jsonl, with no users.jsonl."""
+    d = tmp_path_factory.mktemp("mine")
+    rng = random.Random(1)
+    with open(d / "mine.jsonl", "w") as f:
+        for u in range(48):
+            split = "train" if u < 32 else "val" if u < 40 else "test"
+            for i in range(6):
+                f.write(json.dumps({"user_id": f"m{u}", "prompt": f"ask {rng.randrange(9)}?",
+                                    "chosen": f"yes {i}.", "rejected": f"no {i}.", "split": split}) + "\n")
+    return d
+
+
+def mine_args(mine, out, *extra):
+    return ["fspo.py", "--preset", "tiny", "--prefs", str(mine / "mine.jsonl"), "--out", str(out),
+            "--no-progress", "--ckpt-every", "2", "--log-every", "1", *extra]
+
+
+def test_any_prefs_file_trains_its_own_tokenizer_and_a_done_stage_is_not_overwritten(mine):
+    r = run(mine_args(mine, mine / "sft", "--method", "sft", "--steps", "4"))
+    assert r.returncode == 0, r.stderr
+    tok = data.Tokenizer.load(str(mine / "tokenizer.txt"))  # <out>/../tokenizer.txt, from mine.jsonl
+    assert tok.decode(tok.encode("yes 3.")) == "yes 3." and len(tok.encode("yes")) == 1
+    r = run(mine_args(mine, mine / "sft", "--method", "sft", "--steps", "4"))
+    assert r.returncode != 0 and "already holds a checkpoint (step 4, done)" in r.stderr
+
+
+def test_a_stage_on_a_retrained_init_is_refused(mine):
+    common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
+    assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
+    r = run(mine_args(mine, mine / "pref", *common))
+    assert r.returncode == 0, r.stderr
+    shutil.rmtree(mine / "init")  # SFT retrained under the same path, with another seed
+    assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2", "--seed", "5")).returncode == 0
+    r = run(mine_args(mine, mine / "pref", *common, "--resume"))
+    assert r.returncode != 0 and "pref was trained with other settings or inputs (init:" in r.stderr
+
+
+def test_resume_after_a_crash_between_renames_and_a_cut_metrics_line(mine, monkeypatch):
+    """A save that crashed after moving ckpt to ckpt.old leaves only ckpt.old: resume from
+    it, not from step 0; a metrics line cut short by the crash is dropped, not fatal."""
+    full, cut = mine / "full", mine / "cut"
+    common = ["--method", "sft", "--steps", "6"]
+    assert run(mine_args(mine, full, *common)).returncode == 0
+    swaps, rename = [], Path.rename
+
+    def crash_at_second_swap(self, target):  # saves at steps 2, 4, 6; crash inside step 4's
+        if self.name.endswith(".tmp"):
+            swaps.append(self)
+            if len(swaps) == 2:
+                raise RuntimeError("simulated crash between the renames")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_at_second_swap)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fspo.main(mine_args(mine, cut, *common)[1:])
+    monkeypatch.undo()
+    assert not (cut / "ckpt").exists() and (cut / "ckpt.old").exists()
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # the crash cut this line short
+    r = run(mine_args(mine, cut, *common, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "from step 2" in r.stdout
+    assert final_row(full) == final_row(cut)
+    with open(full / "metrics.jsonl") as a, open(cut / "metrics.jsonl") as b:
+        assert a.read() == b.read()
+
+
+def test_unknown_model_key_in_config_json_names_file_and_key(mine):
+    assert run(mine_args(mine, mine / "cfg", "--method", "sft", "--steps", "2")).returncode == 0
+    cfg = mine / "cfg" / "ckpt" / "config.json"
+    meta = json.loads(cfg.read_text())
+    meta["model"]["n_layers"] = 3
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"cfg/ckpt/config.json: field 'model' has unknown key 'n_layers'"):
+        load_model(str(mine / "cfg" / "ckpt"))
+
+
+def test_tokenizer_is_retrained_when_its_data_changes(tmp_path):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
+                             "split": "train"}) + "\n")
+    first = fspo.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
+    assert fspo.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt")).sha256 == first.sha256
+    p.write_text(p.read_text().replace("zebra", "quokka"))
+    again = fspo.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
+    assert again.sha256 != first.sha256 and len(again.encode(" quokka")) == 1

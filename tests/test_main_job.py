@@ -10,28 +10,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--out", str(out), "--no-progress"]
+    cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--sft-shots", "3", "--out", str(out), "--no-progress"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     (res,) = metrics
-    assert res["domain"] == "roleplay"
-    for m in ("base", "prompted", "fspo", "pooled"):
+    methods = {"base", "prompted", "fspo", "pooled"}
+    assert res["domain"] == "roleplay" and res["shots"] == 2
+    assert res["trained_shots"] == {"sft": 3, "fspo": 2, "pooled": 2}
+    test_users = {json.loads(l)["user_id"] for l in open(out / "data" / "roleplay" / "prefs.jsonl")
+                  if json.loads(l)["split"] == "test"}
+    assert set(res["win_rate"]) == set(res["well_formed"]) == methods
+    for m in methods:  # eval_users 4 x eval_questions 2, from test users only
         wr = res["win_rate"][m]["all"]
-        assert 0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1 and wr["n"] > 0
-    assert res["win_rate"]["base"]["all"]["rate"] == 0.5  # base against itself: all ties
-    assert set(res["well_formed"]) == set(res["win_rate"])
+        assert 0 <= wr["lo"] <= wr["rate"] <= wr["hi"] <= 1 and wr["n"] == 2 * min(4, len(test_users))
     assert all(0 <= v <= 1 for v in res["well_formed"].values()) and "well-formed answers" in report
     for m in ("fspo", "pooled"):
         accs = res["pair_accuracy"][m]
         assert sorted(int(k) for k in accs) == [0, 1, 2, 4, 8]
-        assert all(0 <= a <= 1 for a in accs.values())
+        assert all(0 <= a["lo"] <= a["rate"] <= a["hi"] <= 1 and a["n"] > 0 for a in accs.values())
     # every table row of the report carries numbers that parse and match metrics.json
     rows = [l for l in report.splitlines() if l.startswith("| FSPO (IPO)")]
-    assert len(rows) == 2
+    assert len(rows) == 2 and rows[0].startswith("| FSPO (IPO) | 2 | ")
+    assert any(l.startswith("| IPO, no user context (pooled) | 0 | ") for l in report.splitlines())
     cells = [float(x) for x in re.findall(r"\d+\.\d+", rows[0])]
     assert cells[0] == round(100 * res["win_rate"]["fspo"]["all"]["rate"], 1)
+    assert cells[1:3] == [round(100 * res["win_rate"]["fspo"]["all"][k], 1) for k in ("lo", "hi")]
+    # eval.py on its own takes N from the stage-2 checkpoint (2), not from SFT's 0-3 range
+    base = out / "roleplay-2shot"
+    r = subprocess.run([sys.executable, "eval.py", "--base", str(base / "sft"), "--ckpt", str(base / "fspo"),
+                        "--data", str(out / "data"), "--eval-users", "2", "--out", str(tmp_path / "ev")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())[0]["shots"] == 2
     # stages are cached: a second run skips training and evaluates again
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("[skip]") == 3, r.stdout
