@@ -178,6 +178,21 @@ def train_tokenizer(sources, vocab_size, path):
     print(f"[tokenizer] {tok.n_vocab} tokens from {len(prefs)} rows in {time.time() - t0:.1f}s")
     return tok
 
+def ensure_tokenizer(sources, vocab_size, path):
+    """The tokenizer at `path`, trained on the training rows of `sources` ((prefs, users)
+    pairs); retrained when those files or the vocabulary size changed since (path.json
+    records them), so a tokenizer from a failed run on other data is never reused."""
+    stamp = {"vocab_size": vocab_size, "data": [file_sha256(p)[:16] for p, _ in sources]}
+    try:
+        with open(path + ".json") as f:
+            fresh = json.load(f) == stamp and os.path.exists(path)
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        train_tokenizer(sources, vocab_size, path)
+        atomic_write(path + ".json", json.dumps(stamp) + "\n")
+    return Tokenizer.load(path)
+
 # -----------------------------------------------------------------------------
 # preference data
 
@@ -199,7 +214,7 @@ def user_split(user_id) -> str:
     h = int(hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:8], 16) / 16 ** 8
     return "train" if h < 0.8 else "val" if h < 0.9 else "test"
 
-def parse_row(line, where) -> dict:
+def parse_row(line, where, default_user=None) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -207,6 +222,8 @@ def parse_row(line, where) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     row.setdefault("tags", {})
+    if default_user is not None:
+        row.setdefault("user_id", default_user)
     for k in ("user_id", "prompt", "chosen", "rejected", "split"):
         if k == "split" and k not in row:
             row[k] = user_split(row["user_id"])
@@ -226,9 +243,10 @@ def parse_row(line, where) -> dict:
         raise ValueError(f"{where}: field 'tags' must be an object, got {row['tags']!r:.40}")
     return row
 
-def load_prefs(path) -> list[Pref]:
+def load_prefs(path, default_user=None) -> list[Pref]:
     """JSONL rows {user_id, prompt, chosen, rejected[, split, tags]}; blank lines skipped. A
-    row without a split gets its user's (user_split). Bad input raises a ValueError naming
+    row without a split gets its user's (user_split); default_user fills a missing user_id
+    (one person's pairs). Bad input raises a ValueError naming
     file:line and field before anything is trained or written."""
     prefs, first = [], {}  # first: user_id -> (split, where) of the user's first row
     with open(path, "rb") as f:
@@ -240,7 +258,7 @@ def load_prefs(path) -> list[Pref]:
                 raise ValueError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
-            row = parse_row(line, where)
+            row = parse_row(line, where, default_user)
             split, seen = first.setdefault(row["user_id"], (row["split"], where))
             if row["split"] != split:
                 raise ValueError(f"{where}: field 'split': user {row['user_id']!r} is {row['split']!r} "
@@ -248,6 +266,17 @@ def load_prefs(path) -> list[Pref]:
             prefs.append(Pref(row["user_id"], row["prompt"], row["chosen"], row["rejected"],
                               row["split"], row["tags"], where))
     return prefs
+
+def write_splits(prefs_path, out):
+    """Print and record (out/splits.json) how many users and rows each split holds."""
+    rows = load_prefs(prefs_path)
+    counts = {s: {"users": len({r.user_id for r in rows if r.split == s}),
+                  "rows": sum(r.split == s for r in rows)} for s in SPLITS}
+    total = sum(c["users"] for c in counts.values())
+    print(f"[splits] {prefs_path}: " + ", ".join(
+        f"{s} {c['users']} users ({100 * c['users'] / total:.0f}%), {c['rows']} rows" for s, c in counts.items()))
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "splits.json"), json.dumps(counts, indent=1) + "\n")
 
 def by_user(prefs) -> dict[str, list[Pref]]:
     users = defaultdict(list)
@@ -399,10 +428,14 @@ class EpisodeStream:
         self.prefs_by_user, self.use_shots, self.context = prefs_by_user, use_shots, context
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
-        eps = make_episodes(prefs_by_user, n_shots, random.Random(seed))
+        eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
         self.per_epoch = len(eps) // batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"{len(eps)} episodes is less than one batch of {batch_size}")
+            enough = sum(len(v) > n_shots for v in prefs_by_user.values())
+            raise ValueError(
+                f"{len(eps)} episodes is less than one batch of {batch_size}: {len(prefs_by_user)} users, "
+                f"{enough} of them with the {n_shots + 1} rows an episode of {n_shots} shots + a query "
+                f"needs; add users or rows, or lower --batch-size or --shots")
         self.epoch, self.episodes = None, None
 
     def encode(self, shots, query, rng):

@@ -1,18 +1,21 @@
 """
-Evaluate FSPO checkpoints on held-out users with the ground-truth judge.
+Evaluation: held-out pair accuracy vs shots, win rates judged with each user's reward, the
+report; and answers for one person from their own labelled pairs.
 
-    python eval.py --base runs/cpu/roleplay-8shot/sft --ckpt runs/cpu/roleplay-8shot/fspo \
-                   --ckpt runs/cpu/roleplay-8shot/pooled --data runs/cpu/data --domain roleplay
+    python eval.py --base runs/cpu/roleplay-4shot/sft --ckpt runs/cpu/roleplay-4shot/fspo \
+                   --ckpt runs/cpu/roleplay-4shot/pooled --data runs/cpu/data --domain roleplay
     python eval.py --base SFT_DIR --ckpt DIR --prefs my/prefs.jsonl --users my/users.jsonl
+    python eval.py --ckpt runs/cpu/roleplay-4shot/fspo --personalize tests/data/me.jsonl \
+                   --question "How can I enjoy chess more?" [--temperature 0.8 --top-k 20]
 
-Win rate: every method writes a response (greedy, KV cache, batched) for each held-out user
+Owns the evaluation: pair accuracy (also the training loop's running metric), generation,
+win rates, the report (report.md, metrics.json, one SVG curve per domain), personalize.
+Win rate: every method writes a response (greedy, KV cache, batched) for each test user
 and held-out question, given that user's N shots; the judge scores it against the base
 model's answer to the bare question with that user's reward; ties count half.
-Pair accuracy vs shots: how often beta*log(pi/pi_ref) ranks a held-out pair correctly with
-0, 1, 2, 4, 8 shots in context: the meta-learning curve.
-Pair accuracy needs only preference rows; win rate needs users in the generator's schema.
-Owns the evaluation: the held-out pair accuracy (also the training loop's running metric),
-generation, the judge's win rates, and the report (report.md, metrics.json).
+Pair accuracy vs shots: how often beta*log(pi/pi_ref) ranks a test user's pair correctly
+with 0, 1, 2, 4, 8 shots in context: the meta-learning curve. It needs only preference
+rows; win rate needs users in the generator's schema. Intervals resample users.
 """
 import argparse
 import json
@@ -24,6 +27,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import judge
@@ -98,15 +102,16 @@ def split_response(method, text):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts, max_new_tokens, batch_size):
-    """Greedy completions of token-id prompts, batched by similar length."""
+def generate(model, tok, prompts, max_new_tokens, batch_size, desc=None, temperature=0.0,
+             top_k=None, generator=None):
+    """Completions of token-id prompts (greedy by default), batched by similar length."""
     outs = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         rows = order[s:s + batch_size]
-        new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=0.0,
-                             eos_id=tok.eot_id)
+        new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=temperature,
+                             top_k=top_k, eos_id=tok.eot_id, generator=generator)
         for i, ids in zip(rows, new):
             outs[i] = tok.decode(ids)
     return outs
@@ -163,14 +168,18 @@ def shot_curve(models, rows, tok, args, device, domain, n_shots, res):
     test_rows, ref = data.by_user(rows), models["sft"].token_logprobs
     block = models["sft"].config.block_size
     # the curve's queries are the same for every k: episodes of the largest k the data allows
-    max_shots = min(max(SHOT_CURVE), max(len(v) for v in test_rows.values()) - 1)
-    if max_shots < 1 or sum(len(v) // (max_shots + 1) for v in test_rows.values()) < args.batch_size:
-        raise ValueError("too few held-out rows per user for pair accuracy")
-    for m in [m for m in ("fspo", "pooled") if m in models]:
-        for k in [k for k in SHOT_CURVE if k <= max_shots]:
-            hits, uids = curve_hits(models[m].token_logprobs, ref, tok, test_rows, k, max_shots,
-                                    args, block, device)
-            res["pair_accuracy"].setdefault(m, {})[k] = interval(hits.tolist(), uids)
+    episodes = lambda k: sum(-(-len(v) // (k + 1)) for v in test_rows.values() if len(v) > k)
+    fits = [k for k in SHOT_CURVE if k >= 1 and episodes(k) >= args.batch_size]
+    if not fits:
+        raise ValueError(f"pair accuracy needs {args.batch_size} episodes (one batch) of test users "
+                         f"with at least 2 rows each (1 shot + a query): {len(test_rows)} test users "
+                         f"give {episodes(1)}")
+    max_shots = max(fits)
+    cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
+    for m, k in tqdm(cells, desc=f"pair accuracy {domain}", disable=args.no_progress, leave=False):
+        hits, uids = curve_hits(models[m].token_logprobs, ref, tok, test_rows, k, max_shots,
+                                args, block, device)
+        res["pair_accuracy"].setdefault(m, {})[k] = interval(hits.tolist(), uids)
     if domain != "elix":
         return
     for d in ("easy", "hard"):
@@ -190,7 +199,7 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
         model = models[data.method(m).model or m]
         limit = model.config.block_size - args.max_new_tokens
         texts = generate(model, tok, [prompt_ids(m, it, users, tok, limit) for it in items],
-                         args.max_new_tokens, args.gen_batch)
+                         args.max_new_tokens, args.gen_batch, desc=None if args.no_progress else f"answers {m}")
         responses[m] = [split_response(m, t) for t in texts]
         # read each answer once: its features give both the user's reward and its quality
         feats = [j.read(q.prompt, resp) for j, (_, q, _), (_, resp) in zip(judges, items, responses[m])]
@@ -227,6 +236,9 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
         raise ValueError(f"{prefs_path}: {e}") from None
     users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
     if users is None:
+        res["no_win_rate"] = ("no win rate and no reference learner: both need a users.jsonl in the "
+                              "generator's schema (a judge that can score any answer for these users); "
+                              "pair accuracy needs only the preference rows")
         return res
     test_rows = data.by_user(rows)
     unknown = sorted(set(test_rows) - set(users))
@@ -306,34 +318,99 @@ def format_tables(results):
                     cell(acc[g]) if g in acc else "-" for g in ("easy", "hard")) + " |")
         if r["pair_accuracy"]:
             lines += curve_table(r, label)
+        if r.get("curve_svg"):
+            lines.append(f"\n![{r['domain']}: pair accuracy vs shots]({r['curve_svg']})")
+        if r.get("no_win_rate"):
+            lines.append(f"\n{r['domain']}: {r['no_win_rate']}.")
     return "\n".join(lines)
 
 
+def curve_svg(r, label):
+    """The pair-accuracy-vs-shots curve as an SVG (a line per method, 95% interval bars)."""
+    rows = r["pair_accuracy"]
+    ks = sorted({k for v in rows.values() for k in v})
+    W, H, L, B = 520, 300, 50, 40  # size and the left / bottom margins, in pixels
+    x = lambda i: L + (W - L - 150) * i / max(1, len(ks) - 1)
+    y = lambda a: H - B - (H - B - 20) * a  # accuracy 0..1 -> pixels, 1 at the top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>']
+    for a in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f'<line x1="{L}" x2="{W - 150}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#ddd"/>'
+                   f'<text x="{L - 8}" y="{y(a) + 4:.1f}" text-anchor="end">{100 * a:.0f}</text>')
+    for i, k in enumerate(ks):
+        out.append(f'<text x="{x(i):.1f}" y="{H - B + 18}" text-anchor="middle">{k}</text>')
+    out.append(f'<text x="{(W - 150 + L) / 2:.0f}" y="{H - 6}" text-anchor="middle">shots in context</text>'
+               f'<text x="14" y="{(H - B) / 2:.0f}" transform="rotate(-90 14 {(H - B) / 2:.0f})" '
+               f'text-anchor="middle">held-out pair accuracy (%)</text>')
+    for j, (m, acc) in enumerate(rows.items()):
+        color = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")[j % 4]
+        pts = [(x(i), acc[k]) for i, k in enumerate(ks) if k in acc]
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="' +
+                   " ".join(f"{px:.1f},{y(a['rate']):.1f}" for px, a in pts) + '"/>')
+        for px, a in pts:
+            out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{y(a["lo"]):.1f}" y2="{y(a["hi"]):.1f}" '
+                       f'stroke="{color}"/><circle cx="{px:.1f}" cy="{y(a["rate"]):.1f}" r="3" fill="{color}"/>')
+        out.append(f'<text x="{W - 140}" y="{30 + 18 * j}" fill="{color}">{label(m)[:24]}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
 def write_report(results, out, header):
-    body = header + "\n" + format_tables(results) + "\n"
     os.makedirs(out, exist_ok=True)
+    for r in results:  # one picture per domain and N, referenced by the report
+        if r["pair_accuracy"]:
+            r["curve_svg"] = f"curve-{r['domain']}-{r['shots']}shot.svg"
+            data.atomic_write(os.path.join(out, r["curve_svg"]), curve_svg(r, lambda m: LABELS.get(m, m)))
+    body = header + "\n" + format_tables(results) + "\n"
     data.atomic_write(os.path.join(out, "report.md"), body)
     data.atomic_write(os.path.join(out, "metrics.json"), json.dumps(results, indent=1) + "\n")
     return body
 
 
-def evaluate_runs(runs, data_dir, tok, tok_path, args, out):
-    """Main-job entry: runs is {(domain, n_shots): {method: ckpt dir}}."""
-    device = args.device
-    results = []
-    for (d, n), ckpts in runs.items():
-        results.append(evaluate(ckpts, os.path.join(data_dir, d, "prefs.jsonl"),
-                                os.path.join(data_dir, d, "users.jsonl"), tok, tok_path,
-                                args, device, d, n))
-    header = (f"# FSPO report ({args.preset} preset)\n\nCommand: `python fspo.py"
-              f"{'' if args.preset in ('cpu', 'gpu') else ' --preset ' + args.preset}`\n\n"
+def evaluate_runs(runs, tok, tok_path, args, out):
+    """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}."""
+    results = [evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, d, n)
+               for (d, n), (ckpts, prefs, users) in runs.items()]
+    header = (f"# FSPO report ({args.preset} preset)\n\nCommand: `python fspo.py "
+              f"{' '.join(sys.argv[1:])}`\n\n"
               f"Configuration: {json.dumps({k: v for k, v in vars(args).items() if v is not None})}\n")
     return write_report(results, out, header)
 
 
+def personalize(args):
+    """Answer for one person: the trained model reads their labelled pairs as shots; the base
+    model answers the bare question beside it."""
+    model, meta, _ = load_model(ckpt_dir(args.ckpt[0]), args.device)
+    base = load_model(ckpt_dir(args.base or meta["args"]["init"]), args.device)[0]
+    tok_path = args.tokenizer or meta["tokenizer"]
+    tok = data.Tokenizer.load(tok_path)
+    data.check_tokenizer(meta, tok, tok_path, args.ckpt[0])
+    name = meta["method"]
+    if data.method(name).prompt != "shots":
+        raise SystemExit(f"{args.ckpt[0]}: a {name} model does not read pairs (personalize needs fspo, "
+                         f"pref-ft or cot)")
+    pairs = data.load_prefs(args.personalize, default_user="me")
+    if args.questions:
+        with open(args.questions, encoding="utf-8") as f:
+            questions = [q.strip() for q in f if q.strip()]
+    else:
+        questions = [args.question]
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    for who, m, shots in ((name, model, pairs), ("base", base, [])):
+        head = tok.encode(data.header(who))
+        limit = m.config.block_size - args.max_new_tokens - len(head)
+        prompts = [data.prompt_tokens(tok, who, shots, q, limit)[0] + head for q in questions]
+        texts = generate(m, tok, prompts, args.max_new_tokens, args.gen_batch, None,
+                         args.temperature, args.top_k, g)
+        for q, t in zip(questions, texts):
+            desc, resp = split_response(who, t)
+            who_line = f"{LABELS.get(who, who)}, reading {len(pairs)} pairs" if shots else LABELS["base"]
+            print(f"Q: {q}\n[{who_line}]" + (f"\n  (user description: {desc})" if desc else "") +
+                  f"\n  {resp}\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="the SFT checkpoint (base and reference)")
+    p.add_argument("--base", default=None, help="the SFT checkpoint (base and reference)")
     p.add_argument("--ckpt", action="append", default=[],
                    help="checkpoint to evaluate; its method is read from its config.json")
     p.add_argument("--data", default=None, help="generator output dir")
@@ -352,7 +429,19 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--personalize", default=None,
+                   help="JSONL of one person's pairs (prompt, chosen, rejected): print the first "
+                        "--ckpt's answers for them, and the base model's (--base, default its init)")
+    p.add_argument("--question", default="What should a beginner know about chess?")
+    p.add_argument("--questions", default=None, help="a file of questions, one per line")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
     args = p.parse_args(argv)
+    if args.personalize:
+        return personalize(args)
+    if args.base is None:
+        raise SystemExit("eval.py: --base is required (the SFT checkpoint)")
     args.preset = "custom"
     prefs = args.prefs or os.path.join(args.data or "data", args.domain, "prefs.jsonl")
     users = args.users or os.path.join(os.path.dirname(prefs), "users.jsonl")

@@ -133,11 +133,17 @@ def make_streams(args, tok, prefs_path, users_path, device):
     rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
     if not rows["val"]:
         raise ValueError(f"{prefs_path}: no rows with split 'val' (validation users) for the running metric")
-    stream = data.EpisodeStream(tok, rows["train"], users, args.method, args.shots, args.batch_size,
-                                args.block_size, args.seed,
-                                context=args.method == "sft" and args.context_loss)
-    held = data.EpisodeStream(tok, rows["val"], users, "fspo" if args.method == "sft" else args.method,
-                              args.shots, args.batch_size, args.block_size, args.seed + 1, which="both")
+    try:
+        stream = data.EpisodeStream(tok, rows["train"], users, args.method, args.shots, args.batch_size,
+                                    args.block_size, args.seed,
+                                    context=args.method == "sft" and args.context_loss)
+    except ValueError as e:
+        raise ValueError(f"{prefs_path}: split 'train': {e}") from None
+    try:
+        held = data.EpisodeStream(tok, rows["val"], users, "fspo" if args.method == "sft" else args.method,
+                                  args.shots, args.batch_size, args.block_size, args.seed + 1, which="both")
+    except ValueError as e:
+        raise ValueError(f"{prefs_path}: split 'val' (the running metric): {e}") from None
     n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
     return stream, [data.to_device(held.batch(i), device) for i in range(n)]
 
@@ -397,36 +403,24 @@ def ensure_data(args, data_dir, domains):
         synth.main(argv)
 
 
-def ensure_tokenizer(sources, vocab_size, path):
-    """The tokenizer at `path`, trained on the training rows of `sources` ((prefs, users)
-    pairs); retrained when those files or the vocabulary size changed since (path.json
-    records them), so a tokenizer from a failed run on other data is never reused."""
-    stamp = {"vocab_size": vocab_size, "data": [data.file_sha256(p)[:16] for p, _ in sources]}
-    try:
-        with open(path + ".json") as f:
-            fresh = json.load(f) == stamp and os.path.exists(path)
-    except (OSError, ValueError):
-        fresh = False
-    if not fresh:
-        data.train_tokenizer(sources, vocab_size, path)
-        data.atomic_write(path + ".json", json.dumps(stamp) + "\n")
-    return data.Tokenizer.load(path)
-
-
 def main_job(args):
-    """Data, tokenizer, then per domain and N: SFT, each stage-2 method, evaluation."""
+    """Data, tokenizer, then per domain and N: SFT, each stage-2 method, evaluation. With
+    --prefs, the user's own file is the one domain (named after it) and nothing is generated."""
     out = args.out or os.path.join("runs", args.preset)
-    data_dir = args.data or os.path.join(out, "data")
-    domains = args.domains.split(",")
     t0 = time.time()
-    ensure_data(args, data_dir, domains)
+    if args.prefs:
+        name = os.path.splitext(os.path.basename(args.prefs))[0]
+        sources = {name: (args.prefs, args.users)}
+        data.write_splits(args.prefs, out)
+    else:
+        data_dir = args.data or os.path.join(out, "data")
+        ensure_data(args, data_dir, args.domains.split(","))
+        sources = {d: (os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
+                   for d in args.domains.split(",")}
     tok_path = os.path.join(out, "tokenizer.txt")
-    tok = ensure_tokenizer([(os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
-                            for d in domains], args.vocab_size, tok_path)
+    tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path)
     runs = {}
-    for d in domains:
-        prefs = os.path.join(data_dir, d, "prefs.jsonl")
-        users = os.path.join(data_dir, d, "users.jsonl")
+    for d, (prefs, users) in sources.items():
         for n in [args.shots] if args.shots else SHOTS[d]:
             base = os.path.join(out, f"{d}-{n}shot")
             ckpts = {"sft": os.path.join(base, "sft")}
@@ -437,8 +431,8 @@ def main_job(args):
                 run_stage(args, tok, tok_path, m, ckpts[m], prefs, users,
                           init=ckpts[data.method(m).init], shots=n,
                           steps=stage_steps(m.removesuffix("-dpo"), args), lr=args.pref_lr)
-            runs[(d, n)] = ckpts
-    report = evaluation.evaluate_runs(runs, data_dir, tok, tok_path, args, out)
+            runs[(d, n)] = (ckpts, prefs, users)
+    report = evaluation.evaluate_runs(runs, tok, tok_path, args, out)
     print(report)
     print(f"[done] main job took {time.time() - t0:.0f}s; report in {out}/report.md")
 
@@ -485,8 +479,9 @@ def stage_flags(a):
     a("--out", default=None, help="run dir (main job) or checkpoint dir (one stage)")
     a("--data", default=None, help="synthetic data dir (main job default: <out>/data)")
     a("--domain", default="roleplay", help="domain subdir of --data for one stage")
-    a("--prefs", default=None, help="explicit prefs.jsonl (overrides --data/--domain)")
-    a("--users", default=None, help="explicit users.jsonl (cot, oracle, evaluation)")
+    a("--prefs", default=None, help="a preference JSONL of your own, any name (overrides --data/--domain; "
+                                    "the main job trains and evaluates on it alone)")
+    a("--users", default=None, help="users.jsonl in the generator's schema (cot, oracle, win rate)")
     a("--tokenizer", default=None, help="ranks file (default <out>/../tokenizer.txt)")
     a("--init", default=None, help="checkpoint to start from (stage 2); also the reference")
     a("--ref", default=None, help="reference checkpoint if not --init")
@@ -584,7 +579,7 @@ def main(argv=None):
     elif args.tokenizer:  # given: used as it is
         tok = data.Tokenizer.load(tok_path)
     else:
-        tok = ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
+        tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
     args.shots = args.shots or 8
     args.steps = args.steps or stage_steps(args.method, args)
     final = train(args, tok, tok_path, prefs, users)

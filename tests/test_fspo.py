@@ -272,8 +272,8 @@ def test_tokenizer_is_retrained_when_its_data_changes(tmp_path):
     p = tmp_path / "prefs.jsonl"
     p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
                              "split": "train"}) + "\n")
-    first = fspo.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
-    assert fspo.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt")).sha256 == first.sha256
+    first = data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
+    assert data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt")).sha256 == first.sha256
     p.write_text(p.read_text().replace("zebra", "quokka"))
-    again = fspo.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
+    again = data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
     assert again.sha256 != first.sha256 and len(again.encode(" quokka")) == 1

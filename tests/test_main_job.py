@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,3 +54,31 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
     assert r.returncode != 0 and "roleplay-2shot/fspo" in r.stderr and "steps: 20 there, 21 now" in r.stderr
     r = subprocess.run(cmd + ["--synth", "--writers 2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "stats.json" in r.stderr and "writers: 3 there, 2 now" in r.stderr
+
+
+def test_your_own_users_file_trains_evaluates_and_personalizes(tmp_path):
+    """tests/data/byo.jsonl has only user_id, prompt, chosen, rejected (40 users x 12 rows):
+    the main job splits it by user, reports pair accuracy with intervals and a picture, says
+    why there is no win rate; eval.py --personalize answers for a new person's pairs."""
+    out = tmp_path / "byo"
+    cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--prefs", "tests/data/byo.jsonl", "--out",
+           str(out), "--sft-steps", "10", "--pref-steps", "6", "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    splits = json.loads((out / "splits.json").read_text())
+    assert sum(s["users"] for s in splits.values()) == 40 and sum(s["rows"] for s in splits.values()) == 480
+    assert all(splits[s]["users"] > 0 for s in ("train", "val", "test"))
+    (res,) = json.loads((out / "metrics.json").read_text())
+    assert res["domain"] == "byo" and res["win_rate"] == {} and "no win rate" in res["no_win_rate"]
+    report = (out / "report.md").read_text()
+    assert "| FSPO (IPO) | " in report and "![byo: pair accuracy vs shots](curve-byo-2shot.svg)" in report
+    svg = ET.parse(out / "curve-byo-2shot.svg").getroot()
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 and all(len(l.get("points").split()) == 5 for l in lines)  # 0..8 shots
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "byo-2shot" / "fspo"), "--personalize",
+                        "tests/data/me.jsonl", "--question", "How can I enjoy chess more?",
+                        "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Q: How can I enjoy chess more?") == 2
+    assert "[FSPO (IPO), reading 4 pairs]" in r.stdout and "[base (SFT, no context)]" in r.stdout
