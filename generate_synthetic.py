@@ -519,6 +519,7 @@ def write_atomic(path, lines):
 
 def generate(name, cfg, out_dir):
     """Generate one domain into out_dir/<name>/ and return its stats."""
+    _init_worker(cfg)  # this process reads the config too: diversity_ablation draws styles with it
     dom = DOMAINS[name]
     n_users, n_pairs = cfg.sizes[name]
     items = dom.items_for(cfg.seed)
@@ -538,7 +539,6 @@ def generate(name, cfg, out_dir):
             pool = multiprocessing.Pool(cfg.workers, _init_worker, (cfg,))
             results = pool.imap(make_user, jobs, chunksize=8)
         else:
-            _init_worker(cfg)
             pool, results = None, map(make_user, jobs)
         for user_line, rows, n, sample in tqdm(results, total=len(jobs), desc=name, disable=None, leave=False):
             users.append((user_line, n))

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -14,6 +16,7 @@ import generate_synthetic as gs
 import judge
 
 DOMAINS = ("roleplay", "elix", "reviews")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(out, *flags, domain="all"):
@@ -114,6 +117,18 @@ def test_same_seed_same_bytes_whatever_the_worker_count(tiny, tmp_path):
     gs.main(["--domain", "elix", "--out", str(tmp_path / "seed4"), "--scale", "tiny", "--seed", "4"])
     with open(os.path.join(tiny, "elix", "prefs.jsonl")) as a, open(tmp_path / "seed4" / "elix" / "prefs.jsonl") as b:
         assert a.read() != b.read()
+
+
+def test_narrowed_axes_same_bytes_whatever_the_worker_count(tmp_path):
+    """--axes lives in the run's config, which the parent process reads too (diversity stats); each
+    run is a fresh process so no earlier run's config is left in the module."""
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    for out, w in ((one, "1"), (two, "2")):
+        subprocess.run([sys.executable, "generate_synthetic.py", "--domain", "roleplay", "--out", str(out),
+                        "--scale", "tiny", "--seed", "3", "--axes", "formality,confidence,format", "--workers", w],
+                       check=True, capture_output=True, cwd=ROOT)
+    for name in ("users.jsonl", "prefs.jsonl", "stats.json"):
+        assert (one / "roleplay" / name).read_bytes() == (two / "roleplay" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
