@@ -17,7 +17,9 @@ pairs are relabelled (--no-refine). Its diversity devices: several viewpoints pe
 (--no-views) and several template families, "writers" (--writers K).
 
 Output per domain: <out>/<domain>/users.jsonl, prefs.jsonl (prompt, chosen, rejected, split, tags)
-and stats.json (counts, label entropy, diversity). Held-out users only see held-out questions.
+and stats.json (counts per split, label entropy, diversity). Splits: "train" users train; the held-out
+users are halved into "val" (the training-time metric and any tuning) and "test" (the report), and
+both see only held-out questions.
 API used by training and evaluation (from judge.py): load_users(path), score(user, prompt, response),
 trait_summary(user), summary_for_response(user, prompt, response), trait_recovery(user, text).
 """
@@ -48,10 +50,15 @@ NAMES = ("Ava Ben Chloe Dev Elena Farid Grace Hiro Ines Jamal Kira Leo Maya Nico
          "Rosa Sam Tariq Uma Victor Wen Xena Yusuf Zoe Arjun Bea Carlos Dana Emil Fatima").split()
 
 
+SPLITS = ("train", "val", "test")  # val: training-time metric and tuning; test: the report
+
+
 def held_out_blocks(n, size, fraction, rng):
-    """Indices of the blocks of `size` consecutive users that are held out (at least one)."""
+    """{block: "val" or "test"} for the blocks of `size` consecutive users that are held out: at
+    least two, the first half of a random order (rounded down) validation, the rest test."""
     blocks = n // size
-    return set(rng.sample(range(blocks), max(1, round(fraction * blocks))))
+    held = rng.sample(range(blocks), max(2, round(fraction * blocks)))
+    return {b: "val" if k < len(held) // 2 else "test" for k, b in enumerate(held)}
 
 
 class Writer:
@@ -207,8 +214,8 @@ class Roleplay(Writer, judge.Roleplay):
         return [self.render(meta, qid, st, view, writer) for st in (a, b)], {}
 
     def roster(self, n, rng):
-        test = held_out_blocks(n, 1, 0.1, rng)
-        return [(i, "test" if i in test else "train", "persona", None) for i in range(n)]
+        held = held_out_blocks(n, 1, 0.1, rng)
+        return [(i, held.get(i, "train"), "persona", None) for i in range(n)]
 
 
 # ---------------------------------------------------------------- elix
@@ -295,8 +302,8 @@ class Elix(Writer, judge.Elix):
         return texts, {"difficulty": "easy" if easy else "hard"}
 
     def roster(self, n, rng):
-        test = held_out_blocks(n, 5, 0.1, rng)  # whole blocks of five, one user per level
-        return [(i, "test" if i // 5 in test else "train", EX_LEVELS[i % 5], None) for i in range(n)]
+        held = held_out_blocks(n, 5, 0.1, rng)  # whole blocks of five, one user per level
+        return [(i, held.get(i // 5, "train"), EX_LEVELS[i % 5], None) for i in range(n)]
 
 
 # ---------------------------------------------------------------- reviews
@@ -381,9 +388,9 @@ class Reviews(Writer, judge.Reviews):
 
     def roster(self, n, rng):
         n_int = n // 5  # interpolated users are all held out; trained ones in blocks of four, one per type
-        test = held_out_blocks(n - n_int, 4, 0.125, rng)
-        return [(i, "test" if i // 4 in test else "train", "trained", RV_TYPES[i % 4]) for i in range(n - n_int)] + \
-               [(i, "test", "interpolated", RV_INTERPOLATED[i % 4]) for i in range(n - n_int, n)]
+        held = held_out_blocks(n - n_int, 4, 0.125, rng)
+        return [(i, held.get(i // 4, "train"), "trained", RV_TYPES[i % 4]) for i in range(n - n_int)] + \
+               [(i, ("val", "test")[i // 4 % 2], "interpolated", RV_INTERPOLATED[i % 4]) for i in range(n - n_int, n)]
 
 
 DOMAINS = {d.name: d for d in (Roleplay(), Elix(), Reviews())}
@@ -519,6 +526,7 @@ def write_atomic(path, lines):
 
 def generate(name, cfg, out_dir):
     """Generate one domain into out_dir/<name>/ and return its stats."""
+    _init_worker(cfg)  # this process reads the config too: diversity_ablation draws styles with it
     dom = DOMAINS[name]
     n_users, n_pairs = cfg.sizes[name]
     items = dom.items_for(cfg.seed)
@@ -526,8 +534,8 @@ def generate(name, cfg, out_dir):
     # held-out questions: roleplay holds out whole questions, elix and reviews whole concepts or movies
     keys = sorted({dom.split_key(it) for it in items})
     test_keys = set(rng.sample(keys, round(TEST_Q_FRAC * len(keys))))
-    cfg.pools[name] = {s: [it for it in items if (dom.split_key(it) in test_keys) == (s == "test")]
-                       for s in ("train", "test")}
+    cfg.pools[name] = {s: [it for it in items if (dom.split_key(it) in test_keys) == (s != "train")]
+                       for s in SPLITS}  # val and test users share the held-out questions
     jobs = [(name, i, split, group, kind, n_pairs) for i, split, group, kind in dom.roster(n_users, rng)]
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
@@ -538,7 +546,6 @@ def generate(name, cfg, out_dir):
             pool = multiprocessing.Pool(cfg.workers, _init_worker, (cfg,))
             results = pool.imap(make_user, jobs, chunksize=8)
         else:
-            _init_worker(cfg)
             pool, results = None, map(make_user, jobs)
         for user_line, rows, n, sample in tqdm(results, total=len(jobs), desc=name, disable=None, leave=False):
             users.append((user_line, n))
@@ -552,16 +559,16 @@ def generate(name, cfg, out_dir):
             pool.join()
     os.replace(prefs_path + ".tmp", prefs_path)
     write_atomic(os.path.join(folder, "users.jsonl"), [u for u, _ in users])
-    rows_split = {s: sum(n["rows"] for (_, n), job in zip(users, jobs) if job[2] == s) for s in ("train", "test")}
+    rows_split = {s: sum(n["rows"] for (_, n), job in zip(users, jobs) if job[2] == s) for s in SPLITS}
     per_user = [n["rows"] for _, n in users]
     groups = {}
     for job in jobs:
         key = job[4] or job[3]
-        groups.setdefault(key, {"train": 0, "test": 0})[job[2]] += 1
+        groups.setdefault(key, dict.fromkeys(SPLITS, 0))[job[2]] += 1
     stats = {
         "domain": name, "seed": cfg.seed,
         "config": recipe(cfg, name),
-        "users": {s: sum(j[2] == s for j in jobs) for s in ("train", "test")}, "groups": groups,
+        "users": {s: sum(j[2] == s for j in jobs) for s in SPLITS}, "groups": groups,
         "questions": {s: len(v) for s, v in cfg.pools[name].items()},
         "rows": rows_split, "rows_total": sum(per_user),
         "rows_per_user": {"min": min(per_user), "mean": round(sum(per_user) / len(per_user), 2), "max": max(per_user)},
@@ -655,9 +662,10 @@ def main(argv=None):
     for name in names:
         t0 = time.time()
         s = generate(name, cfg, cfg.out)
-        print(f"{name}: {s['users']['train']}+{s['users']['test']} users, "
-              f"{s['rows']['train']}+{s['rows']['test']} rows (train+test) in {time.time() - t0:.1f}s | label entropy {s['label_entropy_initial']} -> "
-              f"{s['label_entropy']} nats | agreement {s['label_agreement']} | similarity {s['diversity']}")
+        users, rows = ("+".join(str(s[k][sp]) for sp in SPLITS) for k in ("users", "rows"))
+        print(f"{name}: {users} users, {rows} rows (train+val+test) in {time.time() - t0:.1f}s | label entropy "
+              f"{s['label_entropy_initial']} -> {s['label_entropy']} nats | agreement {s['label_agreement']} | "
+              f"similarity {s['diversity']}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -14,6 +16,7 @@ import generate_synthetic as gs
 import judge
 
 DOMAINS = ("roleplay", "elix", "reviews")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(out, *flags, domain="all"):
@@ -116,12 +119,26 @@ def test_same_seed_same_bytes_whatever_the_worker_count(tiny, tmp_path):
         assert a.read() != b.read()
 
 
+def test_narrowed_axes_same_bytes_whatever_the_worker_count(tmp_path):
+    """--axes lives in the run's config, which the parent process reads too (diversity stats); each
+    run is a fresh process so no earlier run's config is left in the module."""
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    for out, w in ((one, "1"), (two, "2")):
+        subprocess.run([sys.executable, "generate_synthetic.py", "--domain", "roleplay", "--out", str(out),
+                        "--scale", "tiny", "--seed", "3", "--axes", "formality,confidence,format", "--workers", w],
+                       check=True, capture_output=True, cwd=ROOT)
+    for name in ("users.jsonl", "prefs.jsonl", "stats.json"):
+        assert (one / "roleplay" / name).read_bytes() == (two / "roleplay" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_splits_do_not_leak(domain, tiny):
+    """Training users and questions never reach val or test; val and test are disjoint halves of the
+    held-out users and both ask only held-out questions."""
     users = gs.load_users(os.path.join(tiny, domain))
     rows = read_jsonl(os.path.join(tiny, domain, "prefs.jsonl"))
     split_of = {uid: u["split"] for uid, u in users.items()}
-    assert set(split_of.values()) == {"train", "test"}
+    assert set(split_of.values()) == set(gs.SPLITS)
     by_split = defaultdict(lambda: defaultdict(set))
     for r in rows:
         assert r["split"] == split_of[r["user_id"]]
@@ -129,15 +146,29 @@ def test_splits_do_not_leak(domain, tiny):
             by_split[r["split"]][key].add(r[key])
         by_split[r["split"]]["question_id"].add(r["tags"]["question_id"])
         by_split[r["split"]]["text"] |= {r["chosen"], r["rejected"]}
-    for key in ("user_id", "prompt", "question_id", "text"):
-        assert not by_split["train"][key] & by_split["test"][key], key
+    for held in ("val", "test"):
+        for key in ("user_id", "prompt", "question_id", "text"):
+            assert not by_split["train"][key] & by_split[held][key], (held, key)
+    assert not by_split["val"]["user_id"] & by_split["test"]["user_id"]
     per_user = defaultdict(int)
     for r in rows:
         per_user[r["user_id"]] += 1
     assert set(per_user) == set(users) and min(per_user.values()) >= 9
+    counts = stats(tiny, domain)["users"]
+    assert counts == {sp: sum(s == sp for s in split_of.values()) for sp in gs.SPLITS}
+    assert abs(counts["val"] - counts["test"]) <= 5  # halves, up to one block of users
     if domain == "reviews":
-        assert {u["split"] for u in users.values() if u["group"] == "interpolated"} == {"test"}
-        assert {u["type"] for u in users.values() if u["split"] == "test"} == set(gs.RV_TYPES + gs.RV_INTERPOLATED)
+        assert {u["split"] for u in users.values() if u["group"] == "interpolated"} == {"val", "test"}
+        for held in ("val", "test"):
+            assert {u["type"] for u in users.values() if u["split"] == held} == set(gs.RV_TYPES + gs.RV_INTERPOLATED)
+
+
+def test_held_out_blocks_halve_into_val_and_test():
+    for n, size, fraction in ((1500, 1, 0.1), (550, 5, 0.1), (40, 5, 0.1), (20, 1, 0.1)):
+        held = gs.held_out_blocks(n, size, fraction, random.Random(n))
+        assert held == gs.held_out_blocks(n, size, fraction, random.Random(n))  # deterministic in the seed
+        assert len(held) == max(2, round(fraction * (n // size))) and set(held) <= set(range(n // size))
+        assert sorted(held.values()).count("val") == len(held) // 2 and set(held.values()) == {"val", "test"}
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
