@@ -485,33 +485,33 @@ def reference_pair_credit(domain, shots, query, w_population, l2):
 
 
 def reference_curve(folder, l2=L2, seed=0):
-    """{(split, family): {"users": n, k: mean credit}} over every held-out row as a query, with k shots
-    drawn from the same user's other rows; family "all" pools a split. The population learner is
-    fitted on the train split."""
+    """{(split, group): {"users": n, k: mean credit}} over every held-out row as a query, with k shots
+    drawn from the same user's other rows. Groups: each family, "seen" and "unseen" (families with and
+    without training users) and "all". The population learner is fitted on the train split."""
     users = load_users(folder)
     with open(os.path.join(folder, "prefs.jsonl")) as f:
         rows = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
     domain = next(iter(users.values()))["domain"]
     w0 = population_weights(domain, [r for r in rows if r.split == "train"], l2)
+    seen = {u.get("family") for u in users.values() if u["split"] == "train"}
     held = defaultdict(list)
     for r in rows:
         if r.split != "train":
             held[r.user_id].append(r)
-    rng, credit = random.Random(seed), defaultdict(lambda: defaultdict(list))
+    rng, credit, members = random.Random(seed), defaultdict(lambda: defaultdict(list)), defaultdict(set)
     for uid in sorted(held):
         u = users[uid]
-        groups = [(u["split"], u.get("family", "all")), (u["split"], "all")]
+        groups = {(u["split"], g) for g in (u.get("family"), "seen" if u.get("family") in seen else "unseen", "all")
+                  if g}
+        for g in groups:
+            members[g].add(uid)
         for i, q in enumerate(held[uid]):
             others = held[uid][:i] + held[uid][i + 1:]
             for k in SHOTS:
                 c = reference_pair_credit(domain, rng.sample(others, k), q, w0, l2)
-                for g in dict.fromkeys(groups):
+                for g in groups:
                     credit[g][k].append(c)
-    n_users = defaultdict(set)
-    for uid in held:
-        n_users[users[uid]["split"], users[uid].get("family", "all")].add(uid)
-        n_users[users[uid]["split"], "all"].add(uid)
-    return {g: {"users": len(n_users[g]), **{k: sum(v) / len(v) for k, v in cs.items()}}
+    return {g: {"users": len(members[g]), **{k: sum(v) / len(v) for k, v in cs.items()}}
             for g, cs in sorted(credit.items())}
 
 
@@ -522,6 +522,6 @@ if __name__ == "__main__":
     p.add_argument("--l2", type=float, default=L2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    print(f"{'split':6} {'family':16} {'users':>5} " + " ".join(f"{f'k={k}':>6}" for k in SHOTS))
-    for (split, family), r in reference_curve(a.folder, a.l2, a.seed).items():
-        print(f"{split:6} {family:16} {r['users']:5d} " + " ".join(f"{100 * r[k]:6.1f}" for k in SHOTS))
+    print(f"{'split':6} {'group':16} {'users':>5} " + " ".join(f"{f'k={k}':>6}" for k in SHOTS))
+    for (split, group), r in reference_curve(a.folder, a.l2, a.seed).items():
+        print(f"{split:6} {group:16} {r['users']:5d} " + " ".join(f"{100 * r[k]:6.1f}" for k in SHOTS))

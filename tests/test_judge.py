@@ -96,8 +96,11 @@ def test_reference_reads_the_one_axis_the_shots_reveal():
     dom, rng = gs.DOMAINS["roleplay"], random.Random(1)
     others = [ax for ax in dom.axes if ax != "humor"]
 
+    def any_style():  # every axis at random, whatever --axes an earlier run set
+        return {ax: rng.choice((-1, 1)) for ax in dom.axes}
+
     def funny_pair(flip_humor):
-        style = dict(dom.random_style(rng), humor=1)
+        style = dict(any_style(), humor=1)
         return rp_pair(rng, style, (["humor"] if flip_humor else []) + rng.sample(others, 2))
     shots = [funny_pair(True) for _ in range(4)]
     zero = np.zeros(len(dom.axes))
@@ -108,8 +111,8 @@ def test_reference_reads_the_one_axis_the_shots_reveal():
         assert judge.reference_pair_credit("roleplay", shots, q, zero, 1.0) == 0.0
     w = judge.fit_logreg([judge.pair_diff("roleplay", s.prompt, s.chosen, s.rejected) for s in shots], 1.0)
     assert np.argmax(w) == dom.axes.index("humor")
-    one = rp_pair(rng, dict(dom.random_style(rng), humor=1), ["humor"])
-    assert judge.reference_pair_credit("roleplay", [one], rp_pair(rng, dom.random_style(rng), ["formality"]),
+    one = rp_pair(rng, dict(any_style(), humor=1), ["humor"])
+    assert judge.reference_pair_credit("roleplay", [one], rp_pair(rng, any_style(), ["formality"]),
                                        zero, 1.0) == 0.5
     assert judge.reference_pair_credit("roleplay", [], funny_pair(True), zero, 1.0) == 0.5
     population = judge.population_weights("roleplay", shots, 1.0)
