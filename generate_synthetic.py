@@ -16,6 +16,16 @@ the persona cannot decide adds a trait to the persona and its description, after
 pairs are relabelled (--no-refine). Its diversity devices: several viewpoints per question
 (--no-views) and several template families, "writers" (--writers K).
 
+Roleplay users are also diverse in who they are (--no-diversity turns the first two off): each labels
+at its own temperature (--temperature times 0.5-3, log-uniform: some labellers are inconsistent);
+one in three is "focused", weighing its first trait 3-6 and the rest 0.5-1; and every user belongs
+to a persona family (users.jsonl "family", rows' tags.family): "open" (any traits) or a type whose
+members all hold a signature pair of traits (RP_FAMILIES). One family, formal-joker by default
+(--holdout-family, '' for none), is left out of training: its users (5%) are all in val and test, and
+no other user holds its signature, so held-out users include a combination of tastes training never
+sampled. Elix and reviews users' family is their level or scorer type (reviews' interpolated types
+have no training users).
+
 Output per domain: <out>/<domain>/users.jsonl, prefs.jsonl (prompt, chosen, rejected, split, tags)
 and stats.json (counts per split, label entropy, diversity). Splits: "train" users train; the held-out
 users are halved into "val" (the training-time metric and any tuning) and "test" (the report), and
@@ -66,8 +76,11 @@ class Writer:
     weight_range = (1.0, 2.0)
 
     def add_trait(self, user, axis, s, rng):
-        user["traits"][axis] = round(s * rng.uniform(*self.weights(axis)), 2)
+        user["traits"][axis] = round(s * self.weight(user, axis, rng), 2)
         user["description"] += " " + rng.choice(self.phrases[axis][s < 0])
+
+    def weight(self, user, axis, rng):
+        return rng.uniform(*self.weights(axis))
 
     def weights(self, axis):
         return self.weight_range
@@ -134,6 +147,20 @@ RP_PHRASES = {  # [axis][value < 0]: a stated and an implied way to put it in a 
     "length": (("They like detailed, thorough answers.", "They want several tips, not just one."),
                ("They want short, concise answers.", "They read on their phone between meetings.")),
 }
+# Persona families: traits every member holds (axis: sign), persona types real users cluster into.
+# Users outside the left-out family (--holdout-family) never hold its whole signature, so val and
+# test meet a combination of tastes no training user has.
+RP_FAMILIES = {"open": {}, "formal-joker": {"formality": 1, "humor": 1},
+               "casual-expert": {"formality": -1, "technical": 1},
+               "hedging-teacher": {"confidence": -1, "example": 1},
+               "busy-reader": {"length": -1, "order": 1}}
+OPEN_WEIGHT = 2        # "open" users (any traits) are drawn twice as often as each signature family
+LEFT_OUT_FRAC = 0.05   # share of roleplay users in the left-out family, all held out
+TEMPERATURE_RANGE = (0.5, 3.0)  # per-user multiplier of --temperature, log-uniform (--no-diversity: 1)
+# Focused users care far more about their first trait than the rest: weights 3-6 against 0.5-1 (a
+# faint trait still decides a pair alone, 2 * 0.5 >= MARGIN). Four traits sum to at most 9, so
+# style never outweighs relevance (2 * 9 < W_REL). --no-diversity: nobody is focused.
+FOCUSED_FRAC, FOCUS, FAINT = 1 / 3, 3.0, 0.5
 RP_JOBS = ("nurse teacher electrician accountant barista farmer librarian pilot chef lawyer student "
            "firefighter pharmacist journalist plumber dentist architect welder").split()
 RP_HOBBIES = ("birdwatching", "salsa dancing", "woodworking", "knitting", "trail running", "jigsaw puzzles",
@@ -156,6 +183,21 @@ class Roleplay(Writer, judge.Roleplay):
     def random_style(self, rng):
         axes = self.trait_axes()
         return {a: rng.choice(self.values[a]) if a in axes else self.plain[a] for a in self.axes}
+
+    def families(self):
+        """The families --axes allows (their signatures use only its axes)."""
+        return [f for f, sig in RP_FAMILIES.items() if set(sig) <= set(self.trait_axes())]
+
+    def add_trait(self, user, axis, s, rng):
+        left_out = RP_FAMILIES.get(_CFG.holdout_family, {})
+        if user["family"] != _CFG.holdout_family and left_out.get(axis) == s and \
+                all(sign(user["traits"].get(a, 0)) == v for a, v in left_out.items() if a != axis):
+            s = -s  # this trait would complete the left-out family's signature
+        super().add_trait(user, axis, s, rng)
+
+    def weight(self, user, axis, rng):
+        w = super().weight(user, axis, rng)
+        return w * (FAINT if user["traits"] else FOCUS) if user.get("focused") else w
 
     def __init__(self):
         super().__init__()
@@ -184,14 +226,20 @@ class Roleplay(Writer, judge.Roleplay):
         marks = [W[7] or f"{i + 1}. " for i in range(len(body))]
         return "\n".join([opener] + [m + b for m, b in zip(marks, body)] + ([" ".join(tail)] if tail else []))
 
-    def new_user(self, rng, uid, split, group, kind):
-        user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "traits": {},
-                "description": f"{rng.choice(NAMES)} is a {rng.randint(18, 75)}-year-old "
-                               f"{rng.choice(RP_JOBS)} who enjoys {rng.choice(RP_HOBBIES)}."}
-        axes = self.trait_axes()
-        # --traits: how many traits a persona starts with (default 1-3, mostly 2)
+    def new_user(self, rng, uid, split, group, family):
+        user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "family": family,
+                "traits": {}, "description": f"{rng.choice(NAMES)} is a {rng.randint(18, 75)}-year-old "
+                                             f"{rng.choice(RP_JOBS)} who enjoys {rng.choice(RP_HOBBIES)}."}
+        if _CFG.diversity:  # an inconsistent labeller draws its labels at its own temperature
+            lo, hi = map(math.log, TEMPERATURE_RANGE)
+            user["temperature"] = round(_CFG.temperature * math.exp(rng.uniform(lo, hi)), 3)
+            user["focused"] = rng.random() < FOCUSED_FRAC
+        for axis, s in RP_FAMILIES[family].items():
+            self.add_trait(user, axis, s, rng)
+        # --traits: how many traits a persona starts with (default 1-3, mostly 2; a family's signature at least)
         k = rng.choice(_CFG.traits) if _CFG.traits else rng.choices((1, 2, 3), weights=(35, 40, 25))[0]
-        for axis in rng.sample(axes, min(len(axes), k)):
+        rest = [a for a in self.trait_axes() if a not in user["traits"]]
+        for axis in rng.sample(rest, max(0, min(len(rest), k - len(user["traits"])))):
             self.add_trait(user, axis, -1 if rng.random() < self.skew.get(axis, 0.5) else 1, rng)
         return user
 
@@ -214,8 +262,14 @@ class Roleplay(Writer, judge.Roleplay):
         return [self.render(meta, qid, st, view, writer) for st in (a, b)], {}
 
     def roster(self, n, rng):
-        held = held_out_blocks(n, 1, 0.1, rng)
-        return [(i, held.get(i, "train"), "persona", None) for i in range(n)]
+        """Seen families' users, 10% held out; then the left-out family's users, all held out."""
+        left_out = _CFG.holdout_family
+        n_new = max(2, round(LEFT_OUT_FRAC * n)) if left_out else 0
+        seen = [f for f in self.families() if f != left_out]
+        weights = [OPEN_WEIGHT if f == "open" else 1 for f in seen]
+        held = held_out_blocks(n - n_new, 1, 0.1, rng)
+        return [(i, held.get(i, "train"), "persona", rng.choices(seen, weights)[0]) for i in range(n - n_new)] + \
+               [(i, ("val", "test")[i % 2], "persona", left_out) for i in range(n - n_new, n)]
 
 
 # ---------------------------------------------------------------- elix
@@ -284,7 +338,8 @@ class Elix(Writer, judge.Elix):
     def new_user(self, rng, uid, split, group, kind):
         lv = EX_LEVELS.index(group)
         bio = EX_BIO[lv].format(n=rng.choice(NAMES), a=rng.randint(*EX_AGES[lv]))
-        user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "traits": {}, "description": bio}
+        user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "family": group, "traits": {},
+                "description": bio}
         for axis in rng.sample(self.axes, rng.choices((0, 1, 2), weights=(40, 40, 20))[0]):
             self.add_trait(user, axis, rng.choice((-1, 1)), rng)
         return user
@@ -368,8 +423,8 @@ class Reviews(Writer, judge.Reviews):
         return " ".join(out)
 
     def new_user(self, rng, uid, split, group, kind):
-        user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "type": kind, "traits": {},
-                "description": f"{rng.choice(NAMES)} reviews films for {rng.choice(RV_OUTLETS)}."}
+        user = {"user_id": uid, "domain": self.name, "split": split, "group": group, "type": kind, "family": kind,
+                "traits": {}, "description": f"{rng.choice(NAMES)} reviews films for {rng.choice(RV_OUTLETS)}."}
         for t in kind.split("+"):
             self.add_trait(user, "sentiment" if t in ("positive", "negative") else "length",
                            1 if t in ("positive", "verbose") else -1, rng)
@@ -431,7 +486,7 @@ def label(dom, user, cands, cfg, rng):
         added += 1
     kept, n = [], {"inconsistent": 0, "undecidable": 0, "traits_added": added}
     for c, d in zip(cands, deltas):
-        p = sigmoid(d / cfg.temperature)  # Bradley-Terry: p(a preferred over b)
+        p = sigmoid(d / user.get("temperature", cfg.temperature))  # Bradley-Terry: p(a preferred over b)
         first, second = c.u1 < p, c.u2 < p
         if cfg.refine and abs(d) < MARGIN:
             n["undecidable"] += 1
@@ -473,10 +528,12 @@ def make_user(job):
         chosen, rejected = (c.a, c.b) if first else (c.b, c.a)
         rows.append(json.dumps({"user_id": user["user_id"], "prompt": c.prompt, "chosen": chosen,
                                 "rejected": rejected, "split": split,
-                                "tags": {"question_id": c.qid, "p_chosen": round(p, 3), **c.tags}}, sort_keys=True))
+                                "tags": {"question_id": c.qid, "family": user["family"], "p_chosen": round(p, 3),
+                                         **c.tags}}, sort_keys=True))
     n.update(candidates=len(cands), rows=len(rows), traits_initial=len(initial["traits"]),
              traits_final=len(user["traits"]), h_kept=sum(entropy(p) for _, p, _ in kept),
-             h_initial=sum(entropy(sigmoid(margin(dom, initial, c) / cfg.temperature)) for c in cands))
+             h_initial=sum(entropy(sigmoid(margin(dom, initial, c) / user.get("temperature", cfg.temperature)))
+                           for c in cands))
     sample = [(c.qid, t) for c, _, _ in kept[:2] for t in (c.a, c.b)]
     return json.dumps(user, sort_keys=True), rows, n, sample
 
@@ -596,7 +653,8 @@ def generate(name, cfg, out_dir):
 def recipe(cfg, name):
     """The settings that decide a domain's data (stats.json "config"; the main job compares them)."""
     return {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes",
-                                         "max_traits", "pair_axes", "pair_mode", "traits")} \
+                                         "max_traits", "pair_axes", "pair_mode", "traits",
+                                         "diversity", "holdout_family")} \
         | {"users": cfg.sizes[name][0], "pairs_per_user": cfg.sizes[name][1]}
 
 
@@ -626,6 +684,11 @@ def parse_args(argv=None):
     p.add_argument("--pair-mode", choices=("random", "taste"), default="random",
                    help="roleplay: random = two random styles; taste = one answer in the user's style "
                         "and one that breaks --pair-axes of its traits (easier users)")
+    p.add_argument("--no-diversity", dest="diversity", action="store_false",
+                   help="roleplay: every user labels at --temperature and draws trait weights from 1-2 "
+                        "(default: per-user temperatures and heavy-tailed weights)")
+    p.add_argument("--holdout-family", default="formal-joker", choices=("", *list(RP_FAMILIES)[1:]),
+                   help="roleplay: the persona family that only val and test users belong to; '' for none")
     cfg = p.parse_args(argv)
     if cfg.users is not None and cfg.users < 20:
         p.error("--users must be at least 20 (each domain needs train and held-out users)")
@@ -643,6 +706,9 @@ def parse_args(argv=None):
         p.error("--max-traits and --pair-axes must be positive (max traits at most the axes)")
     if cfg.workers < 1:
         p.error("--workers must be at least 1")
+    if cfg.axes and not set(RP_FAMILIES.get(cfg.holdout_family, {})) <= set(cfg.axes):
+        p.error(f"--holdout-family {cfg.holdout_family} needs the axes {','.join(RP_FAMILIES[cfg.holdout_family])} "
+                "in --axes (or --holdout-family '')")
     names = list(DOMAINS) if cfg.domain == "all" else [cfg.domain]
     cfg.sizes = {d: (cfg.users or SCALES[cfg.scale][d][0], cfg.pairs or SCALES[cfg.scale][d][1]) for d in names}
     if max(u * k for u, k in cfg.sizes.values()) > 20_000_000:

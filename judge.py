@@ -3,6 +3,7 @@
     from generate_synthetic import load_users, score      # re-exported from here
     users = load_users("data/synth/roleplay")
     score(users["rp00003"], "Is pasta worth the effort?", "Certainly. Definitely practice pasta with salt. ...")
+    python judge.py data/synth/roleplay --l2 1.0   # the reference few-shot learner's accuracy by shots
 
 The paper labels its synthetic pairs with an LLM judge; here each domain has a closed vocabulary and
 the judge reads it back with word lexicons, so the same function labels the training data and scores
@@ -11,10 +12,16 @@ model outputs at evaluation. A user's reward:
                 + sum over the user's traits of w_a * feature_a(y)
 (elix adds -LEVEL_W * |level(y) - user level|). generate_synthetic.py writes text in this vocabulary.
 """
+import argparse
 import json
 import os
+import random
 import re
+from collections import defaultdict
 from functools import lru_cache
+from types import SimpleNamespace
+
+import numpy as np
 
 W_REL = 20.0       # larger than any style sum: an off-topic answer loses whatever its style
 LEVEL_W = 4.0      # elix reward lost per level of distance; outweighs all secondary traits
@@ -407,3 +414,114 @@ def trait_recovery(user, text):
     if j.name == "elix":
         checks.append((user["group"], *[lv for lv in EX_LEVELS if lv != user["group"]]))
     return sum(want in items and not items & set(others) for want, *others in checks) / max(1, len(checks))
+
+
+# ---------------------------------------------------------------- reference few-shot learner
+# The ceiling a model reading N shots could reach if it knew the judge's features: a logistic
+# regression on feature differences, fitted per user on its shots (or on the training users pooled
+# for zero shots). Evaluation reports it beside the models' pair accuracy.
+TIE = 1e-9  # |w . d| at or below this is a tie (a weight orthogonal to the pair's difference)
+L2 = 1.0    # prior precision of each weight; on roleplay val users 0.03 to 3 agree within 0.4 points
+SHOTS = (0, 1, 2, 4, 8)
+
+
+@lru_cache(maxsize=1 << 17)
+def features(domain, prompt, response):
+    """The personal part of the judge's reward as a tuple: the domain's style axes (elix adds minus
+    the distance to each level), so every user's reward is w_u . features + a term all users share."""
+    j = JUDGES[domain]
+    f = j.read(str(prompt), response)
+    x = [float(f[a]) for a in j.axes]
+    if domain == "elix":  # a user at level L weighs the L-th of these by LEVEL_W
+        x += [-4.0 if f["level"] is None else -abs(f["level"] - lv) for lv in range(len(EX_LEVELS))]
+    return tuple(x)
+
+
+def pair_diff(domain, prompt, a, b):
+    """features(a) - features(b) as a float64 vector."""
+    return np.subtract(features(domain, prompt, a), features(domain, prompt, b), dtype=np.float64)
+
+
+def logreg_objective(w, d, l2):
+    return np.logaddexp(0.0, -(d @ w)).sum() + 0.5 * l2 * (w @ w)
+
+
+def fit_logreg(diffs, l2):
+    """w minimising sum_i log(1 + exp(-w . d_i)) + l2/2 |w|^2 over differences d_i labelled "first
+    preferred" (l2 > 0). Symmetrised: each d_i also enters as -d_i labelled "second preferred"; with
+    no intercept that copy has the same loss, so it is counted once, and the fit is order-free:
+    P(a over b) = sigmoid(w . d) = 1 - P(b over a). Newton steps with backtracking in float64:
+    deterministic, and convergent since the objective is strictly convex."""
+    d = np.asarray(diffs, dtype=np.float64)
+    w = np.zeros(d.shape[1])
+    for _ in range(100):
+        p = np.exp(-np.logaddexp(0.0, d @ w))  # sigmoid(-w . d_i), overflow-free
+        grad = l2 * w - d.T @ p
+        hess = (d.T * (p * (1 - p))) @ d + l2 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        decrement = grad @ step  # Newton decrement squared: twice the predicted decrease
+        if decrement < 1e-20:
+            break
+        t, j0 = 1.0, logreg_objective(w, d, l2)
+        while logreg_objective(w - t * step, d, l2) > j0 - 0.25 * t * decrement and t > 1e-10:
+            t /= 2
+        w = w - t * step
+    return w
+
+
+def population_weights(domain, rows, l2):
+    """The zero-shot learner: fit_logreg on the pooled (chosen - rejected) differences of rows (the
+    training users' pairs; each has .prompt .chosen .rejected)."""
+    return fit_logreg([pair_diff(domain, r.prompt, r.chosen, r.rejected) for r in rows], l2)
+
+
+def reference_pair_credit(domain, shots, query, w_population, l2):
+    """1.0 if the learner ranks query.chosen over query.rejected, 0.0 if it ranks it lower, 0.5 on a
+    tie (as a coin flip would score; one shot often says nothing about the query's axes). The learner
+    is fit_logreg on the shots' (chosen - rejected) differences, or w_population without shots."""
+    w = fit_logreg([pair_diff(domain, s.prompt, s.chosen, s.rejected) for s in shots], l2) if shots else w_population
+    m = w @ pair_diff(domain, query.prompt, query.chosen, query.rejected)
+    return 1.0 if m > TIE else 0.0 if m < -TIE else 0.5
+
+
+def reference_curve(folder, l2=L2, seed=0):
+    """{(split, group): {"users": n, k: mean credit}} over every held-out row as a query, with k shots
+    drawn from the same user's other rows. Groups: each family, "seen" and "unseen" (families with and
+    without training users) and "all". The population learner is fitted on the train split."""
+    users = load_users(folder)
+    with open(os.path.join(folder, "prefs.jsonl")) as f:
+        rows = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
+    domain = next(iter(users.values()))["domain"]
+    w0 = population_weights(domain, [r for r in rows if r.split == "train"], l2)
+    seen = {u.get("family") for u in users.values() if u["split"] == "train"}
+    held = defaultdict(list)
+    for r in rows:
+        if r.split != "train":
+            held[r.user_id].append(r)
+    rng, credit, members = random.Random(seed), defaultdict(lambda: defaultdict(list)), defaultdict(set)
+    for uid in sorted(held):
+        u = users[uid]
+        groups = {(u["split"], g) for g in (u.get("family"), "seen" if u.get("family") in seen else "unseen", "all")
+                  if g}
+        for g in groups:
+            members[g].add(uid)
+        for i, q in enumerate(held[uid]):
+            others = held[uid][:i] + held[uid][i + 1:]
+            for k in SHOTS:
+                c = reference_pair_credit(domain, rng.sample(others, k), q, w0, l2)
+                for g in groups:
+                    credit[g][k].append(c)
+    return {g: {"users": len(members[g]), **{k: sum(v) / len(v) for k, v in cs.items()}}
+            for g, cs in sorted(credit.items())}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="The reference learner's pair accuracy on held-out users "
+                                            "(ties count half).")
+    p.add_argument("folder", help="a generated domain folder: users.jsonl, prefs.jsonl")
+    p.add_argument("--l2", type=float, default=L2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(f"{'split':6} {'group':16} {'users':>5} " + " ".join(f"{f'k={k}':>6}" for k in SHOTS))
+    for (split, group), r in reference_curve(a.folder, a.l2, a.seed).items():
+        print(f"{split:6} {group:16} {r['users']:5d} " + " ".join(f"{100 * r[k]:6.1f}" for k in SHOTS))

@@ -125,7 +125,7 @@ def test_narrowed_axes_same_bytes_whatever_the_worker_count(tmp_path):
     one, two = tmp_path / "w1", tmp_path / "w2"
     for out, w in ((one, "1"), (two, "2")):
         subprocess.run([sys.executable, "generate_synthetic.py", "--domain", "roleplay", "--out", str(out),
-                        "--scale", "tiny", "--seed", "3", "--axes", "formality,confidence,format", "--workers", w],
+                        "--scale", "tiny", "--seed", "3", "--axes", "formality,confidence,humor", "--workers", w],
                        check=True, capture_output=True, cwd=ROOT)
     for name in ("users.jsonl", "prefs.jsonl", "stats.json"):
         assert (one / "roleplay" / name).read_bytes() == (two / "roleplay" / name).read_bytes(), name
@@ -255,7 +255,7 @@ def test_trait_summaries(domain, tiny):
         assert gs.trait_recovery(user, gs.summary_for_response(user, prompt, dom.render(meta, qid, style, 0, 0))) < 1
 
 
-@pytest.mark.parametrize("flags", [["--users", "5"], ["--pairs", "0"], ["--writers", "4"], ["--temperature", "0"],
+@pytest.mark.parametrize("flags", [["--users", "5"], ["--axes", "formality,format"], ["--holdout-family", "open"], ["--pairs", "0"], ["--writers", "4"], ["--temperature", "0"],
                                    ["--temperature", "nan"], ["--domain", "poetry"], ["--scale", "huge"],
                                    ["--users", "1000000", "--pairs", "1000"], ["--pairs", "100000"],
                                    ["--seed", "x"], ["--out", "/proc/version/x"]])
@@ -292,3 +292,53 @@ def test_traits_flag_sets_how_many_traits_a_persona_starts_with(tmp_path):
     counts = [len(u["traits"]) for u in gs.load_users(os.path.join(out, "roleplay")).values()]
     assert set(counts) == {3, 4}
     assert stats(out, "roleplay")["config"]["traits"] == [3, 4]
+
+
+def test_families_and_the_left_out_family(tiny):
+    """Every user and row carries its family; the left-out family (default formal-joker) is only in
+    val and test, each of its users holds its signature and no other user does."""
+    users = gs.load_users(os.path.join(tiny, "roleplay"))
+    left_out = gs.RP_FAMILIES["formal-joker"]
+    for r in read_jsonl(os.path.join(tiny, "roleplay", "prefs.jsonl")):
+        assert r["tags"]["family"] == users[r["user_id"]]["family"]
+    for u in users.values():
+        holds = all(judge.sign(u["traits"].get(a, 0)) == v for a, v in left_out.items())
+        assert holds == (u["family"] == "formal-joker"), u
+        assert all(judge.sign(u["traits"][a]) == v for a, v in gs.RP_FAMILIES[u["family"]].items())
+    assert {u["split"] for u in users.values() if u["family"] == "formal-joker"} == {"val", "test"}
+    assert {u["family"] for u in users.values() if u["split"] == "train"} == set(gs.RP_FAMILIES) - {"formal-joker"}
+    for domain, key in (("elix", "group"), ("reviews", "type")):
+        assert all(u["family"] == u[key] for u in gs.load_users(os.path.join(tiny, domain)).values())
+
+
+def test_diversity_draws_labellers_and_weights(tiny, tmp_path):
+    """Default: per-user temperatures in --temperature x TEMPERATURE_RANGE and focused users (one
+    trait FOCUS times the weight of the rest, at most 9 in all). --no-diversity and --holdout-family ''
+    give every user the same temperature, weights in 1-2, and every family a place in training."""
+    users = list(gs.load_users(os.path.join(tiny, "roleplay")).values())
+    lo, hi = (0.8 * t for t in gs.TEMPERATURE_RANGE)
+    assert all(lo <= u["temperature"] <= hi for u in users) and len({u["temperature"] for u in users}) > 10
+    focused = [u for u in users if u["focused"]]
+    assert 0.15 < len(focused) / len(users) < 0.55
+    for u in focused:
+        w = sorted(map(abs, u["traits"].values()))
+        assert w[-1] >= 3 and (len(w) == 1 or w[-2] <= 1)
+    assert all(sum(map(abs, u["traits"].values())) <= 9 for u in users)
+    out = run(tmp_path, "--no-diversity", "--holdout-family", "", domain="roleplay")
+    plain = list(gs.load_users(os.path.join(out, "roleplay")).values())
+    assert all("temperature" not in u and "focused" not in u for u in plain)
+    assert all(1 <= abs(w) <= 2 for u in plain for w in u["traits"].values())
+    assert {u["family"] for u in plain if u["split"] == "train"} == set(gs.RP_FAMILIES)
+    assert stats(out, "roleplay")["config"]["holdout_family"] == ""
+
+
+def test_easy_preset_users_still_choose_their_ideal_style(tmp_path):
+    """The cpu preset's flags (with the default diversity and left-out family): the chosen answer is
+    written in the user's style on every trait axis."""
+    out = run(tmp_path, "--pair-mode", "taste", "--axes", "formality,confidence,format,example,humor", "--writers", "1",
+              "--traits", "2,3,4", domain="roleplay")
+    users = gs.load_users(os.path.join(out, "roleplay"))
+    dom, rows = gs.DOMAINS["roleplay"], read_jsonl(os.path.join(out, "roleplay", "prefs.jsonl"))
+    ideal = sum(all(judge.sign(dom.read(r["prompt"], r["chosen"])[a]) == judge.sign(w)
+                    for a, w in users[r["user_id"]]["traits"].items()) for r in rows)
+    assert ideal / len(rows) >= 0.97

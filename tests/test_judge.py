@@ -1,0 +1,120 @@
+"""The reference few-shot learner in judge.py, against brute-force minimisation and toy users:
+
+    python -m pytest -q tests/test_judge.py
+"""
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import generate_synthetic as gs
+import judge
+
+
+def lbfgs_minimum(d, l2):
+    """The same objective minimised by torch's L-BFGS in float64 (an independent optimiser)."""
+    x = torch.tensor(d, dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-(x @ w)).sum() + 0.5 * l2 * (w @ w)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().numpy()
+
+
+@pytest.mark.parametrize("n, dim, l2", [(8, 8, 1.0), (30, 5, 0.1), (3, 13, 3.0), (200, 8, 0.01)])
+def test_fit_logreg_matches_lbfgs(n, dim, l2):
+    rng = np.random.default_rng(n)
+    true = rng.normal(size=dim)
+    d = rng.choice([-2.0, 0.0, 2.0], size=(n, dim))
+    d[rng.random(n) < 1 / (1 + np.exp(d @ true))] *= -1  # Bradley-Terry labels: some pairs disagree
+    w = judge.fit_logreg(d, l2)
+    assert np.allclose(w, lbfgs_minimum(d, l2), atol=1e-6)
+    assert np.allclose(judge.fit_logreg(-d, l2), -w)  # flipping every pair flips the learner
+
+
+def test_fit_logreg_one_dimension_against_a_grid():
+    d = np.array([[1.0], [2.0], [-0.5], [1.5], [-1.0]])
+    grid = np.linspace(-5, 5, 200_001)
+    loss = np.logaddexp(0, -np.outer(grid, d[:, 0])).sum(1) + 0.5 * 0.3 * grid ** 2
+    assert judge.fit_logreg(d, 0.3)[0] == pytest.approx(grid[loss.argmin()], abs=1e-4)
+
+
+def test_fit_logreg_separable_stays_finite_and_separates():
+    d = np.array([[2.0, 0.0, 2.0], [2.0, -2.0, 0.0], [0.0, 2.0, 2.0]])  # w = (1, 0, 1) separates
+    norms = []
+    for l2 in (1.0, 0.1, 0.01, 0.001):
+        w = judge.fit_logreg(d, l2)
+        assert np.all(np.isfinite(w)) and np.all(d @ w > 0)
+        grad = l2 * w - d.T @ (1 / (1 + np.exp(d @ w)))
+        assert np.abs(grad).max() < 1e-8
+        norms.append(np.linalg.norm(w))
+    assert norms == sorted(norms)  # weaker regularisation, larger weights
+
+
+@pytest.mark.parametrize("domain", ("roleplay", "elix", "reviews"))
+def test_pair_diff_carries_the_personal_reward(domain):
+    """For two well-formed answers to the same question, each user's reward difference is linear
+    in pair_diff: sum of trait weights times the axes (elix: LEVEL_W on the user's own level)."""
+    dom, rng = gs.DOMAINS[domain], random.Random(0)
+    items = dom.items_for(0)
+    for _ in range(300):
+        qid, prompt, meta = rng.choice(items)
+        a, b = (dom.render(meta, qid, dom.random_style(rng), rng.randrange(gs.N_VIEWS), rng.randrange(3))
+                for _ in range(2))
+        traits = {ax: rng.choice((-1, 1)) * rng.uniform(0.5, 3) for ax in rng.sample(dom.axes, 2)}
+        user = {"domain": domain, "traits": traits, "group": rng.choice(judge.EX_LEVELS)}
+        w = [traits.get(ax, 0.0) for ax in dom.axes]
+        if domain == "elix":
+            w += [judge.LEVEL_W * (lv == user["group"]) for lv in judge.EX_LEVELS]
+        want = judge.score(user, prompt, a) - judge.score(user, prompt, b)
+        assert np.dot(w, judge.pair_diff(domain, prompt, a, b)) == pytest.approx(want, abs=1e-9)
+
+
+def rp_pair(rng, chosen_style, flip):
+    """A roleplay pair: chosen in chosen_style, rejected with the axes in `flip` reversed."""
+    dom = gs.DOMAINS["roleplay"]
+    qid, prompt, meta = rng.choice(dom.items_for(0))
+    b = dict(chosen_style, **{ax: -chosen_style[ax] for ax in flip})
+    view, writer = rng.randrange(gs.N_VIEWS), rng.randrange(3)
+    return SimpleNamespace(prompt=prompt, chosen=dom.render(meta, qid, chosen_style, view, writer),
+                           rejected=dom.render(meta, qid, b, view, writer))
+
+
+def test_reference_reads_the_one_axis_the_shots_reveal():
+    """A user who only cares for humor: every shot's chosen answer jokes and its rejected one does
+    not, other axes vary at random. Queries that differ on humor are ranked right; after one shot
+    that differs on humor alone, a query that does not is a tie (0.5), as is any query for a zero
+    population weight."""
+    dom, rng = gs.DOMAINS["roleplay"], random.Random(1)
+    others = [ax for ax in dom.axes if ax != "humor"]
+
+    def any_style():  # every axis at random, whatever --axes an earlier run set
+        return {ax: rng.choice((-1, 1)) for ax in dom.axes}
+
+    def funny_pair(flip_humor):
+        style = dict(any_style(), humor=1)
+        return rp_pair(rng, style, (["humor"] if flip_humor else []) + rng.sample(others, 2))
+    shots = [funny_pair(True) for _ in range(4)]
+    zero = np.zeros(len(dom.axes))
+    for _ in range(20):
+        assert judge.reference_pair_credit("roleplay", shots, funny_pair(True), zero, 1.0) == 1.0
+        q = funny_pair(True)
+        q.chosen, q.rejected = q.rejected, q.chosen
+        assert judge.reference_pair_credit("roleplay", shots, q, zero, 1.0) == 0.0
+    w = judge.fit_logreg([judge.pair_diff("roleplay", s.prompt, s.chosen, s.rejected) for s in shots], 1.0)
+    assert np.argmax(w) == dom.axes.index("humor")
+    one = rp_pair(rng, dict(any_style(), humor=1), ["humor"])
+    assert judge.reference_pair_credit("roleplay", [one], rp_pair(rng, any_style(), ["formality"]),
+                                       zero, 1.0) == 0.5
+    assert judge.reference_pair_credit("roleplay", [], funny_pair(True), zero, 1.0) == 0.5
+    population = judge.population_weights("roleplay", shots, 1.0)
+    assert np.allclose(population, w)  # pooling the same rows is the same fit
+    assert judge.reference_pair_credit("roleplay", [], funny_pair(True), population, 1.0) == 1.0
