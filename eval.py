@@ -34,7 +34,7 @@ import judge
 from model import ckpt_dir, load_checkpoint, load_model
 
 SHOT_CURVE = (0, 1, 2, 4, 8)
-LABELS = {"base": "base (SFT, no context)", "pooled": "IPO, no user context (pooled)",
+LABELS = {"reference": "reference learner (judge's features)", "base": "base (SFT, no context)", "pooled": "IPO, no user context (pooled)",
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
           "cot": "FSPO + user-description CoT", "oracle": "oracle description"}
@@ -137,14 +137,14 @@ def pair_hits(policy, ref, batches, autocast=nullcontext()):
 
 
 def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
-    """-> (hits, user ids) over the first args.curve_episodes held-out episodes (0 = all),
+    """-> (hits, episodes) over the first args.curve_episodes held-out episodes (0 = all),
     each with `shots` of its max_shots shots: the same queries at every shot count."""
     stream = data.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
     hits = pair_hits(policy, ref, batches)
-    return hits, [q.user_id for _, q in stream.episodes[:len(hits)]]
+    return hits, stream.episodes[:len(hits)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,33 +162,68 @@ def load_models(ckpts, tok, tok_path, device):
     return models, anchors, shots
 
 
-def shot_curve(models, rows, tok, args, device, domain, n_shots, res):
-    """The meta-learning curve: implicit-reward pair accuracy as shots grow (fspo, pooled),
-    and for ELIX the paper's easy / hard split, a property of the query PAIR."""
-    test_rows, ref = data.by_user(rows), models["sft"].token_logprobs
-    block = models["sft"].config.block_size
-    # the curve's queries are the same for every k: episodes of the largest k the data allows
+def reference_row(domain, w_population, episodes, k):
+    """The few-shot learner that reads the judge's features (judge.reference_pair_credit) on
+    the same episodes and shots: what the shots reveal to it, not a ceiling (a model can
+    use text the features miss)."""
+    credit = [judge.reference_pair_credit(domain, shots[:k], q, w_population, judge.L2)
+              for shots, q in episodes]
+    return interval(credit, [q.user_id for _, q in episodes])
+
+
+def curve_rows(models, test_rows, ref, tok, args, device, max_shots, reference, label):
+    """{method: {k: interval}} for fspo and pooled, plus the reference learner's row."""
+    out, block = {}, models["sft"].config.block_size
+    cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
+    for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
+        hits, eps = curve_hits(models[m].token_logprobs, ref, tok, test_rows, k, max_shots, args, block, device)
+        out.setdefault(m, {})[k] = interval(hits.tolist(), [q.user_id for _, q in eps])
+        if reference and m == cells[0][0]:  # every method's episodes are the same
+            out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
+    return out
+
+
+def curve_shots(test_rows, args):
+    """The largest curve shot count with a batch of episodes: the same queries at every k."""
     episodes = lambda k: sum(-(-len(v) // (k + 1)) for v in test_rows.values() if len(v) > k)
     fits = [k for k in SHOT_CURVE if k >= 1 and episodes(k) >= args.batch_size]
     if not fits:
         raise ValueError(f"pair accuracy needs {args.batch_size} episodes (one batch) of test users "
                          f"with at least 2 rows each (1 shot + a query): {len(test_rows)} test users "
                          f"give {episodes(1)}")
-    max_shots = max(fits)
-    cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
-    for m, k in tqdm(cells, desc=f"pair accuracy {domain}", disable=args.no_progress, leave=False):
-        hits, uids = curve_hits(models[m].token_logprobs, ref, tok, test_rows, k, max_shots,
-                                args, block, device)
-        res["pair_accuracy"].setdefault(m, {})[k] = interval(hits.tolist(), uids)
+    return max(fits)
+
+
+def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
+    """The meta-learning curve: implicit-reward pair accuracy as shots grow (fspo, pooled),
+    beside the reference learner where the judge knows the users; the same on a family of
+    users no training user belongs to, if there is one; for ELIX the paper's easy / hard
+    split, a property of the query PAIR."""
+    rows = [r for r in prefs if r.split == "test"]
+    test_rows, ref = data.by_user(rows), models["sft"].token_logprobs
+    reference = None
+    if users:
+        jdomain = users[rows[0].user_id]["domain"]
+        reference = (jdomain, judge.population_weights(jdomain, [r for r in prefs if r.split == "train"], judge.L2))
+    res["pair_accuracy"] = curve_rows(models, test_rows, ref, tok, args, device, curve_shots(test_rows, args),
+                                      reference, f"pair accuracy {domain}")
+    seen = {u.get("family") for u in (users or {}).values() if u.get("split") == "train"}
+    unseen = {u: v for u, v in test_rows.items() if users and users[u].get("family") not in seen}
+    if unseen:
+        res["unseen_family"] = sorted({users[u]["family"] for u in unseen})
+        res["pair_accuracy_unseen"] = curve_rows(models, unseen, ref, tok, args, device,
+                                                 curve_shots(unseen, args), reference, "left-out family")
     if domain != "elix":
         return
+    block = models["sft"].config.block_size
     for d in ("easy", "hard"):
         rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
         rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
         for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
-            hits, uids = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
-                                    args, block, device)
-            res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = interval(hits.tolist(), uids)
+            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
+                                   args, block, device)
+            res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
+                interval(hits.tolist(), [q.user_id for _, q in eps])
 
 
 def win_rates(models, methods, items, users, tok, args, domain, res):
@@ -225,25 +260,24 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
 def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
     """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
     models, anchors, trained = load_models(ckpts, tok, tok_path, device)
-    rows = [r for r in data.load_prefs(prefs_path) if r.split == "test"]
-    if not rows:
+    prefs = data.load_prefs(prefs_path)
+    test_rows = data.by_user([r for r in prefs if r.split == "test"])
+    if not test_rows:
         raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
+    users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
+    if users and (unknown := sorted(set(test_rows) - set(users))):
+        raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
            "sft_shots": trained["sft"], "trained_shots": trained}
     try:
-        shot_curve(models, rows, tok, args, device, domain, n_shots, res)
+        shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: {e}") from None
-    users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
     if users is None:
         res["no_win_rate"] = ("no win rate and no reference learner: both need a users.jsonl in the "
                               "generator's schema (a judge that can score any answer for these users); "
                               "pair accuracy needs only the preference rows")
         return res
-    test_rows = data.by_user(rows)
-    unknown = sorted(set(test_rows) - set(users))
-    if unknown:
-        raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
     items = eval_set(test_rows, n_shots, args.eval_users, args.eval_questions, args.seed)
     if not items:
         raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
@@ -283,16 +317,26 @@ def win_table(r, label):
     return lines
 
 
-def curve_table(r, label):
-    ks = sorted({k for v in r["pair_accuracy"].values() for k in v})
-    lines = [f"\n### {r['domain']}: held-out pair accuracy of beta*log(pi/pi_ref) vs shots "
+def curve_table(r, label, key="pair_accuracy", title=""):
+    rows = r[key]
+    ks = sorted({k for v in rows.values() for k in v})
+    lines = [f"\n### {r['domain']}{title}: held-out pair accuracy of beta*log(pi/pi_ref) vs shots "
              "(%, 95% CI over users)\n",
              "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for m, acc in r["pair_accuracy"].items():
+    for m, acc in rows.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
-    n_pairs = next(iter(next(iter(r["pair_accuracy"].values())).values()))["n"]
+    if "reference" in rows and "fspo" in rows:  # how much of what the shots reveal FSPO uses
+        gap = lambda k: (rows["fspo"][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
+        lines.append("| FSPO: gap to the reference closed, (FSPO - 50) / (reference - 50) | " + " | ".join(
+            f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-" for k in ks) + " |")
+    n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
     lines.append(f"\nn = {n_pairs} held-out pairs of test users per figure, the same queries "
                  "at every shot count.")
+    if "reference" in rows:
+        lines.append("The reference learner is a logistic regression on the judge's feature "
+                     "differences, fitted on each user's k shots (k = 0: on the training users "
+                     "pooled): what the shots reveal to a learner that knows the features. It is "
+                     "not a ceiling: a model can use text the features miss.")
     n, seen = r["shots"], max(r["shots"], r.get("sft_shots") or 0)
     if max(ks) > n:  # name the longest contexts each stage was trained on
         lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
@@ -318,6 +362,9 @@ def format_tables(results):
                     cell(acc[g]) if g in acc else "-" for g in ("easy", "hard")) + " |")
         if r["pair_accuracy"]:
             lines += curve_table(r, label)
+        if r.get("pair_accuracy_unseen"):
+            lines += curve_table(r, label, "pair_accuracy_unseen", ", users of a family no training "
+                                 f"user belongs to ({', '.join(r['unseen_family'])})")
         if r.get("curve_svg"):
             lines.append(f"\n![{r['domain']}: pair accuracy vs shots]({r['curve_svg']})")
         if r.get("no_win_rate"):

@@ -570,13 +570,13 @@ def main(argv=None):
     users = users if os.path.exists(users) else None
     tok_path = args.tokenizer or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                               "tokenizer.txt")
-    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 trains the tokenizer
+    if args.tokenizer:  # given: used as it is
+        tok = data.Tokenizer.load(tok_path)
+    elif int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 trains the tokenizer
         for _ in range(600):
             if os.path.exists(tok_path + ".json"):
                 break
             time.sleep(1)
-        tok = data.Tokenizer.load(tok_path)
-    elif args.tokenizer:  # given: used as it is
         tok = data.Tokenizer.load(tok_path)
     else:
         tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
