@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 import model as M  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -76,6 +77,11 @@ def test_sdpa_matches_manual_attention():
     y = attn(x, rope, only_self)
     assert not y.isnan().any()
     torch.testing.assert_close(y, manual_attention(attn, x, only_self), atol=1e-5, rtol=1e-5)
+    # a mask of the last 4 queries only: the 6 before them attend causally
+    tail = custom[:, :, 6:]
+    full = torch.cat([causal[:, :, :6], tail], dim=2)  # (B, 1, T, T)
+    torch.testing.assert_close(attn(x, rope, tail), manual_attention(attn, x, full),
+                               atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -123,6 +129,45 @@ def test_mask_and_positions_equal_running_segments_apart():
     lp = model.token_logprobs(idx, targets, pos=pos, mask=mask)
     ref = alone_b[:, 4:8].log_softmax(-1).gather(-1, b[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(lp[:, 7:11], ref, atol=1e-5, rtol=1e-5)
+
+
+def ragged_episodes(seed, n):
+    # contexts, chosen and rejected of different lengths in every row; row 0 has a one-token
+    # context (no segment 0 at all) and the longest rejected
+    g = torch.Generator().manual_seed(seed)
+    toks = lambda lo, hi: torch.randint(0, 50, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
+                                        generator=g).tolist()
+    eps = [data.Episode(toks(1, 20), toks(1, 12), toks(1, 12)) for _ in range(n)]
+    eps[0] = data.Episode(toks(1, 1), toks(1, 1), toks(14, 14))
+    return eps
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_packed_batch_equals_each_sequence_alone(multiple):
+    # pack_batch's row (context, chosen, then rejected at the end under the tail mask) must
+    # give each completion the log-probs, and the gradients, of running ctx + completion alone
+    # as a plain causal sequence (pack_naive's rows), summed in float64 as the reference
+    model = tiny_model(seed=3, std=0.2)
+    for seed in range(3):
+        eps = ragged_episodes(seed, 6)
+        b = data.pack_batch(eps, pad_id=49, multiple=multiple)
+        assert b["idx"].size(1) % multiple == 0 and b["mask"].size(2) < b["idx"].size(1)
+        lp = model.token_logprobs(b["idx"], b["targets"], pos=b["pos"], mask=b["mask"])
+        chosen, rejected = data.sequence_logps(lp, b["seg"])
+        g_packed = torch.autograd.grad((chosen - 2 * rejected).sum(), model.parameters())
+        ref = []
+        for e in eps:
+            for y in (e.chosen, e.rejected):
+                logits, _ = model(torch.tensor([e.ctx + y]))
+                lps = logits[0, len(e.ctx) - 1:-1].double().log_softmax(-1)  # predicts y
+                ref.append(lps.gather(-1, torch.tensor(y)[:, None]).sum())
+        ref = torch.stack(ref).view(len(eps), 2)
+        g_alone = torch.autograd.grad((ref[:, 0] - 2 * ref[:, 1]).sum(), model.parameters())
+        # sums of up to 14 float32 log-probs of ~-5: float32 rounding is ~1e-5 of them
+        torch.testing.assert_close(chosen.double(), ref[:, 0].detach(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(rejected.double(), ref[:, 1].detach(), atol=1e-4, rtol=1e-5)
+        for gp, ga in zip(g_packed, g_alone):
+            torch.testing.assert_close(gp, ga.float(), atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- log-probs
