@@ -5,10 +5,13 @@ generation, checkpoints.
 
     python -m pytest -q tests/test_model.py    # every piece against a brute-force reference
 """
+import functools
 import json
 import math
 import os
 import shutil
+import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -259,6 +262,46 @@ class GPT(nn.Module):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = F.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------
+# mixed precision: bf16 autocast where it is fast
+
+@functools.cache
+def cpu_bf16_faster(n=256, reps=3):
+    """Whether a bf16 matmul beats a float32 one on this CPU, timed once per process (~0.1 s
+    where bf16 is emulated). Measured, not read off CPU flags: without native bf16 units
+    (AVX512-BF16, AMX) a bf16 matmul can be ~100x slower than float32."""
+    def best(dtype):
+        a = torch.randn(n, n).to(dtype)
+        a @ a  # warm-up: the first call picks and prepares a kernel
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(torch.bfloat16) < best(torch.float32)
+
+
+def amp_dtype(device, dtype="auto"):
+    """The dtype matmuls run in: 'fp32', 'bf16', or 'auto' = bf16 on CUDA, bf16 on CPU only
+    where cpu_bf16_faster() says so, float32 otherwise."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+    kind = torch.device(device).type
+    bf16 = dtype == "bf16" or (dtype == "auto" and (kind == "cuda" or
+                                                    (kind == "cpu" and cpu_bf16_faster())))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def autocast(device, dtype="auto"):
+    """The context a forward runs under: bf16 autocast, or nothing for float32. Weights and
+    optimizer state stay float32; log-softmax and summed log-probs stay float32 in it
+    (GPT.token_logprobs, data.sequence_logps)."""
+    if amp_dtype(device, dtype) == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------

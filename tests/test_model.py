@@ -7,6 +7,7 @@ force loops over prefixes, the same tokens run without packing, hand-counted par
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -168,6 +169,40 @@ def test_packed_batch_equals_each_sequence_alone(multiple):
         torch.testing.assert_close(rejected.double(), ref[:, 1].detach(), atol=1e-4, rtol=1e-5)
         for gp, ga in zip(g_packed, g_alone):
             torch.testing.assert_close(gp, ga.float(), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_bf16_autocast_logps_near_float32():
+    # bf16 keeps 8 significant bits, so every matmul output is off by up to 2^-9 relative;
+    # with these weights the logits reach ~4, and two layers of such roundings move a
+    # token's log-prob by ~0.01 nats (measured: at most 0.012). Allowed: 0.03 nats per
+    # token in a sum, and 1% of the sum. A wrong mask or position under autocast moves
+    # the sums by whole nats.
+    model = tiny_model(seed=3, std=0.2)
+    for seed in range(3):
+        b = data.pack_batch(ragged_episodes(seed, 6), pad_id=49)
+        args = b["idx"], b["targets"], b["pos"], b["mask"]
+        fp32 = data.sequence_logps(model.token_logprobs(*args), b["seg"])
+        with M.autocast("cpu", "bf16"):
+            lp = model.token_logprobs(*args)
+            bf16 = data.sequence_logps(lp, b["seg"])
+        assert lp.dtype == torch.float32
+        for s, lo, hi in zip((1, 2), bf16, fp32):
+            n = ((b["seg"] == s) & (b["targets"] != -1)).sum(-1)  # (B,) tokens in each sum
+            assert (lo != hi).any()  # bf16 really ran
+            assert ((lo - hi).abs() <= 0.03 * n).all() and ((lo - hi).abs() <= 0.01 * hi.abs()).all()
+
+
+def test_amp_dtype_follows_the_probe(monkeypatch):
+    assert M.amp_dtype("cpu", "fp32") == torch.float32 and M.amp_dtype("cuda", "fp32") == torch.float32
+    assert M.amp_dtype("cpu", "bf16") == torch.bfloat16 and M.amp_dtype("cuda:0") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        M.amp_dtype("cpu", "fp16")
+    for fast in (True, False):
+        monkeypatch.setattr(M, "cpu_bf16_faster", lambda: fast)
+        assert M.amp_dtype("cpu") == (torch.bfloat16 if fast else torch.float32)
+    assert isinstance(M.autocast("cpu", "fp32"), nullcontext)
+    assert isinstance(M.autocast("cpu", "bf16"), torch.autocast)
 
 
 # ---------------------------------------------------------------------------- log-probs
