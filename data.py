@@ -464,37 +464,40 @@ class EpisodeStream:
 CONTEXT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # the segment ids of pack_batch's rows
 
 def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
-    """One row per episode: the context once, chosen, then rejected behind a segment mask.
-    Row layout, segments and positions (Lc = len(ctx)):
-        ctx[:-1]           seg 0   pos 0..Lc-2
-        ctx[-1], chosen    seg 1   pos Lc-1, Lc, ...
-        ctx[-1], rejected  seg 2   pos Lc-1, Lc, ...   (duplicate of ctx[-1]: same position,
-                                                       same keys, so the same hidden state)
-        pad                seg 3   pos 0
-    Segment 2 never sees segment 1, so rejected is scored as if chosen were not there."""
-    rows = []
-    for e in episodes:
-        c = e.ctx
-        idx = c + e.chosen + [c[-1]] + e.rejected
-        seg = [0] * (len(c) - 1) + [1] * (len(e.chosen) + 1) + [2] * (len(e.rejected) + 1)
-        pos = (list(range(len(c) + len(e.chosen)))
-               + list(range(len(c) - 1, len(c) + len(e.rejected))))
-        rows.append((idx, seg, pos))
+    """One row per episode: the context once, then chosen, then rejected at the row's end.
+    Row layout, segments and positions (Lc = len(ctx), H = the longest ctx + chosen):
+        columns 0..H-1, the head: plain causal attention
+            ctx[:-1]           seg 0   pos 0..Lc-2
+            ctx[-1], chosen    seg 1   pos Lc-1, Lc, ...
+            pad                seg 3   pos 0
+        columns H..T-1, the tail: sees the context, and itself causally
+            ctx[-1], rejected  seg 2   pos Lc-1, Lc, ...
+            pad                seg 3   pos 0
+    The duplicate ctx[-1] has the same position and keys as the first, so the same hidden
+    state; rejected never sees chosen, so it is scored as if chosen were not there.
+    mask (B, 1, T-H, T) covers the tail queries only (model.CausalSelfAttention): the head
+    needs none, so attention runs causally there and skips the upper triangle."""
+    heads = [e.ctx + e.chosen for e in episodes]
+    tails = [e.ctx[-1:] + e.rejected for e in episodes]
+    B, H = len(episodes), max(map(len, heads))
     # T rounded up to `multiple` (8 on CUDA, whose fused attention kernels want an aligned mask)
-    B, T = len(rows), -(-max(len(r[0]) for r in rows) // multiple) * multiple
+    T = -(-(H + max(map(len, tails))) // multiple) * multiple
     idx = torch.full((B, T), pad_id, dtype=torch.long)
     seg = torch.full((B, T), 3, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
-    for b, (i, s, p) in enumerate(rows):
-        n = len(i)
-        idx[b, :n], seg[b, :n], pos[b, :n] = torch.tensor(i), torch.tensor(s), torch.tensor(p)
+    for b, (e, head, tail) in enumerate(zip(episodes, heads, tails)):
+        Lc, m, n = len(e.ctx), len(head), len(tail)
+        idx[b, :m], idx[b, H:H + n] = torch.tensor(head), torch.tensor(tail)
+        seg[b, :Lc - 1], seg[b, Lc - 1:m], seg[b, H:H + n] = 0, 1, 2
+        pos[b, :m], pos[b, H:H + n] = torch.arange(m), torch.arange(Lc - 1, Lc - 1 + n)
     # targets: the next token while inside a completion segment; -1 elsewhere
     targets = torch.full((B, T), -1, dtype=torch.long)
     same = (seg[:, 1:] == seg[:, :-1]) & ((seg[:, :-1] == 1) | (seg[:, :-1] == 2))  # (B, T-1)
     targets[:, :-1] = torch.where(same, idx[:, 1:], -1)
-    sq, sk = seg[:, :, None], seg[:, None, :]                                      # (B, T, 1), (B, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (causal & ((sk == 0) | (sk == sq)))[:, None]                            # (B, 1, T, T)
+    # tail query H+i sees the context and tail keys H..H+i (a pad query at least itself)
+    key = torch.arange(T)
+    causal = (key >= H) & (key <= H + torch.arange(T - H)[:, None])  # (T-H, T)
+    mask = (causal | (seg[:, None, :] == 0))[:, None]  # (B, 1, T-H, T)
     return dict(idx=idx, targets=targets, pos=pos, mask=mask, seg=seg)
 
 def pack_naive(episodes, pad_id) -> dict[str, torch.Tensor]:

@@ -5,10 +5,13 @@ generation, checkpoints.
 
     python -m pytest -q tests/test_model.py    # every piece against a brute-force reference
 """
+import functools
 import json
 import math
 import os
 import shutil
+import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,11 +87,21 @@ class CausalSelfAttention(nn.Module):
         q, k = rotate(q, *rope), rotate(k, *rope)  # the cache keeps keys already rotated
         if cache is not None:  # generation always passes a mask: the queries are the last T keys
             k, v = cache.update(self.layer, k, v)  # (B, nh, t+T, hs)
-        # mask (B, 1, T, t+T) bool, True = may attend. Without one, plain causal attention
-        # lets SDPA use the fused flash kernel on CUDA.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        p = self.dropout if self.training else 0.0
+        if mask is None:  # plain causal: SDPA skips the keys above the diagonal
+            ys = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)]
+        else:
+            # mask (B, 1, TR, Tk), True = may attend, covers the last TR queries; the T-TR
+            # before them attend causally among themselves (data.pack_batch puts the context
+            # and chosen there, and rejected behind them). Two calls: the causal one skips
+            # its upper triangle, the masked one is TR rows long instead of T.
+            H = T - mask.size(-2)
+            ys = [F.scaled_dot_product_attention(q[:, :, H:], k, v, attn_mask=mask, dropout_p=p)]
+            if H:
+                ys.insert(0, F.scaled_dot_product_attention(
+                    q[:, :, :H], k[:, :, :H], v[:, :, :H], is_causal=True, dropout_p=p))
+        # (B, nh, T, hs) in parts along T -> (B, T, C), joined and laid out in one copy
+        y = torch.cat([t.transpose(1, 2) for t in ys], dim=1).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -159,7 +172,7 @@ class GPT(nn.Module):
         rope = (self.cos[pos][:, None].to(dt), self.sin[pos][:, None].to(dt))  # (B|1, 1, T, hs/2)
         if mask is not None and mask.dtype == torch.bool:
             # SDPA would convert a bool mask to an additive one in every layer (and autograd
-            # would keep each copy): convert once
+            # would keep each copy): convert once. It is (B, 1, TR, T), TR the masked tail.
             mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, -math.inf)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
@@ -168,7 +181,8 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, pos=None, mask=None):
-        # idx (B, T); pos (B, T) absolute positions; mask (B, 1, T, T) bool, True = may attend
+        # idx (B, T); pos (B, T) absolute positions; mask (B, 1, TR, T) bool, True = may
+        # attend, for the last TR queries (the first T-TR attend causally)
         logits = self.lm_head(self.hidden(idx, pos, mask))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -248,6 +262,46 @@ class GPT(nn.Module):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = F.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------
+# mixed precision: bf16 autocast where it is fast
+
+@functools.cache
+def cpu_bf16_faster(n=256, reps=3):
+    """Whether a bf16 matmul beats a float32 one on this CPU, timed once per process (~0.1 s
+    where bf16 is emulated). Measured, not read off CPU flags: without native bf16 units
+    (AVX512-BF16, AMX) a bf16 matmul can be ~100x slower than float32."""
+    def best(dtype):
+        a = torch.randn(n, n).to(dtype)
+        a @ a  # warm-up: the first call picks and prepares a kernel
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(torch.bfloat16) < best(torch.float32)
+
+
+def amp_dtype(device, dtype="auto"):
+    """The dtype matmuls run in: 'fp32', 'bf16', or 'auto' = bf16 on CUDA, bf16 on CPU only
+    where cpu_bf16_faster() says so, float32 otherwise."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"dtype {dtype!r}: auto, bf16 or fp32")
+    kind = torch.device(device).type
+    bf16 = dtype == "bf16" or (dtype == "auto" and (kind == "cuda" or
+                                                    (kind == "cpu" and cpu_bf16_faster())))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def autocast(device, dtype="auto"):
+    """The context a forward runs under: bf16 autocast, or nothing for float32. Weights and
+    optimizer state stay float32; log-softmax and summed log-probs stay float32 in it
+    (GPT.token_logprobs, data.sequence_logps)."""
+    if amp_dtype(device, dtype) == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ force loops over prefixes, the same tokens run without packing, hand-counted par
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 import model as M  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -76,6 +78,11 @@ def test_sdpa_matches_manual_attention():
     y = attn(x, rope, only_self)
     assert not y.isnan().any()
     torch.testing.assert_close(y, manual_attention(attn, x, only_self), atol=1e-5, rtol=1e-5)
+    # a mask of the last 4 queries only: the 6 before them attend causally
+    tail = custom[:, :, 6:]
+    full = torch.cat([causal[:, :, :6], tail], dim=2)  # (B, 1, T, T)
+    torch.testing.assert_close(attn(x, rope, tail), manual_attention(attn, x, full),
+                               atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -123,6 +130,79 @@ def test_mask_and_positions_equal_running_segments_apart():
     lp = model.token_logprobs(idx, targets, pos=pos, mask=mask)
     ref = alone_b[:, 4:8].log_softmax(-1).gather(-1, b[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(lp[:, 7:11], ref, atol=1e-5, rtol=1e-5)
+
+
+def ragged_episodes(seed, n):
+    # contexts, chosen and rejected of different lengths in every row; row 0 has a one-token
+    # context (no segment 0 at all) and the longest rejected
+    g = torch.Generator().manual_seed(seed)
+    toks = lambda lo, hi: torch.randint(0, 50, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
+                                        generator=g).tolist()
+    eps = [data.Episode(toks(1, 20), toks(1, 12), toks(1, 12)) for _ in range(n)]
+    eps[0] = data.Episode(toks(1, 1), toks(1, 1), toks(14, 14))
+    return eps
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_packed_batch_equals_each_sequence_alone(multiple):
+    # pack_batch's row (context, chosen, then rejected at the end under the tail mask) must
+    # give each completion the log-probs, and the gradients, of running ctx + completion alone
+    # as a plain causal sequence (pack_naive's rows), summed in float64 as the reference
+    model = tiny_model(seed=3, std=0.2)
+    for seed in range(3):
+        eps = ragged_episodes(seed, 6)
+        b = data.pack_batch(eps, pad_id=49, multiple=multiple)
+        assert b["idx"].size(1) % multiple == 0 and b["mask"].size(2) < b["idx"].size(1)
+        lp = model.token_logprobs(b["idx"], b["targets"], pos=b["pos"], mask=b["mask"])
+        chosen, rejected = data.sequence_logps(lp, b["seg"])
+        g_packed = torch.autograd.grad((chosen - 2 * rejected).sum(), model.parameters())
+        ref = []
+        for e in eps:
+            for y in (e.chosen, e.rejected):
+                logits, _ = model(torch.tensor([e.ctx + y]))
+                lps = logits[0, len(e.ctx) - 1:-1].double().log_softmax(-1)  # predicts y
+                ref.append(lps.gather(-1, torch.tensor(y)[:, None]).sum())
+        ref = torch.stack(ref).view(len(eps), 2)
+        g_alone = torch.autograd.grad((ref[:, 0] - 2 * ref[:, 1]).sum(), model.parameters())
+        # sums of up to 14 float32 log-probs of ~-5: float32 rounding is ~1e-5 of them
+        torch.testing.assert_close(chosen.double(), ref[:, 0].detach(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(rejected.double(), ref[:, 1].detach(), atol=1e-4, rtol=1e-5)
+        for gp, ga in zip(g_packed, g_alone):
+            torch.testing.assert_close(gp, ga.float(), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_bf16_autocast_logps_near_float32():
+    # bf16 keeps 8 significant bits, so every matmul output is off by up to 2^-9 relative;
+    # with these weights the logits reach ~4, and two layers of such roundings move a
+    # token's log-prob by ~0.01 nats (measured: at most 0.012). Allowed: 0.03 nats per
+    # token in a sum, and 1% of the sum. A wrong mask or position under autocast moves
+    # the sums by whole nats.
+    model = tiny_model(seed=3, std=0.2)
+    for seed in range(3):
+        b = data.pack_batch(ragged_episodes(seed, 6), pad_id=49)
+        args = b["idx"], b["targets"], b["pos"], b["mask"]
+        fp32 = data.sequence_logps(model.token_logprobs(*args), b["seg"])
+        with M.autocast("cpu", "bf16"):
+            lp = model.token_logprobs(*args)
+            bf16 = data.sequence_logps(lp, b["seg"])
+        assert lp.dtype == torch.float32
+        for s, lo, hi in zip((1, 2), bf16, fp32):
+            n = ((b["seg"] == s) & (b["targets"] != -1)).sum(-1)  # (B,) tokens in each sum
+            assert (lo != hi).any()  # bf16 really ran
+            assert ((lo - hi).abs() <= 0.03 * n).all() and ((lo - hi).abs() <= 0.01 * hi.abs()).all()
+
+
+def test_amp_dtype_follows_the_probe(monkeypatch):
+    assert M.amp_dtype("cpu", "fp32") == torch.float32 and M.amp_dtype("cuda", "fp32") == torch.float32
+    assert M.amp_dtype("cpu", "bf16") == torch.bfloat16 and M.amp_dtype("cuda:0") == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        M.amp_dtype("cpu", "fp16")
+    for fast in (True, False):
+        monkeypatch.setattr(M, "cpu_bf16_faster", lambda: fast)
+        assert M.amp_dtype("cpu") == (torch.bfloat16 if fast else torch.float32)
+    assert isinstance(M.autocast("cpu", "fp32"), nullcontext)
+    assert isinstance(M.autocast("cpu", "bf16"), torch.autocast)
 
 
 # ---------------------------------------------------------------------------- log-probs
