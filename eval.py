@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import data
 import judge
-from model import ckpt_dir, load_checkpoint, load_model
+from model import autocast, ckpt_dir, load_checkpoint, load_model
 
 SHOT_CURVE = (0, 1, 2, 4, 8)
 LABELS = {"reference": "reference learner (judge's features)", "base": "base (SFT, no context)", "pooled": "IPO, no user context (pooled)",
@@ -103,15 +103,16 @@ def split_response(method, text):
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, batch_size, desc=None, temperature=0.0,
-             top_k=None, generator=None):
+             top_k=None, generator=None, amp=nullcontext()):
     """Completions of token-id prompts (greedy by default), batched by similar length."""
     outs = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         rows = order[s:s + batch_size]
-        new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=temperature,
-                             top_k=top_k, eos_id=tok.eot_id, generator=generator)
+        with amp:
+            new = model.generate([prompts[i] for i in rows], max_new_tokens, temperature=temperature,
+                                 top_k=top_k, eos_id=tok.eot_id, generator=generator)
         for i, ids in zip(rows, new):
             outs[i] = tok.decode(ids)
     return outs
@@ -121,13 +122,13 @@ def generate(model, tok, prompts, max_new_tokens, batch_size, desc=None, tempera
 # Pair accuracy vs number of shots
 
 @torch.no_grad()
-def pair_hits(policy, ref, batches, autocast=nullcontext()):
+def pair_hits(policy, ref, batches, amp=nullcontext()):
     """-> (pairs,) bool: does the implicit reward log(pi/ref) rank chosen first? policy, ref:
     per-token log-prob functions (GPT.token_logprobs); ref None compares raw log-probs
     (stage 1 has no reference)."""
     hits = []
     for b in batches:
-        with autocast:
+        with amp:
             pw, pl = data.pair_logps(policy, b)
             if ref is not None:
                 rw, rl = data.pair_logps(ref, b)
@@ -143,7 +144,7 @@ def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, 
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
-    hits = pair_hits(policy, ref, batches)
+    hits = pair_hits(policy, ref, batches, autocast(device, args.dtype))
     return hits, stream.episodes[:len(hits)]
 
 
@@ -234,7 +235,8 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
         model = models[data.method(m).model or m]
         limit = model.config.block_size - args.max_new_tokens
         texts = generate(model, tok, [prompt_ids(m, it, users, tok, limit) for it in items],
-                         args.max_new_tokens, args.gen_batch, desc=None if args.no_progress else f"answers {m}")
+                         args.max_new_tokens, args.gen_batch, desc=None if args.no_progress else f"answers {m}",
+                         amp=autocast(args.device, args.dtype))
         responses[m] = [split_response(m, t) for t in texts]
         # read each answer once: its features give both the user's reward and its quality
         feats = [j.read(q.prompt, resp) for j, (_, q, _), (_, resp) in zip(judges, items, responses[m])]
@@ -447,7 +449,7 @@ def personalize(args):
         limit = m.config.block_size - args.max_new_tokens - len(head)
         prompts = [data.prompt_tokens(tok, who, shots, q, limit)[0] + head for q in questions]
         texts = generate(m, tok, prompts, args.max_new_tokens, args.gen_batch, None,
-                         args.temperature, args.top_k, g)
+                         args.temperature, args.top_k, g, autocast(args.device, args.dtype))
         for q, t in zip(questions, texts):
             desc, resp = split_response(who, t)
             who_line = f"{LABELS.get(who, who)}, reading {len(pairs)} pairs" if shots else LABELS["base"]
@@ -477,6 +479,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="as fspo.py --dtype")
     p.add_argument("--personalize", default=None,
                    help="JSONL of one person's pairs (prompt, chosen, rejected): print the first "
                         "--ckpt's answers for them, and the base model's (--base, default its init)")

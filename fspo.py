@@ -37,6 +37,7 @@ import eval as evaluation
 import generate_synthetic as synth
 import judge
 from model import GPT, GPTConfig, ckpt_dir, load_model, save_model
+from model import autocast as model_autocast
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     accum = args.grad_accum // world
     torch.manual_seed(args.seed)
     use_cuda = device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    autocast = model_autocast(device, args.dtype)  # bf16 on CUDA, and on CPUs where it is faster
     stream, eval_batches = make_streams(args, tok, prefs_path, users_path, device)
     model = build_model(args, tok, tok_path, device)
     ref_scorer = load_reference(args, device)
@@ -333,7 +334,7 @@ def stage_steps(method, args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed")
+          "block_size", "seed", "dtype")
 PREF_RECIPE = ("loss", "beta", "nll")  # only the preference stages read these
 
 
@@ -515,6 +516,9 @@ def stage_flags(a):
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--compile", action="store_true", default=None, help="torch.compile the model")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+      help="matmul dtype under autocast; auto = bf16 on CUDA, and on a CPU where a timed bf16 "
+           "matmul beats float32 (model.cpu_bf16_faster); float32 otherwise")
     a("--seed", type=int, default=1337)
     a("--no-progress", action="store_true", help="no tqdm bars")
 

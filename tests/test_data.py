@@ -346,7 +346,7 @@ class TinyLM(nn.Module):
     def forward(self, idx, pos=None, mask=None):
         B, T = idx.shape
         pos = torch.arange(T).expand(B, T) if pos is None else pos
-        mask = torch.ones(T, T, dtype=torch.bool).tril() if mask is None else mask
+        mask = torch.ones(T, T, dtype=torch.bool).tril() if mask is None else full_mask(mask)
         x = self.wte(idx) + self.wpe(pos)                                    # (B, T, C)
         for l in self.layers:
             q, k, v = l.qkv(l.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
@@ -355,6 +355,13 @@ class TinyLM(nn.Module):
             x = x + l.proj((att @ v).transpose(1, 2).reshape(B, T, -1))
             x = x + l.out(F.gelu(l.fc(l.ln2(x))))
         return self.head(self.ln_f(x))                                      # (B, T, V)
+
+def full_mask(mask):
+    """pack_batch's (B, 1, TR, T) mask of the last TR (tail) queries, under plain causal rows
+    for the first T - TR (head) queries -> the whole (B, 1, T, T) mask."""
+    B, _, TR, T = mask.shape
+    head = torch.ones(T, T, dtype=torch.bool).tril()[:T - TR]             # (T-TR, T)
+    return torch.cat([head.expand(B, 1, T - TR, T), mask], dim=2)
 
 def token_logprobs(model, idx, targets, pos=None, mask=None):
     lp = F.log_softmax(model(idx, pos, mask), -1)                           # (B, T, V)
@@ -370,6 +377,7 @@ def random_episodes(r, n, vocab=20):
 def test_pack_batch_labels_and_mask():
     eps = random_episodes(random.Random(0), 6)
     b = pack_batch(eps, pad_id=19)
+    mask = full_mask(b["mask"])
     for i, e in enumerate(eps):
         labelled = b["targets"][i] != -1
         assert b["targets"][i][labelled].tolist() == e.chosen + e.rejected
@@ -377,8 +385,8 @@ def test_pack_batch_labels_and_mask():
         seg = b["seg"][i]
         assert not labelled[(seg == 0) | (seg == 3)].any()             # never on context or pads
         # rejected never sees chosen; every query sees at least itself
-        assert not b["mask"][i, 0][seg == 2][:, seg == 1].any()
-        assert b["mask"][i, 0].diagonal().all()
+        assert not mask[i, 0][seg == 2][:, seg == 1].any()
+        assert mask[i, 0].diagonal().all()
         pos = b["pos"][i]
         Lc = len(e.ctx)
         assert pos[seg == 1].tolist() == list(range(Lc - 1, Lc + len(e.chosen)))

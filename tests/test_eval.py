@@ -57,10 +57,10 @@ def test_pair_accuracy_counts_against_brute_force(k):
     torch.manual_seed(0)
     policy, ref = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0)
-    hits, uids = evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32")
+    hits, eps = evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                        k, 2, args, 512, "cpu")
-    assert len(hits) == len(uids) == 12  # 12 users x 1 episode of 2 shots + a query
+    assert len(hits) == len(eps) == 12  # 12 users x 1 episode of 2 shots + a query
 
     def logp(model, ctx, y):  # summed log p(y | ctx), the sequence run alone, no packing
         with torch.no_grad():
@@ -77,7 +77,7 @@ def test_pair_accuracy_counts_against_brute_force(k):
                    f"following question.\n## Question\n{q.prompt}\n".encode())
         y_w, y_l = (list(f"## Preferred Response\n{y}".encode()) + [tok.eot_id] for y in (q.chosen, q.rejected))
         want.append(logp(policy, ctx, y_w) - logp(ref, ctx, y_w) > logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
-        assert uids[len(want) - 1] == q.user_id
+        assert eps[len(want) - 1][1] is q  # the episodes scored are the ones brute-forced
     assert hits.tolist() == want and 0 < sum(want) < 12  # a mix, so a flipped sign would show
     args.curve_episodes = 3  # rounded up to whole batches
     assert len(evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
