@@ -2,23 +2,27 @@
 Speed figures for the README, each a ratio measured side by side in one run on one machine:
 a warm-up, then repetitions interleaved between the variants, medians.
 
-    python bench.py                    # CPU: the cpu preset's model, fp32 (~3 min on 2 cores)
-    python bench.py --compile          # GPU: the gpu preset's model in bf16, MFU also compiled
-    python bench.py --preset tiny      # smoke run in seconds (tests/test_bench.py)
+    python bench.py                    # CPU: the cpu preset's model (~10 min on 2 idle cores)
+    python bench.py --no-compile       # without the torch.compile figures (compiling is slow)
+    python bench.py --preset tiny      # smoke run (tests/test_bench.py)
     python bench.py --prefs runs/cpu/data/roleplay/prefs.jsonl   # episodes from real data
 
+peak         the best matmul FLOP/s of this device in float32 and in bf16: the ceiling each
+             dtype's utilisation figures below are measured against.
 fspo step    one training step (policy forward+backward, reference forward, IPO loss, clip,
-             AdamW) with shared-context scoring (data.pack_batch: one row per episode, the
-             context run once) vs naive (data.pack_naive: 2B causal rows, the context run
-             twice); same model, same episodes. tok/s counts each episode's tokens once
-             (context + both completions) for both, so the ratio of tok/s is the speedup.
+             AdamW) on the same episodes: data.pack_batch's layout (causal head, masked
+             rejected tail) in float32 and in the dtype model.amp_dtype('auto') picks, and
+             compiled, against the previous layout (one full (B, 1, T, T) mask, float32, eager;
+             pack_full_mask below). `speedup` is the step as the presets run it (auto dtype,
+             compiled only where that wins here) against that baseline.
 fspo memory  the peak memory such a step adds on top of model, reference, optimizer state
              and batch (CPU: resident memory of a fresh process; CUDA: allocated memory).
-generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whole prefix.
-data         episodes/s that data.EpisodeStream builds (encode + pack; the training loop
-             builds them inline) vs episodes/s that the shared training step consumes.
-sdpa, mfu    CUDA only: which SDPA kernel each layout runs, and model flops utilisation
-             against the GPU's bf16 peak. On CPU these lines say skipped.
+generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whole prefix, and
+             the KV cache in bf16 vs float32 with how many rows keep the same greedy tokens.
+logps        summed log-probs of one batch under bf16 autocast vs float32, and old vs new layout.
+data         the time pack_batch takes to build a batch (mask included) against a step.
+sdpa, mfu    which SDPA kernel each layout runs; on CUDA the step's share of the GPU's
+             bf16 peak from its datasheet, eager and --compile.
 Nothing here asserts a speed: the figures are for reading. On a shared machine, check the
 load average on the first line before trusting them.
 """
@@ -28,22 +32,25 @@ import os
 import random
 import statistics
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import data
 import fspo
+import model as M
 from model import GPT, GPTConfig
 
 # Per preset, besides its model sizes: repetitions and the generation run (batch 16). The
 # uncached baseline re-runs a 200..456 token prefix 256 times, a minute on 2 CPU cores: on
-# CPU it runs once.
-RUNS = {"tiny": dict(reps=2, gen_prompt=48, gen_tokens=32, naive_gen_reps=2),
-        "cpu": dict(reps=3, gen_prompt=200, gen_tokens=256, naive_gen_reps=1),
-        "gpu": dict(reps=10, gen_prompt=400, gen_tokens=256, naive_gen_reps=3)}
+# CPU it runs once. Where bf16 is emulated (cpu_bf16_faster() False) the bf16 figures run on
+# fewer tokens (bf16_gen_tokens, and the step on bf16_rows episodes), once.
+RUNS = {"tiny": dict(reps=2, gen_prompt=48, gen_tokens=32, naive_gen_reps=2, bf16_gen_tokens=16,
+                     bf16_rows=2),
+        "cpu": dict(reps=3, gen_prompt=200, gen_tokens=256, naive_gen_reps=1, bf16_gen_tokens=16,
+                    bf16_rows=1),
+        "gpu": dict(reps=10, gen_prompt=400, gen_tokens=256, naive_gen_reps=3, bf16_gen_tokens=256,
+                    bf16_rows=32)}
 GEN_BATCH = 16
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense; 1st match
 
@@ -79,6 +86,30 @@ def synthetic_rows(n_users, per_user, seed):
 # ----------------------------------------------------------------------------------------
 # the measured work
 
+def pack_full_mask(episodes, pad_id):
+    """The baseline: the layout pack_batch had before, one row per episode [ctx[:-1] | ctx[-1],
+    chosen | ctx[-1], rejected | pad] under a full (B, 1, T, T) mask, so attention computes
+    the whole T x T square. Same segments, positions and targets as data.pack_batch."""
+    rows = []
+    for e in episodes:
+        c = e.ctx
+        seg = [0] * (len(c) - 1) + [1] * (len(e.chosen) + 1) + [2] * (len(e.rejected) + 1)
+        pos = list(range(len(c) + len(e.chosen))) + list(range(len(c) - 1, len(c) + len(e.rejected)))
+        rows.append((c + e.chosen + [c[-1]] + e.rejected, seg, pos))
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    seg = torch.full((B, T), 3, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    for b, (i, s, p) in enumerate(rows):
+        idx[b, :len(i)], seg[b, :len(i)], pos[b, :len(i)] = map(torch.tensor, (i, s, p))
+    targets = torch.full((B, T), -1, dtype=torch.long)
+    same = (seg[:, 1:] == seg[:, :-1]) & ((seg[:, :-1] == 1) | (seg[:, :-1] == 2))  # (B, T-1)
+    targets[:, :-1] = torch.where(same, idx[:, 1:], -1)
+    sq, sk = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    mask = (torch.ones(T, T, dtype=torch.bool).tril() & ((sk == 0) | (sk == sq)))[:, None]
+    return dict(idx=idx, targets=targets, pos=pos, mask=mask, seg=seg)  # mask (B, 1, T, T)
+
+
 def build(cfg, device):
     torch.manual_seed(0)
     model, ref = GPT(cfg).to(device), GPT(cfg).to(device)
@@ -88,22 +119,23 @@ def build(cfg, device):
     return model, ref, opt
 
 
-def seq_logps(scorer, b):
-    """Summed completion log-probs, chosen (B,) and rejected (B,), for either layout."""
-    if b["mask"] is not None:
-        return data.pair_logps(scorer, b)
-    lp = scorer(b["idx"], b["targets"], None, None).sum(-1)  # (2B,) chosen rows, then rejected
-    return lp.chunk(2)
+def to_device(b, device):
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def pair_logps(scorer, b):
+    # summed completion log-probs (B,), (B,) of a packed batch, either layout
+    return data.sequence_logps(scorer(b["idx"], b["targets"], b["pos"], b["mask"]), b["seg"])
 
 
 def fspo_step(scorer, ref_scorer, model, opt, b, ctx):
     # the work of one step of fspo.train for a preference method, nothing else
     with ctx:
-        pw, pl = seq_logps(scorer, b)
+        pw, pl = pair_logps(scorer, b)
         with torch.no_grad():
-            rw, rl = seq_logps(ref_scorer, b)
+            rw, rl = pair_logps(ref_scorer, b)
         losses, _, _ = fspo.preference_loss(pw, pl, rw, rl, beta=0.1)
-        losses.mean().backward()
+    losses.mean().backward()  # outside autocast, as autocast advises
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -141,7 +173,23 @@ def medians(fns, reps, device):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def rss_growth_mb(cfg, episodes, pad_id, naive):
+def matmul_peak(device, dtype, n, seconds=0.5):
+    # FLOP/s of the best of the n x n matmuls that fit in `seconds` (at least 2, after a warm-up)
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    for i in range(1000):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+        if i >= 1 and time.perf_counter() > t_end:
+            break
+    return 2 * n ** 3 / best
+
+
+def rss_growth_mb(cfg, episodes, pad_id, old):
     """Run in a fresh process: how far one step's peak resident memory rises above the
     resident memory with model, reference, optimizer state and batch already allocated."""
     model, ref, opt = build(cfg, "cpu")
@@ -149,7 +197,7 @@ def rss_growth_mb(cfg, episodes, pad_id, naive):
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    b = (data.pack_naive if naive else data.pack_batch)(episodes, pad_id)
+    b = (pack_full_mask if old else data.pack_batch)(episodes, pad_id)
 
     def status_kb(key):
         with open("/proc/self/status") as f:
@@ -175,11 +223,22 @@ def step_flops(model, b):
     """Model flops of one FSPO step on a packed batch: the policy's forward+backward
     (flops_per_token at the padded length, on real tokens, counting the vocabulary
     projection only at labelled positions, the only place it runs) plus the reference's
-    forward (a third of that)."""
+    forward (a third of that). The same figure for both layouts: it counts the model's
+    work, not what a layout wastes."""
     cfg = model.config
     head = 6 * cfg.vocab_size * cfg.n_embd
     real, labelled = (b["seg"] != 3).sum().item(), (b["targets"] != -1).sum().item()
     return 4 / 3 * ((model.flops_per_token(b["idx"].size(1)) - head) * real + head * labelled)
+
+
+def generate_flops(model, B, P, G):
+    # forward flops of a cached greedy run: 2 per weight per token (the vocabulary projection
+    # only where a token is sampled), plus 4 * n_layer * n_embd per token per key it attends
+    cfg = model.config
+    head = cfg.vocab_size * cfg.n_embd
+    weights = 2 * (model.num_params() - head) * (P + G) + 2 * head * G
+    attn = 4 * cfg.n_layer * cfg.n_embd * sum(range(1, P + G + 1))
+    return B * (weights + attn)
 
 
 def sdpa_ran(scorer, b, ctx):
@@ -192,66 +251,92 @@ def sdpa_ran(scorer, b, ctx):
                             if e.key.startswith(pre)}))
 
 
-def sdpa_usable(cfg, b):
-    """The CUDA backends that, each allowed alone, accept this layout's call in bf16."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    B, T = b["idx"].shape
-    q = torch.randn(B, cfg.n_head, T, cfg.n_embd // cfg.n_head, device="cuda",
-                    dtype=torch.bfloat16)
-    ok = []
-    for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-               SDPBackend.CUDNN_ATTENTION):
-        try:
-            with warnings.catch_warnings(), sdpa_kernel([be]):
-                warnings.simplefilter("ignore")
-                F.scaled_dot_product_attention(q, q, q, attn_mask=b["mask"],
-                                               is_causal=b["mask"] is None)
-            ok.append(be.name.lower())
-        except RuntimeError:
-            pass
-    return ",".join(ok) or "none"
-
-
 # ----------------------------------------------------------------------------------------
 # the report, one section per figure
 
-def bench_fspo(m, eps, shots):
-    """Shared vs naive step time and peak memory at each N; returns the shared step's
-    seconds and the batches, for the data and MFU lines."""
-    mem, cuda = {}, m.dev == "cuda"
-    variants = [(n, naive) for n in shots for naive in (False, True)]
-    if not cuda:  # every variant in its own fresh process, all before any timing
-        jobs = [(m.cfg, eps[n], m.pad, naive) for n, naive in variants]
-        with mp.get_context("spawn").Pool(len(jobs), maxtasksperchild=1) as pool:
-            mem = dict(zip(variants, pool.starmap(rss_growth_mb, jobs)))
-    step_s, batches = {}, {}
-    for n in shots:
-        naive = data.pack_naive(eps[n], m.pad)
-        b = {"shared": data.to_device(data.pack_batch(eps[n], m.pad), m.dev),
-             "naive": {k: None if v is None else v.to(m.dev) for k, v in naive.items()}}
-        fns = {k: (lambda bk=bk: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, bk, m.ctx))
-               for k, bk in b.items()}
-        for fn in fns.values():
-            fn()
-        t = medians(fns, m.reps, m.dev)
-        if cuda:
-            mem.update({(n, k == "naive"): cuda_peak_mb(fn) for k, fn in fns.items()})
-        step_s[n], batches[n] = t["shared"], b
-        ctx_tok = sum(len(e.ctx) for e in eps[n])
-        comp_tok = sum(len(e.chosen) + len(e.rejected) for e in eps[n])
-        B = len(eps[n])
-        (Bs, Ts), (Bn, Tn) = b["shared"]["idx"].shape, b["naive"]["idx"].shape
-        print(f"fspo step N={n} B={B} {m.where}: shared {(ctx_tok + comp_tok) / t['shared']:.0f} "
-              f"tok/s (completion {comp_tok / t['shared']:.0f} tok/s), naive "
-              f"{(ctx_tok + comp_tok) / t['naive']:.0f} tok/s -> {t['naive'] / t['shared']:.2f}x "
-              f"faster (rows x len: shared {Bs}x{Ts}, naive {Bn}x{Tn}; mean context "
-              f"{ctx_tok / B:.0f} tok, completions {comp_tok / B:.0f} tok)", flush=True)
-        what = ("peak allocated above the allocation before the step" if cuda else
-                "peak RSS rise of a fresh process over model+ref+AdamW state+batch")
-        ms, mn = mem[(n, False)], mem[(n, True)]
-        print(f"fspo memory N={n} B={B} {m.where}: shared {ms:.0f} MB vs naive {mn:.0f} MB -> "
-              f"{ms / mn:.2f}x ({what})", flush=True)
-    return step_s, batches
+def bench_peak(m):
+    n = 8192 if m.dev == "cuda" else 1024
+    m.peak = {dt: matmul_peak(m.dev, getattr(torch, dt), n) for dt in ("float32", "bfloat16")}
+    f32, bf16 = m.peak["float32"], m.peak["bfloat16"]
+    print(f"peak matmul {n}x{n} {m.dev}: fp32 {f32 / 1e9:.1f} GFLOP/s, bf16 {bf16 / 1e9:.2f} "
+          f"GFLOP/s -> bf16 {bf16 / f32:.2f}x fp32; amp_dtype auto = "
+          f"{str(M.amp_dtype(m.dev)).removeprefix('torch.')}", flush=True)
+
+
+def share(m, flops, s, dtype):
+    return (f"{flops / s / 1e9:.2f} GFLOP/s = {100 * flops / s / m.peak[str(dtype)[6:]]:.1f}% "
+            f"of the {'fp32' if dtype == torch.float32 else 'bf16'} peak")
+
+
+def bench_fspo(m, eps, n, args, run):
+    """The step in each layout and variant; returns the new layout's batch."""
+    B = len(eps)
+    old, new = (to_device(f(eps, m.pad), m.dev) for f in (pack_full_mask, data.pack_batch))
+    auto = M.amp_dtype(m.dev)
+    fns = {"old fp32": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, old, nullcontext()),
+           "new fp32": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new, nullcontext())}
+    if auto != torch.float32:
+        fns["new auto"] = lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new,
+                                            M.autocast(m.dev))
+    if args.compile:  # as fspo.py --compile: the policy's scorer only
+        compiled = torch.compile(fspo.LogProbs(m.model))
+        fns["new auto compiled"] = lambda: fspo_step(compiled, m.ref_scorer, m.model, m.opt, new,
+                                                     M.autocast(m.dev))
+    for fn in fns.values():  # warm-up; compiles
+        fn()
+    t = medians(fns, m.reps, m.dev)
+    flops = step_flops(m.model, new)
+    (_, To), (_, Tn) = old["idx"].shape, new["idx"].shape
+    TR = new["mask"].size(2)
+    for k, s in t.items():
+        dt = torch.float32 if k.endswith("fp32") else auto
+        print(f"fspo step N={n} B={B} {m.where}, {k}: {s * 1e3:.0f} ms, {share(m, flops, s, dt)} "
+              f"(rows x len: old {B}x{To}, mask {B}x{To}x{To}; new {B}x{Tn}, tail mask "
+              f"{B}x{TR}x{Tn})", flush=True)
+    if args.compile:
+        c, e = t["new auto compiled"], t["new auto" if "new auto" in t else "new fp32"]
+        print(f"compile fspo step N={n} B={B} {m.where}: eager {e * 1e3:.0f} ms, compiled "
+              f"{c * 1e3:.0f} ms -> {e / c:.2f}x; {'kept' if c < e else 'not kept'} for the "
+              f"speedup line", flush=True)
+    else:
+        print(f"compile fspo step N={n} B={B} {m.where}: skipped (pass --compile)")
+    best = min(t[k] for k in t if k != "old fp32" and (k != "new fp32" or auto == torch.float32))
+    way = next(k for k in t if t[k] == best)
+    print(f"speedup N={n} B={B} {m.where}: the step as the presets run it ({way}) vs the "
+          f"previous layout's fp32 eager step: {t['old fp32'] * 1e3:.0f} ms -> "
+          f"{best * 1e3:.0f} ms -> {t['old fp32'] / best:.2f}x", flush=True)
+    bench_bf16_step(m, eps[:run["bf16_rows"]] if auto == torch.float32 else eps, n)
+    bench_memory(m, eps, n)
+    return new
+
+
+def bench_bf16_step(m, eps, n):
+    # where bf16 is emulated a step takes minutes: timed once, on fewer episodes
+    b = to_device(data.pack_batch(eps, m.pad), m.dev)
+    fns = {dt: (lambda dt=dt: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b,
+                                        M.autocast(m.dev, dt))) for dt in ("fp32", "bf16")}
+    fast = M.amp_dtype(m.dev) == torch.bfloat16
+    for fn in fns.values():
+        fn()
+    t = medians(fns, m.reps if fast else 1, m.dev)
+    print(f"bf16 fspo step N={n} B={len(eps)} {m.where}: fp32 {t['fp32'] * 1e3:.0f} ms, bf16 "
+          f"{t['bf16'] * 1e3:.0f} ms -> bf16/fp32 step time {t['bf16'] / t['fp32']:.2f}x "
+          f"({'bf16 faster' if t['bf16'] < t['fp32'] else 'bf16 slower'} here)", flush=True)
+
+
+def bench_memory(m, eps, n):
+    B = len(eps)
+    if cuda:
+        old, new = (to_device(f(eps, m.pad), m.dev) for f in (pack_full_mask, data.pack_batch))
+        ms, mo = (cuda_peak_mb(lambda b=b: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b,
+                                                     M.autocast(m.dev))) for b in (new, old))
+    else:  # each in its own fresh process
+        with mp.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:
+            ms, mo = pool.starmap(rss_growth_mb, [(m.cfg, eps, m.pad, o) for o in (False, True)])
+    what = ("peak allocated above the allocation before the step" if cuda else
+            "peak RSS rise of a fresh process over model+ref+AdamW state+batch, fp32")
+    print(f"fspo memory N={n} B={B} {m.where}: new layout {ms:.0f} MB vs old {mo:.0f} MB -> "
+          f"{ms / mo:.2f}x ({what})", flush=True)
 
 
 def bench_generate(m, eps, run):
@@ -267,91 +352,104 @@ def bench_generate(m, eps, run):
     def naive():
         out["naive"] = generate_naive(model, prompts, G)
 
-    with m.ctx:
-        model.generate(prompts, 2, temperature=0)
-        generate_naive(model, prompts, 2)
-        t = medians({"cached": cached}, m.reps, m.dev)
-        t.update(medians({"naive": naive}, run["naive_gen_reps"], m.dev))
-    if m.dev == "cuda":  # bf16 rounds differently in the two orders of computation
-        K = 32
-        same = sum(a == b for a, b in zip(model.generate(prompts, K, temperature=0),
-                                          generate_naive(model, prompts, K)))
-    else:
-        K, same = G, sum(a == b for a, b in zip(out["cached"], out["naive"]))
+    model.generate(prompts, 2, temperature=0)
+    generate_naive(model, prompts, 2)
+    t = medians({"cached": cached}, m.reps, m.dev)
+    t.update(medians({"naive": naive}, run["naive_gen_reps"], m.dev))
+    same = sum(a == b for a, b in zip(out["cached"], out["naive"]))
     n_tok = GEN_BATCH * G
-    print(f"generate B={GEN_BATCH} prompt {P} + {G} new tok, greedy, {m.where}: KV cache "
-          f"{n_tok / t['cached']:.0f} tok/s, recompute prefix {n_tok / t['naive']:.0f} tok/s -> "
-          f"{t['naive'] / t['cached']:.1f}x faster (recompute timed {run['naive_gen_reps']}x); "
-          f"same {K} greedy tokens (fp32) in {same}/{GEN_BATCH} rows", flush=True)
+    print(f"generate B={GEN_BATCH} prompt {P} + {G} new tok, greedy, {m.where} fp32: KV cache "
+          f"{n_tok / t['cached']:.0f} tok/s ({share(m, generate_flops(model, GEN_BATCH, P, G), t['cached'], torch.float32)}), "
+          f"recompute prefix {n_tok / t['naive']:.0f} tok/s -> {t['naive'] / t['cached']:.1f}x "
+          f"faster (recompute timed {run['naive_gen_reps']}x); same {G} greedy tokens in "
+          f"{same}/{GEN_BATCH} rows", flush=True)
+    # bf16 vs fp32, both cached; where bf16 is emulated, on fewer tokens, once
+    fast = M.amp_dtype(m.dev) == torch.bfloat16
+    G = run["gen_tokens"] if fast else run["bf16_gen_tokens"]
+
+    def gen(dt):
+        with M.autocast(m.dev, dt):
+            out[dt] = model.generate(prompts, G, temperature=0)
+
+    fns = {dt: (lambda dt=dt: gen(dt)) for dt in ("fp32", "bf16")}
+    for fn in fns.values():
+        fn()
+    t = medians(fns, m.reps if fast else 1, m.dev)
+    same = sum(a == b for a, b in zip(out["fp32"], out["bf16"]))
+    flops = generate_flops(model, GEN_BATCH, P, G)
+    print(f"generate bf16 B={GEN_BATCH} prompt {P} + {G} new tok, KV cache, {m.where}: fp32 "
+          f"{GEN_BATCH * G / t['fp32']:.0f} tok/s, bf16 {GEN_BATCH * G / t['bf16']:.1f} tok/s "
+          f"({share(m, flops, t['bf16'], torch.bfloat16)}) -> bf16 {t['fp32'] / t['bf16']:.2f}x "
+          f"fp32; same {G} greedy tokens in {same}/{GEN_BATCH} rows", flush=True)
 
 
-def bench_data(m, users, shots, B, step_s):
-    for n in shots:
-        stream = data.EpisodeStream(m.tok, users, None, "fspo", n, B, m.cfg.block_size, seed=0)
-        stream.batch(0)  # builds the epoch's episode list, once per epoch
-        k = min(stream.per_epoch - 1, 5)
-        t = []
-        for i in range(1, k + 1):
-            t0 = time.perf_counter()
-            data.to_device(stream.batch(i), m.dev)
-            sync(m.dev)
-            t.append(time.perf_counter() - t0)
-        s = statistics.median(t)
-        print(f"data N={n} B={B} {m.where}: EpisodeStream.batch builds {B / s:.0f} episodes/s "
-              f"(encode + pack + to {m.dev}, median of {k}), the shared step consumes "
-              f"{B / step_s[n]:.1f} episodes/s -> loader {step_s[n] / s:.0f}x faster; built "
-              f"inline in the training loop, it adds {100 * s / step_s[n]:.1f}% to a step",
-              flush=True)
+def bench_logps(m, eps):
+    # one batch scored four ways: the layouts must agree to float32 rounding, bf16 to its own
+    old, new = (to_device(f(eps, m.pad), m.dev) for f in (pack_full_mask, data.pack_batch))
+    with torch.no_grad():
+        lo, ln = (torch.cat(pair_logps(m.ref_scorer, b)) for b in (old, new))
+        with M.autocast(m.dev, "bf16"):
+            lb = torch.cat(pair_logps(m.ref_scorer, new))
+    print(f"logps B={len(eps)} {m.where}: old vs new layout max |diff| "
+          f"{(lo - ln).abs().max().item():.2e} nats; bf16 autocast vs fp32 max |diff| "
+          f"{(lb - ln).abs().max().item():.3f} nats (mean |sum| {ln.abs().mean().item():.1f}, "
+          f"{len(ln)} sums)", flush=True)
 
 
-def bench_cuda(m, b, n, step_s, args):
-    B = b["shared"]["idx"].size(0)
+def bench_data(m, eps, n, step_s):
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        to_device(data.pack_batch(eps, m.pad), m.dev)
+        sync(m.dev)
+        t.append(time.perf_counter() - t0)
+    s = statistics.median(t)
+    print(f"data N={n} B={len(eps)} {m.where}: pack_batch + to {m.dev} {s * 1e3:.1f} ms per batch "
+          f"(mask included, median of 5) = {100 * s / step_s:.1f}% of a step", flush=True)
+
+
+def bench_cuda(m, new, old, n, args):
+    ran = {k: sdpa_ran(m.scorer, b, M.autocast(m.dev)) for k, b in (("old", old), ("new", new))}
+    print(f"sdpa kernel N={n} {m.where}: old layout (full mask) runs {ran['old']}; new layout "
+          f"(causal head + masked tail) runs {ran['new']}", flush=True)
     if m.dev != "cuda":
-        print(f"sdpa kernel: skipped (no CUDA); on {m.dev} the naive layout runs "
-              f"{sdpa_ran(m.scorer, b['naive'], m.ctx)}, the shared layout "
-              f"{sdpa_ran(m.scorer, b['shared'], m.ctx)}")
-        print("mfu: skipped (no CUDA; MFU is measured against a GPU's bf16 peak)")
+        print("mfu: skipped (no CUDA; on CPU the step's share of the measured peak is above)")
         return
-    ran = {k: sdpa_ran(m.scorer, bk, m.ctx) for k, bk in b.items()}
-    usable = {k: sdpa_usable(m.cfg, bk) for k, bk in b.items()}
-    print(f"sdpa kernel N={n} B={B} {m.where}: naive (causal, no mask) runs {ran['naive']} "
-          f"[usable alone: {usable['naive']}]; shared (bool mask) runs {ran['shared']} "
-          f"[usable alone: {usable['shared']}]", flush=True)
     name = torch.cuda.get_device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     if peak is None:
         print(f"mfu: skipped (no bf16 peak known for {name}; pass --peak-tflops)")
         return
-    flops = step_flops(m.model, b["shared"])
-    s = {"eager": step_s}
+    flops = step_flops(m.model, new)
+    s = {"eager": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new, M.autocast("cuda"))}
     if args.compile:
-        compiled = torch.compile(fspo.LogProbs(m.model))  # as fspo.py --compile: the policy only
-
-        def fn():
-            fspo_step(compiled, m.ref_scorer, m.model, m.opt, b["shared"], m.ctx)
-        for _ in range(2):  # compiles, then settles
-            fn()
-        s["compiled"] = medians({"c": fn}, m.reps, m.dev)["c"]
+        compiled = torch.compile(fspo.LogProbs(m.model))
+        s["compiled"] = lambda: fspo_step(compiled, m.ref_scorer, m.model, m.opt, new,
+                                          M.autocast("cuda"))
+    for fn in s.values():
+        fn()
+    t = medians(s, m.reps, m.dev)
     figs = [f"{k} {100 * flops / v / (peak * 1e12):.1f}% ({flops / v / 1e12:.0f} TFLOP/s)"
-            for k, v in s.items()]
+            for k, v in t.items()]
     if not args.compile:
         figs.append("compiled: skipped (pass --compile)")
-    print(f"mfu fspo step N={n} B={B} {m.where} on {name} (bf16 peak {peak:.0f} TFLOP/s): "
+    print(f"mfu fspo step N={n} {m.where} on {name} (bf16 peak {peak:.0f} TFLOP/s): "
           f"{', '.join(figs)}; target 35%")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="speed figures: shared-context scoring, KV cache, "
-                                             "data loading, MFU")
+    ap = argparse.ArgumentParser(description="speed figures: packed layout, bf16, compile, "
+                                             "KV cache, MFU")
     ap.add_argument("--preset", choices=fspo.PRESETS, default=None,
                     help="model sizes (default: gpu on CUDA, else cpu)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prefs", default=None, help="prefs.jsonl to build episodes from (default: "
                     "runs/<preset>/data/roleplay/prefs.jsonl if present, else made-up rows)")
-    ap.add_argument("--shots", default="4,8", help="comma list of N")
+    ap.add_argument("--shots", type=int, default=8, help="N, shots per episode")
     ap.add_argument("--batch-size", type=int, default=None, help="episodes per step (preset's)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (per preset)")
-    ap.add_argument("--compile", action="store_true", help="CUDA: MFU of the compiled step too")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile figures")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the GPU's dense bf16 peak, when it is not in the table")
     args = ap.parse_args(argv)
@@ -360,9 +458,8 @@ def main(argv=None):
     preset = args.preset or ("gpu" if cuda else "cpu")
     p, run = fspo.PRESETS[preset], RUNS[preset]
     m.reps, B = args.reps or run["reps"], args.batch_size or p["batch_size"]
-    m.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    m.where = f"{preset} preset, {m.dev} {'bf16' if cuda else 'fp32'}"
-    shots = [int(n) for n in args.shots.split(",")]
+    m.where = f"{preset} preset, {m.dev}"
+    n = args.shots
 
     prefs = args.prefs or f"runs/{preset}/data/roleplay/prefs.jsonl"
     if os.path.exists(prefs):
@@ -371,12 +468,11 @@ def main(argv=None):
         rows, source = synthetic_rows(64, 18, seed=0), "made-up rows (64 users x 18)"
     m.tok = data.Tokenizer(data.train_bpe(data.corpus_texts(rows[:2000]), p["vocab_size"]))
     m.pad = m.tok.eot_id
-    users = data.by_user(rows)
     # the preset's model exactly, even where the tokenizer stopped short of its vocab_size
     m.cfg = GPTConfig(block_size=p["block_size"], vocab_size=max(m.tok.n_vocab, p["vocab_size"]),
                       n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"])
-    eps = {n: [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
-               data.make_episodes(users, n, random.Random(0))[:max(B, GEN_BATCH)]] for n in shots}
+    eps = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
+           data.make_episodes(data.by_user(rows), n, random.Random(0))[:max(B, GEN_BATCH)]]
     m.model, m.ref, m.opt = build(m.cfg, m.dev)
     m.scorer, m.ref_scorer = fspo.LogProbs(m.model), fspo.LogProbs(m.ref)
     machine = (torch.cuda.get_device_name() if cuda else
@@ -387,10 +483,14 @@ def main(argv=None):
           f"{machine}; episodes from {source}; medians of {m.reps} reps after 1 warm-up",
           flush=True)
 
-    step_s, batches = bench_fspo(m, {n: e[:B] for n, e in eps.items()}, shots)
-    bench_generate(m, eps[max(shots)], run)
-    bench_data(m, users, shots, B, step_s)
-    bench_cuda(m, batches[max(shots)], max(shots), step_s[max(shots)], args)
+    bench_peak(m)
+    new = bench_fspo(m, eps[:B], n, args, run)
+    bench_logps(m, eps[:B])
+    bench_generate(m, eps, run)
+    t = medians({"s": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new,
+                                        M.autocast(m.dev))}, 1, m.dev)["s"]
+    bench_data(m, eps[:B], n, t)
+    bench_cuda(m, new, to_device(pack_full_mask(eps[:B], m.pad), m.dev), n, args)
 
 
 if __name__ == "__main__":
