@@ -325,7 +325,7 @@ def bench_bf16_step(m, eps, n):
 
 
 def bench_memory(m, eps, n):
-    B = len(eps)
+    B, cuda = len(eps), m.dev == "cuda"
     if cuda:
         old, new = (to_device(f(eps, m.pad), m.dev) for f in (pack_full_mask, data.pack_batch))
         ms, mo = (cuda_peak_mb(lambda b=b: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b,
