@@ -267,7 +267,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
                          f"or delete it to start over")
     if saved:
         start = resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master)
-        print(f"[resume] {args.out} from step {start}") if master else None
+        if master:
+            print(f"[resume] {args.out} from step {start}")
     elif master:
         os.makedirs(args.out, exist_ok=True)
         open(metrics_path, "w").close()
