@@ -241,6 +241,26 @@ def read_metrics(path):
     return rows
 
 
+def accumulate_gradients(scorer, ref_scorer, stream, step, args, autocast, device, rank, world):
+    """Forward and backward of this rank's micro-batches of one step -> the step's mean
+    metrics (over all ranks under DDP)."""
+    accum, ddp, sums = args.grad_accum // world, world > 1, {}
+    for micro in range(accum):
+        b = data.to_device(stream.batch(step * args.grad_accum + micro * world + rank), device)
+        # DDP's no_sync must cover the forward too: forward decides whether backward syncs
+        with nullcontext() if (not ddp or micro == accum - 1) else scorer.no_sync():
+            with autocast:
+                loss, metrics = score_batch(scorer, ref_scorer, b, args)
+            (loss / accum).backward()  # outside autocast, as autocast advises
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.item() / accum
+    if ddp:  # log the global batch's averages, not rank 0's share
+        vals = torch.tensor(list(sums.values()), device=device)
+        dist.all_reduce(vals)
+        sums = dict(zip(sums, (vals / world).tolist()))
+    return sums
+
+
 def train(args, tok, tok_path, prefs_path, users_path=None):
     """Train one stage (args.method) into args.out; returns the final metrics dict."""
     rank, world, device = setup_distributed(args)
@@ -248,7 +268,6 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     args.grad_accum = max(args.grad_accum, world)  # the presets' 1 under torchrun: one per rank
     if args.grad_accum % world:
         raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of world size {world}")
-    accum = args.grad_accum // world
     torch.manual_seed(args.seed)
     use_cuda = device.startswith("cuda")
     autocast = model_autocast(device, args.dtype)  # bf16 on CUDA, and on CPUs where it is faster
@@ -285,20 +304,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         lr = get_lr(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        sums = {}
-        for micro in range(accum):
-            b = data.to_device(stream.batch(step * args.grad_accum + micro * world + rank), device)
-            # DDP's no_sync must cover the forward too: forward decides whether backward syncs
-            with nullcontext() if (not ddp or micro == accum - 1) else scorer.no_sync():
-                with autocast:
-                    loss, metrics = score_batch(scorer, ref_scorer, b, args)
-                (loss / accum).backward()  # outside autocast, as autocast advises
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / accum
-        if ddp:  # log the global batch's averages, not rank 0's share
-            vals = torch.tensor(list(sums.values()), device=device)
-            dist.all_reduce(vals)
-            sums = dict(zip(sums, (vals / world).tolist()))
+        sums = accumulate_gradients(scorer, ref_scorer, stream, step, args, autocast, device, rank, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
