@@ -33,7 +33,7 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
         assert all(0 <= a["lo"] <= a["rate"] <= a["hi"] <= 1 and a["n"] > 0 for a in accs.values())
     # every table row of the report carries numbers that parse and match metrics.json
     rows = [l for l in report.splitlines() if l.startswith("| FSPO (IPO)")]
-    assert len(rows) == 2 and rows[0].startswith("| FSPO (IPO) | 2 | ")
+    assert len(rows) == 3 and rows[0].startswith("| FSPO (IPO) | 2 | ")  # win rate, curve, left-out family
     assert any(l.startswith("| IPO, no user context (pooled) | 0 | ") for l in report.splitlines())
     cells = [float(x) for x in re.findall(r"\d+\.\d+", rows[0])]
     assert cells[0] == round(100 * res["win_rate"]["fspo"]["all"]["rate"], 1)
@@ -41,7 +41,7 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
     # eval.py on its own takes N from the stage-2 checkpoint (2), not from SFT's 0-3 range
     base = out / "roleplay-2shot"
     r = subprocess.run([sys.executable, "eval.py", "--base", str(base / "sft"), "--ckpt", str(base / "fspo"),
-                        "--data", str(out / "data"), "--eval-users", "2", "--out", str(tmp_path / "ev")],
+                        "--data", str(out / "data"), "--eval-users", "2", "--batch-size", "4", "--out", str(tmp_path / "ev")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())[0]["shots"] == 2
