@@ -363,13 +363,6 @@ def check_recipe(saved, args, inputs, where):
                          f"delete it or pick another --out")
 
 
-def stage_done(path, args, inputs):
-    meta = saved_meta(path)
-    if meta is not None:
-        check_recipe(meta, args, inputs, path)
-    return meta is not None and meta.get("done", False)
-
-
 def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, **over):
     """Train stage `name` (a data.METHODS name, "-dpo" for the DPO loss) into `out` unless done."""
     a = copy.copy(args)
@@ -377,9 +370,12 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, **over):
     a.out, a.init, a.ref = out, init, None
     for k, v in over.items():
         setattr(a, k, v)
-    if stage_done(out, a, stage_inputs(a, tok, prefs)):
-        print(f"[skip] {out} exists")
-        return
+    saved = saved_meta(out)
+    if saved is not None:  # cached: refused if made with other settings or inputs
+        check_recipe(saved, a, stage_inputs(a, tok, prefs), out)
+        if saved.get("done"):
+            print(f"[skip] {out} exists")
+            return
     a.resume = True  # an unfinished stage continues where it stopped
     t0 = time.time()
     final = train(a, tok, tok_path, prefs, users)

@@ -9,7 +9,6 @@ import math
 import os
 import random
 import sys
-import time
 from collections import Counter
 
 import pytest
