@@ -30,7 +30,8 @@ Output per domain: <out>/<domain>/users.jsonl, prefs.jsonl (prompt, chosen, reje
 and stats.json (counts per split, label entropy, diversity). Splits: "train" users train; the held-out
 users are halved into "val" (the training-time metric and any tuning) and "test" (the report), and
 both see only held-out questions.
-Training and evaluation read users and score answers through judge.py, not through this file.
+API used by training and evaluation (from judge.py): load_users(path), score(user, prompt, response),
+trait_summary(user), summary_for_response(user, prompt, response), trait_recovery(user, text).
 """
 import argparse
 import json
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 import judge
 from judge import EX_LEVELS, MARGIN, sign, words_of
+from judge import load_users, score, summary_for_response, trait_recovery, trait_summary  # noqa: F401 (the API)
 
 N_VIEWS = 4         # viewpoints per question when view conditioning is on
 TEST_Q_FRAC = 0.18  # subjects, concepts or movies reserved for held-out users
