@@ -234,6 +234,8 @@ class Roleplay(Writer, judge.Roleplay):
             lo, hi = map(math.log, TEMPERATURE_RANGE)
             user["temperature"] = round(_CFG.temperature * math.exp(rng.uniform(lo, hi)), 3)
             user["focused"] = rng.random() < FOCUSED_FRAC
+        if split == "train" and _CFG.taste_frac:  # its own draw: the other users stay as they were
+            user["taste"] = random.Random(f"taste/{_CFG.seed}/{uid}").random() < _CFG.taste_frac
         for axis, s in RP_FAMILIES[family].items():
             self.add_trait(user, axis, s, rng)
         # --traits: how many traits a persona starts with (default 1-3, mostly 2; a family's signature at least)
@@ -252,7 +254,7 @@ class Roleplay(Writer, judge.Roleplay):
         qid, _, meta = item
         a = self.random_style(rng)
         axes = self.trait_axes()
-        if cfg.pair_mode == "taste":  # one answer in the user's style, the other breaks some of it
+        if cfg.pair_mode == "taste" or user.get("taste"):  # one answer in the user's style, the other breaks some of it
             a.update({ax: sign(w) for ax, w in user["traits"].items()})
             axes = list(user["traits"])
         b = dict(a)
@@ -653,7 +655,7 @@ def generate(name, cfg, out_dir):
 def recipe(cfg, name):
     """The settings that decide a domain's data (stats.json "config"; the main job compares them)."""
     return {k: getattr(cfg, k) for k in ("scale", "temperature", "views", "writers", "refine", "consistency", "axes",
-                                         "max_traits", "pair_axes", "pair_mode", "traits",
+                                         "max_traits", "pair_axes", "pair_mode", "taste_frac", "traits",
                                          "diversity", "holdout_family")} \
         | {"users": cfg.sizes[name][0], "pairs_per_user": cfg.sizes[name][1]}
 
@@ -684,6 +686,9 @@ def parse_args(argv=None):
     p.add_argument("--pair-mode", choices=("random", "taste"), default="random",
                    help="roleplay: random = two random styles; taste = one answer in the user's style "
                         "and one that breaks --pair-axes of its traits (easier users)")
+    p.add_argument("--taste-frac", type=float, default=0.0,
+                   help="roleplay: this share of TRAIN users gets taste pairs (a curriculum device: "
+                        "val and test users keep --pair-mode)")
     p.add_argument("--no-diversity", dest="diversity", action="store_false",
                    help="roleplay: every user labels at --temperature and draws trait weights from 1-2 "
                         "(default: per-user temperatures and heavy-tailed weights)")
@@ -704,6 +709,8 @@ def parse_args(argv=None):
         p.error(f"--traits takes counts between 1 and {len(judge.Roleplay.axes)}")
     if not 1 <= cfg.max_traits <= len(judge.Roleplay.axes) or min(cfg.pair_axes) < 1:
         p.error("--max-traits and --pair-axes must be positive (max traits at most the axes)")
+    if not 0 <= cfg.taste_frac <= 1:
+        p.error("--taste-frac must be between 0 and 1")
     if cfg.workers < 1:
         p.error("--workers must be at least 1")
     if cfg.axes and not set(RP_FAMILIES.get(cfg.holdout_family, {})) <= set(cfg.axes):
