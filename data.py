@@ -390,8 +390,29 @@ class Episode:
     chosen: list[int]       # COMPLETION_HEADER + chosen text + [eot]
     rejected: list[int]
     n_shots: int = 0        # shots that fit (fewer than given when old ones were dropped)
+    # --shot-pairs: each shot as a pair too, [(start, end, rejected text ids)]: ctx[start:end]
+    # is the shot's chosen text in its "Preferred Response" slot, scored against the rejected
+    # text in the same slot, both seeing only the shots before it
+    shot_pairs: list = field(default_factory=list)
 
-def encode_episode(tok, shots, query, max_len, name="fspo", user=None) -> Episode:
+def shot_spans(tok, shots, ctx):
+    """[(start, end, rejected ids)] of each shot of format_prompt(shots, ...) encoded as ctx,
+    found by encoding the shot's pieces; [] when the pieces do not add up to ctx (BPE merged
+    across a boundary), so that episode trains on its query pair alone."""
+    at, out = 0, []
+    for i, s in enumerate(shots, 1):
+        head = tok.encode(f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n")
+        chosen = tok.encode(s.chosen)
+        rest = tok.encode(f"\n## Dispreferred Response\n{s.rejected}\n")
+        start = at + len(head)
+        if ctx[at:start] != head or ctx[start:start + len(chosen)] != chosen or \
+                ctx[start + len(chosen):start + len(chosen) + len(rest)] != rest:
+            return []
+        out.append((start, start + len(chosen), tok.encode(s.rejected)))
+        at = start + len(chosen) + len(rest)
+    return out
+
+def encode_episode(tok, shots, query, max_len, name="fspo", user=None, shot_pairs=False) -> Episode:
     """Method `name`'s prompt and both completions of the query; cot methods also need the
     user (its description opens the chosen completion, the one behind y_l the rejected)."""
     chosen, rejected = query.chosen, query.rejected
@@ -405,7 +426,8 @@ def encode_episode(tok, shots, query, max_len, name="fspo", user=None) -> Episod
     except ValueError:
         raise ValueError(f"episode does not fit in max_len={max_len} even with no shots: "
                          f"completions {len(chosen)}/{len(rejected)} tokens") from None
-    return Episode(ctx, chosen, rejected, kept)
+    spans = shot_spans(tok, shots[len(shots) - kept:], ctx) if shot_pairs and kept else []
+    return Episode(ctx, chosen, rejected, kept, spans)
 
 def check_lengths(tok, prefs, max_len, name="fspo", users=None):
     """Fail at load, not hours into training: every row must fit the block with no shots."""
@@ -420,12 +442,13 @@ class EpisodeStream:
     resuming at step s rebuilds exactly the batches an uninterrupted run would have seen."""
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
-                 which=None, use_shots=None, context=False):
+                 which=None, use_shots=None, context=False, shot_pairs=False):
         self.tok, self.users, self.name = tok, users, name
         learns = method(name).learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
         self.prefs_by_user, self.use_shots, self.context = prefs_by_user, use_shots, context
+        self.shot_pairs = shot_pairs and learns == "preference"
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -444,7 +467,7 @@ class EpisodeStream:
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
         user = self.users[query.user_id] if self.users else None
-        return encode_episode(self.tok, shots, query, self.max_len, self.name, user)
+        return encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs)
 
     def batch(self, i):
         epoch, j = divmod(i, self.per_epoch)
@@ -476,29 +499,45 @@ def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
     The duplicate ctx[-1] has the same position and keys as the first, so the same hidden
     state; rejected never sees chosen, so it is scored as if chosen were not there.
     mask (B, 1, T-H, T) covers the tail queries only (model.CausalSelfAttention): the head
-    needs none, so attention runs causally there and skips the upper triangle."""
+    needs none, so attention runs causally there and skips the upper triangle.
+    pair (B, T) says which pair a completion token belongs to: 0 is the query. Episodes with
+    shot_pairs (--shot-pairs) also score shot k as pair k: its chosen text, in place in the
+    head, is seg 1 (from the token before it), and its rejected text gets a tail piece that
+    sees only the head columns before that token, as if it stood in the chosen's slot."""
     heads = [e.ctx + e.chosen for e in episodes]
-    tails = [e.ctx[-1:] + e.rejected for e in episodes]
+    # tail pieces per row: (head columns it sees, its tokens, its pair); the query's last
+    tails = [[(s - 1, [e.ctx[s - 1]] + rej, k) for k, (s, _, rej) in enumerate(e.shot_pairs, 1)]
+             + [(len(e.ctx) - 1, e.ctx[-1:] + e.rejected, 0)] for e in episodes]
     B, H = len(episodes), max(map(len, heads))
     # T rounded up to `multiple` (8 on CUDA, whose fused attention kernels want an aligned mask)
-    T = -(-(H + max(map(len, tails))) // multiple) * multiple
+    T = -(-(H + max(sum(len(p) for _, p, _ in t) for t in tails)) // multiple) * multiple
     idx = torch.full((B, T), pad_id, dtype=torch.long)
-    seg = torch.full((B, T), 3, dtype=torch.long)
+    seg = torch.full((B, T), PAD, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
+    pair = torch.zeros((B, T), dtype=torch.long)
+    sees = torch.zeros((B, T), dtype=torch.long)           # tail column: head columns it sees
+    first = torch.arange(T).repeat(B, 1)                   # tail column: its piece's first column
     for b, (e, head, tail) in enumerate(zip(episodes, heads, tails)):
-        Lc, m, n = len(e.ctx), len(head), len(tail)
-        idx[b, :m], idx[b, H:H + n] = torch.tensor(head), torch.tensor(tail)
-        seg[b, :Lc - 1], seg[b, Lc - 1:m], seg[b, H:H + n] = 0, 1, 2
-        pos[b, :m], pos[b, H:H + n] = torch.arange(m), torch.arange(Lc - 1, Lc - 1 + n)
-    # targets: the next token while inside a completion segment; -1 elsewhere
+        Lc, m = len(e.ctx), len(head)
+        idx[b, :m], pos[b, :m] = torch.tensor(head), torch.arange(m)
+        seg[b, :Lc - 1], seg[b, Lc - 1:m] = CONTEXT, CHOSEN
+        for k, (start, end, _) in enumerate(e.shot_pairs, 1):
+            seg[b, start - 1:end], pair[b, start - 1:end] = CHOSEN, k
+        c = H
+        for v, piece, k in tail:
+            n = len(piece)
+            idx[b, c:c + n], seg[b, c:c + n], pair[b, c:c + n] = torch.tensor(piece), REJECTED, k
+            pos[b, c:c + n], sees[b, c:c + n], first[b, c:c + n] = torch.arange(v, v + n), v, c
+            c += n
+    # targets: the next token while inside one completion segment of one pair; -1 elsewhere
     targets = torch.full((B, T), -1, dtype=torch.long)
-    same = (seg[:, 1:] == seg[:, :-1]) & ((seg[:, :-1] == 1) | (seg[:, :-1] == 2))  # (B, T-1)
+    same = (seg[:, 1:] == seg[:, :-1]) & (pair[:, 1:] == pair[:, :-1]) & \
+           ((seg[:, :-1] == CHOSEN) | (seg[:, :-1] == REJECTED))  # (B, T-1)
     targets[:, :-1] = torch.where(same, idx[:, 1:], -1)
-    # tail query H+i sees the context and tail keys H..H+i (a pad query at least itself)
-    key = torch.arange(T)
-    causal = (key >= H) & (key <= H + torch.arange(T - H)[:, None])  # (T-H, T)
-    mask = (causal | (seg[:, None, :] == 0))[:, None]  # (B, 1, T-H, T)
-    return dict(idx=idx, targets=targets, pos=pos, mask=mask, seg=seg)
+    # tail query c sees the head columns its piece sees, and its piece causally up to itself
+    key, col = torch.arange(T), torch.arange(H, T)[:, None]  # (T,), (T-H, 1)
+    mask = (key < sees[:, H:, None]) | ((key >= first[:, H:, None]) & (key <= col))  # (B, T-H, T)
+    return dict(idx=idx, targets=targets, pos=pos, mask=mask[:, None], seg=seg, pair=pair)
 
 def pack_naive(episodes, pad_id) -> dict[str, torch.Tensor]:
     """Reference layout: rows 0..B-1 are ctx+chosen, rows B..2B-1 ctx+rejected, right-padded,
@@ -530,6 +569,13 @@ def sequence_logps(token_lp, seg):
     token_lp = token_lp.float()
     return (torch.where(seg == 1, token_lp, 0.0).sum(-1),
             torch.where(seg == 2, token_lp, 0.0).sum(-1))
+
+def pair_sums(values, b, n_pairs):
+    """(B, T) per-token values -> their sums over each pair's chosen and rejected tokens,
+    each (B, n_pairs) float32 (pack_batch's pair ids; the query is pair 0)."""
+    values, B = values.float(), values.size(0)
+    return tuple(torch.zeros(B, n_pairs, device=values.device).scatter_add_(
+        1, b["pair"], torch.where(b["seg"] == s, values, 0.0)) for s in (CHOSEN, REJECTED))
 
 def pair_logps(scorer, b):
     """Summed completion log-probs of chosen and rejected, the context run once: (B,), (B,).

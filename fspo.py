@@ -70,9 +70,14 @@ def score_batch(scorer, ref_scorer, b, args):
     pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
     learns, metrics = data.method(args.method).learns, {}
     if learns == "preference":
+        # every pair of the batch: the query (pair 0), and each shot under --shot-pairs
+        P = int(b["pair"].max()) + 1
+        pw, pl = data.pair_sums(lp, b, P)  # (B, P), (B, P)
         with torch.no_grad():
-            rw, rl = data.pair_logps(ref_scorer, b)
-        n_w = ((b["seg"] == data.CHOSEN) & (b["targets"] != -1)).sum(-1)  # (B,) chosen tokens
+            rw, rl = data.pair_sums(ref_scorer(b["idx"], b["targets"], b["pos"], b["mask"]), b, P)
+        n_w, n_l = data.pair_sums((b["targets"] != -1).float(), b, P)  # (B, P) token counts
+        real = (n_w > 0) & (n_l > 0)  # (B, P) the pairs this episode has
+        pw, pl, rw, rl, n_w = (t[real] for t in (pw, pl, rw, rl, n_w))
         losses, rew_w, rew_l = preference_loss(pw, pl, rw, rl, args.beta, args.loss, args.nll, n_w)
         loss = losses.mean()
         metrics = {"rewards/chosen": rew_w.mean(), "rewards/rejected": rew_l.mean(),
@@ -137,7 +142,8 @@ def make_streams(args, tok, prefs_path, users_path, device):
     try:
         stream = data.EpisodeStream(tok, rows["train"], users, args.method, args.shots, args.batch_size,
                                     args.block_size, args.seed,
-                                    context=args.method == "sft" and args.context_loss)
+                                    context=args.method == "sft" and args.context_loss,
+                                    shot_pairs=bool(args.shot_pairs))
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -339,7 +345,7 @@ def stage_steps(method, args):
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
-RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
+RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "shot_pairs", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
           "block_size", "seed", "dtype")
 PREF_RECIPE = ("loss", "beta", "nll")  # only the preference stages read these
@@ -492,6 +498,9 @@ def stage_flags(a):
     a("--shots", type=int, default=None,
       help="N, shots in context (default: the paper's per domain, main job; 8, one stage)")
     a("--loss", choices=["ipo", "dpo"], default="ipo")
+    a("--shot-pairs", type=int, default=None,
+      help="stage 2: 1 = also score each shot's pair, seeing only the shots before it "
+           "(N+1 pairs per episode for about 1.4x the tokens)")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,

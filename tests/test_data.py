@@ -398,6 +398,36 @@ def test_pack_batch_labels_and_mask():
     assert sft["targets"][sft["seg"] == 2].eq(-1).all()
     assert torch.equal(sft["targets"][sft["seg"] == 1], b["targets"][b["seg"] == 1])
 
+def test_shot_pairs_logps_equal_brute_force():
+    """--shot-pairs: pair 0 is the query, pair k the k-th shot's chosen text in its slot against
+    its rejected text in the same slot; each sum must equal the log-prob of that text after
+    exactly the context before the slot, run alone with plain causal attention."""
+    t = byte_tok()
+    torch.manual_seed(0)
+    model = TinyLM(vocab=257, block=512).eval()
+    eps = []
+    for u in range(3):  # 1, 2 and 3 shots in one batch
+        shots = [Pref("u", f"q{u}{i}?", "yes " * (i + 1), f"no {u}{i}") for i in range(u + 1)]
+        e = encode_episode(t, shots, Pref("u", "the query?", "ok", "not ok"), 10_000, shot_pairs=True)
+        assert [t.decode(e.ctx[s:end]) for s, end, _ in e.shot_pairs] == [s.chosen for s in shots]
+        eps.append(e)
+    b = pack_batch(eps, pad_id=256)
+    with torch.no_grad():
+        lp = token_logprobs(model, b["idx"], b["targets"], b["pos"], b["mask"])
+        got = data.pair_sums(lp, b, 5)
+        for r, e in enumerate(eps):
+            pairs = [(len(e.ctx), e.chosen, e.rejected)] + [(s, e.ctx[s:end], rej) for s, end, rej in e.shot_pairs]
+            for k, (s, *texts) in enumerate(pairs):
+                for side, y in enumerate(texts):
+                    seq = e.ctx[:s] + y
+                    targets = torch.tensor([[-1] * (s - 1) + y + [-1]])
+                    want = token_logprobs(model, torch.tensor([seq]), targets).sum()
+                    assert abs(got[side][r, k] - want) < 1e-4 * abs(want)
+            assert (got[0][r, len(pairs):] == 0).all() and (got[1][r, len(pairs):] == 0).all()
+    # without shot_pairs nothing changes: one pair, the query
+    plain = pack_batch([encode_episode(t, [], Pref("u", "q?", "a", "b"), 10_000)], pad_id=256)
+    assert plain["pair"].max() == 0
+
 def test_pack_sft_context_labels_every_next_token():
     """context=True: by position, the labels are exactly the naive row ctx + chosen shifted by
     one (the context predicts itself and the first completion token), and the rejected
