@@ -287,6 +287,26 @@ def test_taste_pairs_show_the_users_style_in_the_chosen_answer(tmp_path):
     assert stats(out, "roleplay")["traits_added"] == 0
 
 
+def test_taste_frac_gives_a_share_of_train_users_taste_pairs(tiny, tmp_path):
+    """--taste-frac: about that share of TRAIN users gets taste pairs (the chosen answer in its
+    style on every trait), and the val and test rows are byte for byte the default data's."""
+    out = run(tmp_path, "--taste-frac", "0.5", domain="roleplay")
+    users = gs.load_users(os.path.join(out, "roleplay"))
+    taste = {u for u, x in users.items() if x.get("taste")}
+    train = {u for u, x in users.items() if x["split"] == "train"}
+    assert taste <= train and 0.3 < len(taste) / len(train) < 0.7
+    rows = read_jsonl(os.path.join(out, "roleplay", "prefs.jsonl"))
+    dom, match = gs.DOMAINS["roleplay"], []
+    for r in rows:
+        traits = users[r["user_id"]]["traits"]
+        fc = dom.read(r["prompt"], r["chosen"])
+        match.append((r["user_id"] in taste, all(judge.sign(fc[a]) == judge.sign(w) for a, w in traits.items())))
+    rate = lambda t: sum(m for x, m in match if x == t) / sum(x == t for x, _ in match)
+    assert rate(True) >= 0.9 and rate(False) < 0.7
+    held = lambda d: [r for r in read_jsonl(os.path.join(d, "roleplay", "prefs.jsonl")) if r["split"] != "train"]
+    assert held(out) == held(tiny)
+
+
 def test_traits_flag_sets_how_many_traits_a_persona_starts_with(tmp_path):
     out = run(tmp_path, "--pair-mode", "taste", "--traits", "3,4", domain="roleplay")
     counts = [len(u["traits"]) for u in gs.load_users(os.path.join(out, "roleplay")).values()]
