@@ -143,7 +143,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
         stream = data.EpisodeStream(tok, rows["train"], users, args.method, args.shots, args.batch_size,
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
-                                    shot_pairs=bool(args.shot_pairs))
+                                    shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -345,7 +345,7 @@ def stage_steps(method, args):
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
-RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "shot_pairs", "batch_size", "grad_accum",
+RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "shot_pairs", "mirror", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
           "block_size", "seed", "dtype")
 PREF_RECIPE = ("loss", "beta", "nll")  # only the preference stages read these
@@ -501,6 +501,9 @@ def stage_flags(a):
     a("--shot-pairs", type=int, default=None,
       help="stage 2: 1 = also score each shot's pair, seeing only the shots before it "
            "(N+1 pairs per episode for about 1.4x the tokens)")
+    a("--mirror", type=float, default=None,
+      help="this share of training episodes swaps chosen and rejected in every shot and the "
+           "query: the user's mirror image, so a rule that ignores the shots scores chance")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,

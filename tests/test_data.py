@@ -428,6 +428,22 @@ def test_shot_pairs_logps_equal_brute_force():
     plain = pack_batch([encode_episode(t, [], Pref("u", "q?", "a", "b"), 10_000)], pad_id=256)
     assert plain["pair"].max() == 0
 
+def test_mirror_swaps_every_label_of_an_episode():
+    """--mirror p: that share of episodes is the user's mirror image, chosen and rejected
+    swapped in every shot and in the query; the rest are left as they were."""
+    t = byte_tok()
+    rows = {f"u{u}": [Pref(f"u{u}", f"q{u}{i}?", f"yes {u}{i}", f"no {u}{i}") for i in range(3)] for u in range(40)}
+    flip = lambda p: Pref(p.user_id, p.prompt, p.rejected, p.chosen)
+    shots, query = data.make_episodes(rows, 2, random.Random(0), report=False)[0]
+    for p, want in ((0.0, (shots, query)), (1.0, ([flip(s) for s in shots], flip(query)))):
+        stream = data.EpisodeStream(t, rows, None, "fspo", 2, 8, 10_000, 0, mirror=p)
+        assert stream.encode(shots, query, random.Random(0)) == encode_episode(t, want[0], want[1], 10_000)
+    half = data.EpisodeStream(t, rows, None, "fspo", 2, 8, 10_000, 0, mirror=0.5)
+    r = random.Random(1)
+    mirrored = sum(half.encode(shots, query, r).chosen == encode_episode(t, [], flip(query), 10_000).chosen
+                   for _ in range(400))
+    assert 150 < mirrored < 250
+
 def test_pack_sft_context_labels_every_next_token():
     """context=True: by position, the labels are exactly the naive row ctx + chosen shifted by
     one (the context predicts itself and the first completion token), and the rejected
