@@ -5,6 +5,7 @@
     python generate_synthetic.py --domain roleplay --out /tmp/ablate --no-views --writers 1 --no-refine
     python generate_synthetic.py --domain roleplay --out /tmp/easy --pair-mode taste \
         --axes formality,confidence,format,example,humor --writers 1   # the cpu preset's users
+    python generate_synthetic.py --domain roleplay --out /tmp/mix --taste-frac 0.5  # half the train users easy
 
 The paper writes personas, questions and answers with LLMs and labels pairs with an LLM judge.
 Here answers come from short templates whose style is carried by a few salient marker phrases, and
