@@ -454,7 +454,10 @@ class EpisodeStream:
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
         self.prefs_by_user, self.use_shots, self.context = prefs_by_user, use_shots, context
         self.shot_pairs = shot_pairs and learns == "preference"
-        self.mirror = mirror
+        # a mirror image only for methods that learn the user from the shots alone: pooled has
+        # none to read, oracle and cot are given the unmirrored user's description
+        m = method(name)
+        self.mirror = mirror if (learns == "preference" and m.prompt == "shots" and not m.cot) else 0.0
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -581,9 +584,11 @@ def sequence_logps(token_lp, seg):
 def pair_sums(values, b, n_pairs):
     """(B, T) per-token values -> their sums over each pair's chosen and rejected tokens,
     each (B, n_pairs) float32 (pack_batch's pair ids; the query is pair 0)."""
-    values, B = values.float(), values.size(0)
-    return tuple(torch.zeros(B, n_pairs, device=values.device).scatter_add_(
-        1, b["pair"], torch.where(b["seg"] == s, values, 0.0)) for s in (CHOSEN, REJECTED))
+    values = values.float()
+    # a plain sum per pair (not scatter_add, whose float atomics vary run to run on CUDA):
+    # with one pair it is sequence_logps' sum exactly
+    return tuple(torch.stack([torch.where((b["seg"] == s) & (b["pair"] == k), values, 0.0).sum(-1)
+                              for k in range(n_pairs)], 1) for s in (CHOSEN, REJECTED))
 
 def pair_logps(scorer, b):
     """Summed completion log-probs of chosen and rejected, the context run once: (B,), (B,).

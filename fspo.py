@@ -44,7 +44,8 @@ from model import autocast as model_autocast
 # The preference loss: one pure function of four summed log-prob tensors.
 
 def preference_loss(pi_w, pi_l, ref_w, ref_l, beta, loss_type="ipo", nll=0.0, n_w=None):
-    """Per-episode losses and detached implicit rewards beta * log(pi / pi_ref).
+    """Per-pair losses and detached implicit rewards beta * log(pi / pi_ref) (a pair: one
+    episode's query, or one of its shots under --shot-pairs).
 
     h is the log-ratio margin [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)].
     IPO regresses h onto 1/(2 beta); DPO maximises log sigmoid(beta h). nll > 0 adds
@@ -345,10 +346,10 @@ def stage_steps(method, args):
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
-RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "shot_pairs", "mirror", "batch_size", "grad_accum",
+RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
           "block_size", "seed", "dtype")
-PREF_RECIPE = ("loss", "beta", "nll")  # only the preference stages read these
+PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
 
 
 def changed_settings(saved, now):

@@ -424,9 +424,12 @@ def test_shot_pairs_logps_equal_brute_force():
                     want = token_logprobs(model, torch.tensor([seq]), targets).sum()
                     assert abs(got[side][r, k] - want) < 1e-4 * abs(want)
             assert (got[0][r, len(pairs):] == 0).all() and (got[1][r, len(pairs):] == 0).all()
-    # without shot_pairs nothing changes: one pair, the query
-    plain = pack_batch([encode_episode(t, [], Pref("u", "q?", "a", "b"), 10_000)], pad_id=256)
+    # without shot_pairs nothing changes: one pair, the query, summed exactly as before
+    plain = pack_batch([encode_episode(t, shots, Pref("u", "q?", "a", "b"), 10_000)], pad_id=256)
     assert plain["pair"].max() == 0
+    lp = token_logprobs(model, plain["idx"], plain["targets"], plain["pos"], plain["mask"]).detach()
+    assert all(torch.equal(a[:, 0], b) for a, b in zip(data.pair_sums(lp, plain, 1),
+                                                         sequence_logps(lp, plain["seg"])))
 
 def test_mirror_swaps_every_label_of_an_episode():
     """--mirror p: that share of episodes is the user's mirror image, chosen and rejected
@@ -443,6 +446,8 @@ def test_mirror_swaps_every_label_of_an_episode():
     mirrored = sum(half.encode(shots, query, r).chosen == encode_episode(t, [], flip(query), 10_000).chosen
                    for _ in range(400))
     assert 150 < mirrored < 250
+    for name in ("pooled", "oracle", "cot", "pref-ft", "sft"):  # no shots to read, or told the user
+        assert data.EpisodeStream(t, rows, None, name, 2, 8, 10_000, 0, mirror=1.0).mirror == 0.0
 
 def test_pack_sft_context_labels_every_next_token():
     """context=True: by position, the labels are exactly the naive row ctx + chosen shifted by
