@@ -449,14 +449,14 @@ class EpisodeStream:
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0):
         self.tok, self.users, self.name = tok, users, name
-        learns = method(name).learns
+        m = method(name)
+        learns = m.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
         self.prefs_by_user, self.use_shots, self.context = prefs_by_user, use_shots, context
         self.shot_pairs = shot_pairs and learns == "preference"
         # a mirror image only for methods that learn the user from the shots alone: pooled has
         # none to read, oracle and cot are given the unmirrored user's description
-        m = method(name)
         self.mirror = mirror if (learns == "preference" and m.prompt == "shots" and not m.cot) else 0.0
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries

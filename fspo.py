@@ -68,7 +68,6 @@ def score_batch(scorer, ref_scorer, b, args):
     reference on the same context; SFT methods: the token-mean NLL of the labelled tokens
     (the completions, and the shots too under --context-loss)."""
     lp = scorer(b["idx"], b["targets"], b["pos"], b["mask"])  # (B, T) float32, 0 unlabelled
-    pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
     learns, metrics = data.method(args.method).learns, {}
     if learns == "preference":
         # every pair of the batch: the query (pair 0), and each shot under --shot-pairs
@@ -85,6 +84,7 @@ def score_batch(scorer, ref_scorer, b, args):
                    "rewards/accuracies": (rew_w > rew_l).float().mean(),
                    "rewards/margins": (rew_w - rew_l).mean()}
     else:
+        pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
         loss = -lp.sum() / (b["targets"] != -1).sum()
     metrics.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean()})
     if learns != "chosen":  # chosen-only methods have no rejected labels
@@ -501,7 +501,7 @@ def stage_flags(a):
     a("--loss", choices=["ipo", "dpo"], default="ipo")
     a("--shot-pairs", type=int, default=None,
       help="stage 2: 1 = also score each shot's pair, seeing only the shots before it "
-           "(N+1 pairs per episode for about 1.4x the tokens)")
+           "(N+1 pairs per episode for 1.3x the tokens at N=8)")
     a("--mirror", type=float, default=None,
       help="this share of training episodes swaps chosen and rejected in every shot and the "
            "query: the user's mirror image, so a rule that ignores the shots scores chance")
