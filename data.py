@@ -18,8 +18,7 @@ import os
 import random
 import time
 from collections import Counter, defaultdict
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import regex
@@ -440,7 +439,7 @@ def check_lengths(tok, prefs, max_len, name="fspo", users=None):
 
 def swapped(p: Pref) -> Pref:
     """The same pair labelled the other way round."""
-    return dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen)
+    return replace(p, chosen=p.rejected, rejected=p.chosen)
 
 class EpisodeStream:
     """Packed batches of method `name`'s episodes. Batch i is a pure function of (seed, i):
@@ -448,16 +447,16 @@ class EpisodeStream:
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0):
-        self.tok, self.users, self.name = tok, users, name
-        m = method(name)
-        learns = m.learns
+        self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
+        learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
         self.prefs_by_user, self.use_shots, self.context = prefs_by_user, use_shots, context
         self.shot_pairs = shot_pairs and learns == "preference"
         # a mirror image only for methods that learn the user from the shots alone: pooled has
         # none to read, oracle and cot are given the unmirrored user's description
-        self.mirror = mirror if (learns == "preference" and m.prompt == "shots" and not m.cot) else 0.0
+        self.mirror = mirror if (learns == "preference" and self.spec.prompt == "shots"
+                                and not self.spec.cot) else 0.0
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -473,7 +472,7 @@ class EpisodeStream:
     def encode(self, shots, query, rng):
         if self.mirror and rng.random() < self.mirror:  # the user's mirror image (--mirror)
             shots, query = [swapped(s) for s in shots], swapped(query)
-        if method(self.name).prompt == "some shots":  # the base also answers with fewer shots
+        if self.spec.prompt == "some shots":  # the base also answers with fewer shots
             shots = shots[: rng.randint(0, len(shots))]
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
