@@ -64,6 +64,38 @@ def win_rate(scores, base_scores, users):
                     users)
 
 
+def axis_reading(axes, d, w, margins, user_ids, n_boot=500, seed=0):
+    """Which style axes a model reads from the shots. Its margins (P,) are regressed, least
+    squares, on each query pair's feature differences d (P, A) (chosen - rejected) and on d * w,
+    w (P, A) the user's true weights: margin ~ sum_a pop_a d_a + read_a d_a w_a + c. pop_a is a
+    taste the model gives every user; read_a > 0 means the margin follows this user's own
+    weight on axis a, which only the shots reveal. -> {axis: {differs, pop, read, lo, hi}},
+    lo/hi a 95% interval of read from a bootstrap that resamples users."""
+    d, w = np.asarray(d, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    x = np.concatenate([d, d * w, np.ones((len(d), 1))], 1)  # (P, 2A + 1)
+    y = np.asarray(margins, dtype=np.float64)  # (P,)
+    fit = lambda idx: np.linalg.lstsq(x[idx], y[idx], rcond=None)[0]
+    coef = fit(np.arange(len(y)))
+    by_user = defaultdict(list)
+    for i, u in enumerate(user_ids):
+        by_user[u].append(i)
+    groups, rng = list(by_user.values()), np.random.default_rng(seed)
+    boot = np.array([fit(np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))]))
+                     for _ in range(n_boot)])  # (n_boot, 2A + 1)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    n = len(axes)
+    return {a: {"differs": float(np.mean(d[:, i] != 0)), "pop": float(coef[i]), "read": float(coef[n + i]),
+                "lo": float(lo[n + i]), "hi": float(hi[n + i])} for i, a in enumerate(axes)}
+
+
+def axis_reading_of(domain, episodes, margins, users):
+    """axis_reading on held-out episodes: the judge's features, the users' true weights."""
+    axes = judge.JUDGES[domain].axes
+    d = [judge.pair_diff(domain, q.prompt, q.chosen, q.rejected)[:len(axes)] for _, q in episodes]
+    w = [[users[q.user_id]["traits"].get(a, 0.0) for a in axes] for _, q in episodes]
+    return axis_reading(axes, d, w, margins, [q.user_id for _, q in episodes])
+
+
 # ----------------------------------------------------------------------------------------
 # The evaluation set: fixed (user, query, shots) triples from held-out rows
 
@@ -122,30 +154,41 @@ def generate(model, tok, prompts, max_new_tokens, batch_size, desc=None, tempera
 # Pair accuracy vs number of shots
 
 @torch.no_grad()
-def pair_hits(policy, ref, batches, amp=nullcontext()):
-    """-> (pairs,) bool: does the implicit reward log(pi/ref) rank chosen first? policy, ref:
-    per-token log-prob functions (GPT.token_logprobs); ref None compares raw log-probs
-    (stage 1 has no reference)."""
-    hits = []
+def pair_margins(policy, ref, batches, amp=nullcontext()):
+    """-> (pairs,) float: the implicit reward's margin, log(pi/ref)(y_w) - log(pi/ref)(y_l), in
+    nats. policy, ref: per-token log-prob functions (GPT.token_logprobs); ref None compares raw
+    log-probs (stage 1 has no reference)."""
+    margins = []
     for b in batches:
         with amp:
             pw, pl = data.pair_logps(policy, b)
             if ref is not None:
                 rw, rl = data.pair_logps(ref, b)
                 pw, pl = pw - rw, pl - rl
-        hits.append((pw > pl).cpu())
-    return torch.cat(hits)
+        margins.append((pw - pl).float().cpu())
+    return torch.cat(margins)
 
 
-def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
-    """-> (hits, episodes) over the first args.curve_episodes held-out episodes (0 = all),
+def pair_hits(policy, ref, batches, amp=nullcontext()):
+    """-> (pairs,) bool: does the implicit reward rank chosen first? (see pair_margins)"""
+    return pair_margins(policy, ref, batches, amp) > 0
+
+
+def curve_margins(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
+    """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
     each with `shots` of its max_shots shots: the same queries at every shot count."""
     stream = data.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
-    hits = pair_hits(policy, ref, batches, autocast(device, args.dtype))
-    return hits, stream.episodes[:len(hits)]
+    margins = pair_margins(policy, ref, batches, autocast(device, args.dtype))
+    return margins, stream.episodes[:len(margins)]
+
+
+def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
+    """-> (hits, episodes): curve_margins ranked, True where chosen comes first."""
+    margins, episodes = curve_margins(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device)
+    return margins > 0, episodes
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,13 +215,16 @@ def reference_row(domain, w_population, episodes, k):
     return interval(credit, [q.user_id for _, q in episodes])
 
 
-def curve_rows(models, test_rows, ref, tok, args, device, max_shots, reference, label):
-    """{method: {k: interval}} for fspo and pooled, plus the reference learner's row."""
+def curve_rows(models, test_rows, ref, tok, args, device, max_shots, reference, label, keep=None):
+    """{method: {k: interval}} for fspo and pooled, plus the reference learner's row. keep, a
+    dict, receives FSPO's (margins, episodes) at the most shots."""
     out, block = {}, models["sft"].config.block_size
     cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
-        hits, eps = curve_hits(models[m].token_logprobs, ref, tok, test_rows, k, max_shots, args, block, device)
-        out.setdefault(m, {})[k] = interval(hits.tolist(), [q.user_id for _, q in eps])
+        margins, eps = curve_margins(models[m].token_logprobs, ref, tok, test_rows, k, max_shots, args, block, device)
+        out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
+        if keep is not None and m == "fspo" and k == cells[-1][1]:
+            keep.update(shots=k, margins=margins, episodes=eps)
         if reference and m == cells[0][0]:  # every method's episodes are the same
             out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
     return out
@@ -206,8 +252,13 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
     if users:
         jdomain = users[rows[0].user_id]["domain"]
         reference = (jdomain, judge.population_weights(jdomain, [r for r in prefs if r.split == "train"], judge.L2))
+    keep = {}
     res["pair_accuracy"] = curve_rows(models, test_rows, ref, tok, args, device, curve_shots(test_rows, args),
-                                      reference, f"pair accuracy {domain}")
+                                      reference, f"pair accuracy {domain}", keep)
+    # which axes FSPO reads, where there are pairs enough to fit two coefficients per axis
+    if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
+        res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
+                               "axes": axis_reading_of(reference[0], keep["episodes"], keep["margins"], users)}
     seen = {u.get("family") for u in (users or {}).values() if u.get("split") == "train"}
     unseen = {u: v for u, v in test_rows.items() if users and users[u].get("family") not in seen}
     if unseen:
@@ -347,6 +398,24 @@ def curve_table(r, label, key="pair_accuracy", title=""):
     return lines
 
 
+def axis_table(r):
+    """What FSPO reads, per style axis (axis_reading)."""
+    a = r["axis_reading"]
+    lines = [f"\n### {r['domain']}: what FSPO reads from {a['shots']} shots, per style axis "
+             f"(n = {a['n']} held-out pairs)\n",
+             "| axis | pairs where it differs | preference held for everyone | reading the user (95% CI) |",
+             "|---|---|---|---|"]
+    for axis, c in a["axes"].items():
+        lines.append(f"| {axis} | {100 * c['differs']:.0f}% | " + (
+            f"{c['pop']:+.2f} | {c['read']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] |" if c["differs"] else "- | - |"))
+    lines.append("\nFSPO's margin log(pi/ref)(y_w) - log(pi/ref)(y_l), in nats, fitted by least squares on "
+                 "the query's feature differences d (chosen - rejected) and on d x the user's true weight: "
+                 "the first coefficient is a taste the model gives every user, the second how far the "
+                 "margin follows this user's own weight on the axis, which only the shots reveal. Near 0: "
+                 "the model does not read that axis.")
+    return lines
+
+
 def format_tables(results):
     """Markdown tables in the shape of the paper's."""
     lines = []
@@ -364,6 +433,8 @@ def format_tables(results):
                     cell(acc[g]) if g in acc else "-" for g in ("easy", "hard")) + " |")
         if r["pair_accuracy"]:
             lines += curve_table(r, label)
+        if r.get("axis_reading"):
+            lines += axis_table(r)
         if r.get("pair_accuracy_unseen"):
             lines += curve_table(r, label, "pair_accuracy_unseen", ", users of a family no training "
                                  f"user belongs to ({', '.join(r['unseen_family'])})")
