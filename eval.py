@@ -43,16 +43,23 @@ LABELS = {"reference": "reference learner (judge's features)", "base": "base (SF
 # ----------------------------------------------------------------------------------------
 # Statistics
 
+def user_groups(users):
+    """-> [[item index, ...] for each user, in first-seen order]: the units a bootstrap
+    resamples, since two items of one user are not independent."""
+    by_user = defaultdict(list)
+    for i, u in enumerate(users):
+        by_user[u].append(i)
+    return list(by_user.values())
+
+
 def interval(values, users, n_boot=2000, seed=0):
     """{rate, lo, hi, n}: the mean of per-item values and a 95% percentile interval from a
-    bootstrap that resamples whole users, since two items of one user are not independent."""
-    by_user = defaultdict(list)
-    for v, u in zip(values, users):
-        by_user[u].append(float(v))
-    if not by_user:
+    bootstrap that resamples whole users (user_groups)."""
+    groups, values = user_groups(users), list(values)
+    if not groups:
         return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    sums = np.array([sum(v) for v in by_user.values()])  # (U,)
-    counts = np.array([len(v) for v in by_user.values()])  # (U,)
+    sums = np.array([sum(float(values[i]) for i in g) for g in groups])  # (U,)
+    counts = np.array([len(g) for g in groups])  # (U,)
     pick = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
     lo, hi = np.percentile(sums[pick].sum(1) / counts[pick].sum(1), [2.5, 97.5])
     return {"rate": sums.sum() / counts.sum(), "lo": float(lo), "hi": float(hi), "n": int(counts.sum())}
@@ -76,10 +83,7 @@ def axis_reading(axes, d, w, margins, user_ids, n_boot=500, seed=0):
     y = np.asarray(margins, dtype=np.float64)  # (P,)
     fit = lambda idx: np.linalg.lstsq(x[idx], y[idx], rcond=None)[0]
     coef = fit(np.arange(len(y)))
-    by_user = defaultdict(list)
-    for i, u in enumerate(user_ids):
-        by_user[u].append(i)
-    groups, rng = list(by_user.values()), np.random.default_rng(seed)
+    groups, rng = user_groups(user_ids), np.random.default_rng(seed)
     boot = np.array([fit(np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))]))
                      for _ in range(n_boot)])  # (n_boot, 2A + 1)
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
