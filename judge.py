@@ -4,6 +4,7 @@
     users = load_users("data/synth/roleplay")
     score(users["rp00003"], "Is pasta worth the effort?", "Certainly. Definitely practice pasta with salt. ...")
     python judge.py data/synth/roleplay --l2 1.0   # the reference few-shot learner's accuracy by shots
+    python judge.py data/synth/roleplay --axes formality,humor   # the same learner blind to other axes
 
 The paper labels its synthetic pairs with an LLM judge; here each domain has a closed vocabulary and
 the judge reads it back with word lexicons, so the same function labels the training data and scores
@@ -437,9 +438,18 @@ def features(domain, prompt, response):
     return tuple(x)
 
 
-def pair_diff(domain, prompt, a, b):
-    """features(a) - features(b) as a float64 vector."""
-    return np.subtract(features(domain, prompt, a), features(domain, prompt, b), dtype=np.float64)
+def pair_diff(domain, prompt, a, b, axes=None):
+    """features(a) - features(b) as a float64 vector; axes: only these style axes, in this order."""
+    d = np.subtract(features(domain, prompt, a), features(domain, prompt, b), dtype=np.float64)
+    return d if axes is None else d[[JUDGES[domain].axes.index(x) for x in axes]]
+
+
+def check_axes(domain, axes):
+    """axes (a list, or None for all), or SystemExit naming the first unknown one."""
+    for x in axes or ():
+        if x not in JUDGES[domain].axes:
+            raise SystemExit(f"unknown {domain} axis {x!r}; choose from {','.join(JUDGES[domain].axes)}")
+    return axes
 
 
 def logreg_objective(w, d, l2):
@@ -469,30 +479,33 @@ def fit_logreg(diffs, l2):
     return w
 
 
-def population_weights(domain, rows, l2):
+def population_weights(domain, rows, l2, axes=None):
     """The zero-shot learner: fit_logreg on the pooled (chosen - rejected) differences of rows (the
     training users' pairs; each has .prompt .chosen .rejected)."""
-    return fit_logreg([pair_diff(domain, r.prompt, r.chosen, r.rejected) for r in rows], l2)
+    return fit_logreg([pair_diff(domain, r.prompt, r.chosen, r.rejected, axes) for r in rows], l2)
 
 
-def reference_pair_credit(domain, shots, query, w_population, l2):
+def reference_pair_credit(domain, shots, query, w_population, l2, axes=None):
     """1.0 if the learner ranks query.chosen over query.rejected, 0.0 if it ranks it lower, 0.5 on a
     tie (as a coin flip would score; one shot often says nothing about the query's axes). The learner
-    is fit_logreg on the shots' (chosen - rejected) differences, or w_population without shots."""
-    w = fit_logreg([pair_diff(domain, s.prompt, s.chosen, s.rejected) for s in shots], l2) if shots else w_population
-    m = w @ pair_diff(domain, query.prompt, query.chosen, query.rejected)
+    is fit_logreg on the shots' (chosen - rejected) differences, or w_population without shots.
+    axes: a learner that sees only these style axes (w_population fitted on the same)."""
+    w = fit_logreg([pair_diff(domain, s.prompt, s.chosen, s.rejected, axes) for s in shots], l2) if shots \
+        else w_population
+    m = w @ pair_diff(domain, query.prompt, query.chosen, query.rejected, axes)
     return 1.0 if m > TIE else 0.0 if m < -TIE else 0.5
 
 
-def reference_curve(folder, l2=L2, seed=0):
+def reference_curve(folder, l2=L2, seed=0, axes=None):
     """{(split, group): {"users": n, k: mean credit}} over every held-out row as a query, with k shots
     drawn from the same user's other rows. Groups: each family, "seen" and "unseen" (families with and
-    without training users) and "all". The population learner is fitted on the train split."""
+    without training users) and "all". The population learner is fitted on the train split. axes:
+    a learner that reads only these style axes (what reading them perfectly is worth)."""
     users = load_users(folder)
     with open(os.path.join(folder, "prefs.jsonl")) as f:
         rows = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
     domain = next(iter(users.values()))["domain"]
-    w0 = population_weights(domain, [r for r in rows if r.split == "train"], l2)
+    w0 = population_weights(domain, [r for r in rows if r.split == "train"], l2, check_axes(domain, axes))
     seen = {u.get("family") for u in users.values() if u["split"] == "train"}
     held = defaultdict(list)
     for r in rows:
@@ -508,7 +521,7 @@ def reference_curve(folder, l2=L2, seed=0):
         for i, q in enumerate(held[uid]):
             others = held[uid][:i] + held[uid][i + 1:]
             for k in SHOTS:
-                c = reference_pair_credit(domain, rng.sample(others, k), q, w0, l2)
+                c = reference_pair_credit(domain, rng.sample(others, k), q, w0, l2, axes)
                 for g in groups:
                     credit[g][k].append(c)
     return {g: {"users": len(members[g]), **{k: sum(v) / len(v) for k, v in cs.items()}}
@@ -521,7 +534,8 @@ if __name__ == "__main__":
     p.add_argument("folder", help="a generated domain folder: users.jsonl, prefs.jsonl")
     p.add_argument("--l2", type=float, default=L2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--axes", default=None, help="comma list: a learner that reads only these style axes")
     a = p.parse_args()
     print(f"{'split':6} {'group':16} {'users':>5} " + " ".join(f"{f'k={k}':>6}" for k in SHOTS))
-    for (split, group), r in reference_curve(a.folder, a.l2, a.seed).items():
+    for (split, group), r in reference_curve(a.folder, a.l2, a.seed, a.axes and a.axes.split(",")).items():
         print(f"{split:6} {group:16} {r['users']:5d} " + " ".join(f"{100 * r[k]:6.1f}" for k in SHOTS))

@@ -197,6 +197,38 @@ def test_tiny_fspo_learns_held_out_users_from_context(tmp_path):
         assert r.returncode == 0, r.stderr
         accs[m] = final_row(tmp_path / m)["eval/pair_accuracy"]
     assert accs["fspo"] >= 0.7 and accs["pooled"] <= 0.6, accs
+    # with no shot nothing tells the word: the same queries bare are near chance
+    assert final_row(tmp_path / "fspo")["eval/pair_accuracy_0shot"] <= 0.6
+    assert "eval/pair_accuracy_0shot" not in final_row(tmp_path / "pooled")  # reads no shots
+
+
+def test_running_metric_sets_same_queries_bare_and_the_left_out_family(tiny):
+    """The val sets of the running metric: the bare set holds the N-shot set's query pairs token
+    for token with a context of the question alone, and left_out marks exactly the episodes of
+    users whose family has no training user (read from users.jsonl here)."""
+    rp = tiny / "data" / "roleplay"
+    tok = data.Tokenizer.load(str(tiny / "tokenizer.txt"))
+    users = {u["user_id"]: u for u in map(json.loads, open(rp / "users.jsonl"))}
+    rows = {s: data.by_user([r for r in data.load_prefs(str(rp / "prefs.jsonl")) if r.split == s])
+            for s in data.SPLITS}
+    args = fspo.get_args(["--preset", "tiny", "--method", "fspo", "--shots", "2", "--eval-episodes", "16"])
+    held = fspo.held_out_sets(args, tok, rows, users, "cpu")
+    example = tok.encode("# Example")
+    for full, bare in zip(held["batches"], held["bare"]):
+        for b in range(len(full["idx"])):
+            for seg in (1, 2):
+                assert full["idx"][b][full["seg"][b] == seg].tolist() == bare["idx"][b][bare["seg"][b] == seg].tolist()
+            ctx = bare["idx"][b][bare["seg"][b] == 0].tolist()
+            assert not any(ctx[i:i + len(example)] == example for i in range(len(ctx)))
+            assert (bare["seg"][b] == 0).sum() < (full["seg"][b] == 0).sum()
+    families = {users[u]["family"] for u in rows["train"]}
+    want = [users[u]["family"] not in families for u in sorted(rows["val"])]
+    assert any(want), "the tiny data should hold left-out users"
+    stream = data.EpisodeStream(tok, rows["val"], users, "fspo", 2, args.batch_size, args.block_size,
+                                args.seed + 1, which="both")
+    stream.batch(0)
+    queries = [q.user_id for _, q in stream.episodes[:len(held["left_out"])]]
+    assert held["left_out"].tolist() == [users[u]["family"] not in families for u in queries]
 
 
 @pytest.fixture(scope="module")

@@ -118,3 +118,23 @@ def test_reference_reads_the_one_axis_the_shots_reveal():
     population = judge.population_weights("roleplay", shots, 1.0)
     assert np.allclose(population, w)  # pooling the same rows is the same fit
     assert judge.reference_pair_credit("roleplay", [], funny_pair(True), population, 1.0) == 1.0
+
+
+def test_reference_sees_only_the_axes_it_is_given():
+    """A user who jokes: shots whose pairs differ on humor and two other axes. On a query that
+    differs on humor alone, the learner given every axis but humor has nothing to go on (a tie,
+    0.5), while the full learner and the humor-only one rank it right. Unknown axes are refused."""
+    dom, rng = gs.DOMAINS["roleplay"], random.Random(2)
+    others = [ax for ax in dom.axes if ax != "humor"]
+
+    def style():
+        return {ax: rng.choice((-1, 1)) for ax in dom.axes} | {"humor": 1}
+    shots = [rp_pair(rng, style(), ["humor"] + rng.sample(others, 2)) for _ in range(6)]
+    for _ in range(10):
+        q = rp_pair(rng, style(), ["humor"])
+        assert judge.pair_diff("roleplay", q.prompt, q.chosen, q.rejected, others).tolist() == [0.0] * 7
+        assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0) == 1.0
+        assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0, ["humor"]) == 1.0
+        assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0, others) == 0.5
+    with pytest.raises(SystemExit, match="unknown roleplay axis 'tone'"):
+        judge.check_axes("roleplay", ["humor", "tone"])
