@@ -5,6 +5,7 @@ report; and answers for one person from their own labelled pairs.
     python eval.py --base runs/cpu/roleplay-4shot/sft --ckpt runs/cpu/roleplay-4shot/fspo \
                    --ckpt runs/cpu/roleplay-4shot/pooled --data runs/cpu/data --domain roleplay
     python eval.py --base SFT_DIR --ckpt DIR --prefs my/prefs.jsonl --users my/users.jsonl
+    python eval.py --base SFT_DIR --ckpt DIR --data D --split val   # the same report on val users, to tune
     python eval.py --ckpt runs/cpu/roleplay-4shot/fspo --personalize tests/data/me.jsonl \
                    --question "How can I enjoy chess more?" [--temperature 0.8 --top-k 20]
 
@@ -239,8 +240,8 @@ def curve_shots(test_rows, args):
     episodes = lambda k: sum(-(-len(v) // (k + 1)) for v in test_rows.values() if len(v) > k)
     fits = [k for k in SHOT_CURVE if k >= 1 and episodes(k) >= args.batch_size]
     if not fits:
-        raise ValueError(f"pair accuracy needs {args.batch_size} episodes (one batch) of test users "
-                         f"with at least 2 rows each (1 shot + a query): {len(test_rows)} test users "
+        raise ValueError(f"pair accuracy needs {args.batch_size} episodes (one batch) of held-out users "
+                         f"with at least 2 rows each (1 shot + a query): {len(test_rows)} held-out users "
                          f"give {episodes(1)}")
     return max(fits)
 
@@ -250,7 +251,7 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
     beside the reference learner where the judge knows the users; the same on a family of
     users no training user belongs to, if there is one; for ELIX the paper's easy / hard
     split, a property of the query PAIR."""
-    rows = [r for r in prefs if r.split == "test"]
+    rows = [r for r in prefs if r.split == res["split"]]
     test_rows, ref = data.by_user(rows), models["sft"].token_logprobs
     reference = None
     if users:
@@ -314,18 +315,19 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
                         **{m: responses[m][0][1] for m in methods}}]
 
 
-def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots):
-    """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict."""
+def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots, split="test"):
+    """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict. split: the
+    held-out users evaluated, "test" for the report, "val" while tuning."""
     models, anchors, trained = load_models(ckpts, tok, tok_path, device)
     prefs = data.load_prefs(prefs_path)
-    test_rows = data.by_user([r for r in prefs if r.split == "test"])
+    test_rows = data.by_user([r for r in prefs if r.split == split])
     if not test_rows:
-        raise ValueError(f"{prefs_path}: no rows with split 'test' to evaluate on")
+        raise ValueError(f"{prefs_path}: no rows with split {split!r} to evaluate on")
     users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
     if users and (unknown := sorted(set(test_rows) - set(users))):
         raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
-           "sft_shots": trained["sft"], "trained_shots": trained}
+           "sft_shots": trained["sft"], "trained_shots": trained, "split": split}
     try:
         shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res)
     except ValueError as e:
@@ -387,7 +389,7 @@ def curve_table(r, label, key="pair_accuracy", title=""):
         lines.append("| FSPO: gap to the reference closed, (FSPO - 50) / (reference - 50) | " + " | ".join(
             f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-" for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
-    lines.append(f"\nn = {n_pairs} held-out pairs of test users per figure, the same queries "
+    lines.append(f"\nn = {n_pairs} held-out pairs of {r.get('split', 'test')} users per figure, the same queries "
                  "at every shot count.")
     if "reference" in rows:
         lines.append("The reference learner is a logistic regression on the judge's feature "
@@ -552,6 +554,8 @@ def main(argv=None):
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="held-out users to evaluate: test for the report, val while tuning")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="as fspo.py --dtype")
@@ -582,9 +586,10 @@ def main(argv=None):
             trained.append(meta["args"]["shots"])
     # N is what the stage-2 methods were trained with (SFT saw a range of shot counts)
     n = args.shots or (trained[0] if trained else base_meta["args"]["shots"])
-    res = evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, args.domain, n)
+    res = evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, args.domain, n, args.split)
     out = args.out or os.path.dirname(os.path.abspath(args.base))
-    print(write_report([res], out, f"# FSPO evaluation\n\nCommand: `python eval.py "
+    title = "# FSPO evaluation" + (" on VAL users (for tuning)" if args.split == "val" else "")
+    print(write_report([res], out, f"{title}\n\nCommand: `python eval.py "
                                    f"{' '.join(argv or sys.argv[1:])}`\n"))
 
 

@@ -45,6 +45,24 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())[0]["shots"] == 2
+    # --split val: the same report on val users, each curve figure over all their episodes
+    r = subprocess.run([sys.executable, "eval.py", "--base", str(base / "sft"), "--ckpt", str(base / "fspo"),
+                        "--data", str(out / "data"), "--eval-users", "2", "--batch-size", "4", "--split", "val",
+                        "--out", str(tmp_path / "val")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (val,) = json.loads((tmp_path / "val" / "metrics.json").read_text())
+    report = (tmp_path / "val" / "report.md").read_text()
+    assert val["split"] == "val" and "on VAL users" in report and "pairs of val users" in report
+    rows_of = {}
+    for line in open(out / "data" / "roleplay" / "prefs.jsonl"):
+        row = json.loads(line)
+        rows_of.setdefault(row["split"], {}).setdefault(row["user_id"], []).append(row)
+    for split, res_ in (("val", val), ("test", json.loads((tmp_path / "ev" / "metrics.json").read_text())[0])):
+        per_user = [len(v) for v in rows_of[split].values()]
+        k = next(k for k in (8, 4, 2, 1) if sum(-(-n // (k + 1)) for n in per_user if n > k) >= 4)
+        episodes = sum(-(-n // (k + 1)) for n in per_user if n > k)
+        assert res_["pair_accuracy"]["fspo"]["0"]["n"] == episodes // 4 * 4, (split, k)
+        assert res_["win_rate"]["fspo"]["all"]["n"] == 2 * min(2, len(per_user))
     # stages are cached: a second run skips training and evaluates again
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.count("[skip]") == 3, r.stdout
