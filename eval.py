@@ -196,6 +196,41 @@ def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, 
     return margins > 0, episodes
 
 
+def held_out_sets(args, tok, rows, users, device):
+    """Fixed batches of val users' episodes for the running metric: {"batches": N shots each,
+    "bare": the same queries with no shots (None where the method reads no shots), "left_out":
+    (episodes,) bool, True for a user of a family no training user belongs to (None if none)}.
+    Families with a shared taste let a model score well with no shot at all, and score below
+    chance on a family whose taste is the opposite: the three figures tell that apart from reading."""
+    name = "fspo" if args.method == "sft" else args.method
+    make = lambda k: data.EpisodeStream(tok, rows["val"], users, name, args.shots, args.batch_size,
+                                        args.block_size, args.seed + 1, which="both", use_shots=k)
+    held = make(None)
+    n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
+    fixed = lambda stream: [data.to_device(stream.batch(i), device) for i in range(n)]
+    out = {"batches": fixed(held), "bare": None, "left_out": None}
+    if data.method(name).prompt.endswith("shots") and args.shots:
+        out["bare"] = fixed(make(0))
+    if users:
+        seen = judge.seen_families(users, rows["train"])
+        left = [users.get(q.user_id, {}).get("family") not in seen for _, q in held.episodes[:n * args.batch_size]]
+        out["left_out"] = torch.tensor(left) if any(left) else None
+    return out
+
+
+def running_metrics(model, ref_scorer, held, autocast):
+    """Pair accuracy of beta*log(pi/ref) on the held_out_sets: at N shots (eval/pair_accuracy), on
+    the left-out family's users, and with no shots on the same queries."""
+    hits = pair_hits(model.token_logprobs, ref_scorer, held["batches"], autocast).float()
+    row = {"eval/pair_accuracy": hits.mean().item(), "eval/episodes": len(hits)}
+    if held["left_out"] is not None:
+        row["eval/pair_accuracy_left_out"] = hits[held["left_out"]].mean().item()
+    if held["bare"] is not None:
+        bare = pair_hits(model.token_logprobs, ref_scorer, held["bare"], autocast).float()
+        row["eval/pair_accuracy_0shot"] = bare.mean().item()
+    return row
+
+
 # ----------------------------------------------------------------------------------------
 # Whole evaluation of one domain / shot count
 
@@ -264,7 +299,7 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
     if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
         res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
                                "axes": axis_reading_of(reference[0], keep["episodes"], keep["margins"], users)}
-    seen = {u.get("family") for u in (users or {}).values() if u.get("split") == "train"}
+    seen = judge.seen_families(users or {}, {r.user_id for r in prefs if r.split == "train"})
     unseen = {u: v for u, v in test_rows.items() if users and users[u].get("family") not in seen}
     if unseen:
         res["unseen_family"] = sorted({users[u]["family"] for u in unseen})
@@ -389,7 +424,7 @@ def curve_table(r, label, key="pair_accuracy", title=""):
         lines.append("| FSPO: gap to the reference closed, (FSPO - 50) / (reference - 50) | " + " | ".join(
             f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-" for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
-    lines.append(f"\nn = {n_pairs} held-out pairs of {r.get('split', 'test')} users per figure, the same queries "
+    lines.append(f"\nn = {n_pairs} held-out pairs of {r['split']} users per figure, the same queries "
                  "at every shot count.")
     if "reference" in rows:
         lines.append("The reference learner is a logistic regression on the judge's feature "

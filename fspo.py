@@ -129,8 +129,8 @@ def setup_distributed(args):
 
 
 def make_streams(args, tok, prefs_path, users_path, device):
-    """The training stream (train users) and the validation users' running metric (held_out_sets);
-    test users are left for the report."""
+    """The training stream (train users) and the validation users' running metric
+    (eval.held_out_sets); test users are left for the report."""
     prefs = data.load_prefs(prefs_path)
     users = judge.load_users(users_path) if users_path else None
     m = data.method(args.method)
@@ -148,45 +148,10 @@ def make_streams(args, tok, prefs_path, users_path, device):
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
-        held = held_out_sets(args, tok, rows, users, device)
+        held = evaluation.held_out_sets(args, tok, rows, users, device)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'val' (the running metric): {e}") from None
     return stream, held
-
-
-def held_out_sets(args, tok, rows, users, device):
-    """Fixed batches of val users' episodes for the running metric: {"batches": N shots each,
-    "bare": the same queries with no shots (None where the method reads no shots), "left_out":
-    (episodes,) bool, True for a user of a family no training user belongs to (None if none)}.
-    Families with a shared taste let a model score well with no shot at all, and score below
-    chance on a family whose taste is the opposite: the three figures tell that apart from reading."""
-    name = "fspo" if args.method == "sft" else args.method
-    make = lambda k: data.EpisodeStream(tok, rows["val"], users, name, args.shots, args.batch_size,
-                                        args.block_size, args.seed + 1, which="both", use_shots=k)
-    held = make(None)
-    n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
-    out = {"batches": [data.to_device(held.batch(i), device) for i in range(n)], "bare": None, "left_out": None}
-    if data.method(name).prompt.endswith("shots") and args.shots:
-        bare = make(0)
-        out["bare"] = [data.to_device(bare.batch(i), device) for i in range(n)]
-    if users:
-        seen = {users[u].get("family") for u in rows["train"] if u in users}
-        left = [users.get(q.user_id, {}).get("family") not in seen for _, q in held.episodes[:n * args.batch_size]]
-        out["left_out"] = torch.tensor(left) if any(left) else None
-    return out
-
-
-def running_metrics(model, ref_scorer, held, autocast):
-    """Pair accuracy of beta*log(pi/ref) on the held_out_sets: at N shots (eval/pair_accuracy), on
-    the left-out family's users, and with no shots on the same queries."""
-    hits = evaluation.pair_hits(model.token_logprobs, ref_scorer, held["batches"], autocast).float()
-    row = {"eval/pair_accuracy": hits.mean().item(), "eval/episodes": len(hits)}
-    if held["left_out"] is not None:
-        row["eval/pair_accuracy_left_out"] = hits[held["left_out"]].mean().item()
-    if held["bare"] is not None:
-        bare = evaluation.pair_hits(model.token_logprobs, ref_scorer, held["bare"], autocast).float()
-        row["eval/pair_accuracy_0shot"] = bare.mean().item()
-    return row
 
 
 def build_model(args, tok, tok_path, device):
@@ -351,7 +316,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         row = {"step": step + 1, **sums, "grad_norm": grad_norm.item(), "lr": lr}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
-            row.update(running_metrics(model, ref_scorer, held, autocast))
+            row.update(evaluation.running_metrics(model, ref_scorer, held, autocast))
             model.train()
         last_acc = row.get("eval/pair_accuracy", last_acc)
         if master and ((step + 1) % args.log_every == 0 or "eval/pair_accuracy" in row):

@@ -496,6 +496,12 @@ def reference_pair_credit(domain, shots, query, w_population, l2, axes=None):
     return 1.0 if m > TIE else 0.0 if m < -TIE else 0.5
 
 
+def seen_families(users, train_ids):
+    """Families of the users who train (ids from the preference rows' split): a held-out user of
+    any other family belongs to a family training never saw (--holdout-family)."""
+    return {users[u].get("family") for u in train_ids if u in users}
+
+
 def reference_curve(folder, l2=L2, seed=0, axes=None):
     """{(split, group): {"users": n, k: mean credit}} over every held-out row as a query, with k shots
     drawn from the same user's other rows. Groups: each family, "seen" and "unseen" (families with and
@@ -506,7 +512,7 @@ def reference_curve(folder, l2=L2, seed=0, axes=None):
         rows = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
     domain = next(iter(users.values()))["domain"]
     w0 = population_weights(domain, [r for r in rows if r.split == "train"], l2, check_axes(domain, axes))
-    seen = {u.get("family") for u in users.values() if u["split"] == "train"}
+    seen = seen_families(users, {r.user_id for r in rows if r.split == "train"})
     held = defaultdict(list)
     for r in rows:
         if r.split != "train":

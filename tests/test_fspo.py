@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+import eval as evaluation
 import fspo
 import generate_synthetic as synth
 from model import GPT, GPTConfig, load_checkpoint, load_model
@@ -212,7 +213,7 @@ def test_running_metric_sets_same_queries_bare_and_the_left_out_family(tiny):
     rows = {s: data.by_user([r for r in data.load_prefs(str(rp / "prefs.jsonl")) if r.split == s])
             for s in data.SPLITS}
     args = fspo.get_args(["--preset", "tiny", "--method", "fspo", "--shots", "2", "--eval-episodes", "16"])
-    held = fspo.held_out_sets(args, tok, rows, users, "cpu")
+    held = evaluation.held_out_sets(args, tok, rows, users, "cpu")
     example = tok.encode("# Example")
     for full, bare in zip(held["batches"], held["bare"]):
         for b in range(len(full["idx"])):
