@@ -458,11 +458,12 @@ PRESETS = {
                  domains="roleplay", methods="fspo,pooled", eval_users=4, eval_questions=2),
     # cpu: easier roleplay users (5 style axes, one writer, 2-4 traits, the chosen answer in
     # the user's style) and 4 shots. SFT sees 0-8 shots, so the pair-accuracy curve's 8-shot
-    # column is a context length it has trained on, and runs past ~400 steps, where the model
-    # learns to copy the question's subject. Stage 2 anchors the preference loss with the
+    # column is a context length it has trained on, and runs 500 steps, into the loss drop
+    # (~300-500) where the model learns to copy the question's subject: 700 steps and stage 2
+    # at 800 ran 24 min, over the 20 the preset has. Stage 2 anchors the preference loss with the
     # chosen answer's NLL, without which greedy answers drift off-format (README)
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
-                batch_size=8, grad_accum=1, sft_steps=700, sft_shots=8, pref_steps=800, nll=10.0,
+                batch_size=8, grad_accum=1, sft_steps=500, sft_shots=8, pref_steps=600, nll=10.0,
                 warmup=50, lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128,
                 curve_episodes=0, scale="default",
                 synth="--pair-mode taste --axes formality,confidence,format,example,humor --writers 1 "
