@@ -445,10 +445,10 @@ def pair_diff(domain, prompt, a, b, axes=None):
 
 
 def check_axes(domain, axes):
-    """axes (a list, or None for all), or SystemExit naming the first unknown one."""
+    """axes (a list, or None for all), or ValueError naming the first unknown one."""
     for x in axes or ():
         if x not in JUDGES[domain].axes:
-            raise SystemExit(f"unknown {domain} axis {x!r}; choose from {','.join(JUDGES[domain].axes)}")
+            raise ValueError(f"unknown {domain} axis {x!r}; choose from {','.join(JUDGES[domain].axes)}")
     return axes
 
 
@@ -542,6 +542,10 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--axes", default=None, help="comma list: a learner that reads only these style axes")
     a = p.parse_args()
+    try:
+        curve = reference_curve(a.folder, a.l2, a.seed, a.axes and a.axes.split(","))
+    except ValueError as e:  # an unknown --axes name: one line, no traceback
+        raise SystemExit(f"judge.py: {e}")
     print(f"{'split':6} {'group':16} {'users':>5} " + " ".join(f"{f'k={k}':>6}" for k in SHOTS))
-    for (split, group), r in reference_curve(a.folder, a.l2, a.seed, a.axes and a.axes.split(",")).items():
+    for (split, group), r in curve.items():
         print(f"{split:6} {group:16} {r['users']:5d} " + " ".join(f"{100 * r[k]:6.1f}" for k in SHOTS))

@@ -136,5 +136,5 @@ def test_reference_sees_only_the_axes_it_is_given():
         assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0) == 1.0
         assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0, ["humor"]) == 1.0
         assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0, others) == 0.5
-    with pytest.raises(SystemExit, match="unknown roleplay axis 'tone'"):
+    with pytest.raises(ValueError, match="unknown roleplay axis 'tone'"):
         judge.check_axes("roleplay", ["humor", "tone"])
