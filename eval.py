@@ -104,15 +104,15 @@ def axis_reading_of(domain, episodes, margins, users):
 # ----------------------------------------------------------------------------------------
 # The evaluation set: fixed (user, query, shots) triples from held-out rows
 
-def eval_set(test_rows, n_shots, n_users, n_questions, seed):
+def eval_set(held_rows, n_shots, n_users, n_questions, seed):
     """For each held-out user (up to n_users), up to n_questions queries, each with N shots
     drawn from that user's other rows. Deterministic in seed."""
     rng = random.Random(seed)
     items = []
-    uids = sorted(test_rows)
+    uids = sorted(held_rows)
     rng.shuffle(uids)  # a cap must not cut whole groups (ids are ordered by group)
     for uid in uids[:n_users]:
-        rows = list(test_rows[uid])
+        rows = list(held_rows[uid])
         if len(rows) < n_shots + 1:
             continue
         rng.shuffle(rows)
@@ -179,10 +179,10 @@ def pair_hits(policy, ref, batches, amp=nullcontext()):
     return pair_margins(policy, ref, batches, amp) > 0
 
 
-def curve_margins(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
+def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device):
     """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
     each with `shots` of its max_shots shots: the same queries at every shot count."""
-    stream = data.EpisodeStream(tok, test_rows, None, "fspo", max_shots, args.batch_size,
+    stream = data.EpisodeStream(tok, held_rows, None, "fspo", max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
@@ -190,9 +190,9 @@ def curve_margins(policy, ref, tok, test_rows, shots, max_shots, args, block_siz
     return margins, stream.episodes[:len(margins)]
 
 
-def curve_hits(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device):
+def curve_hits(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device):
     """-> (hits, episodes): curve_margins ranked, True where chosen comes first."""
-    margins, episodes = curve_margins(policy, ref, tok, test_rows, shots, max_shots, args, block_size, device)
+    margins, episodes = curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device)
     return margins > 0, episodes
 
 
@@ -255,13 +255,13 @@ def reference_row(domain, w_population, episodes, k):
     return interval(credit, [q.user_id for _, q in episodes])
 
 
-def curve_rows(models, test_rows, ref, tok, args, device, max_shots, reference, label, keep=None):
+def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, label, keep=None):
     """{method: {k: interval}} for fspo and pooled, plus the reference learner's row. keep, a
     dict, receives FSPO's (margins, episodes) at the most shots."""
     out, block = {}, models["sft"].config.block_size
     cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
-        margins, eps = curve_margins(models[m].token_logprobs, ref, tok, test_rows, k, max_shots, args, block, device)
+        margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots, args, block, device)
         out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
         if keep is not None and m == "fspo" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
@@ -270,13 +270,13 @@ def curve_rows(models, test_rows, ref, tok, args, device, max_shots, reference, 
     return out
 
 
-def curve_shots(test_rows, args):
+def curve_shots(held_rows, args):
     """The largest curve shot count with a batch of episodes: the same queries at every k."""
-    episodes = lambda k: sum(-(-len(v) // (k + 1)) for v in test_rows.values() if len(v) > k)
+    episodes = lambda k: sum(-(-len(v) // (k + 1)) for v in held_rows.values() if len(v) > k)
     fits = [k for k in SHOT_CURVE if k >= 1 and episodes(k) >= args.batch_size]
     if not fits:
         raise ValueError(f"pair accuracy needs {args.batch_size} episodes (one batch) of held-out users "
-                         f"with at least 2 rows each (1 shot + a query): {len(test_rows)} held-out users "
+                         f"with at least 2 rows each (1 shot + a query): {len(held_rows)} held-out users "
                          f"give {episodes(1)}")
     return max(fits)
 
@@ -287,20 +287,20 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
     users no training user belongs to, if there is one; for ELIX the paper's easy / hard
     split, a property of the query PAIR."""
     rows = [r for r in prefs if r.split == res["split"]]
-    test_rows, ref = data.by_user(rows), models["sft"].token_logprobs
+    held_rows, ref = data.by_user(rows), models["sft"].token_logprobs
     reference = None
     if users:
         jdomain = users[rows[0].user_id]["domain"]
         reference = (jdomain, judge.population_weights(jdomain, [r for r in prefs if r.split == "train"], judge.L2))
     keep = {}
-    res["pair_accuracy"] = curve_rows(models, test_rows, ref, tok, args, device, curve_shots(test_rows, args),
+    res["pair_accuracy"] = curve_rows(models, held_rows, ref, tok, args, device, curve_shots(held_rows, args),
                                       reference, f"pair accuracy {domain}", keep)
     # which axes FSPO reads, where there are pairs enough to fit two coefficients per axis
     if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
         res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
                                "axes": axis_reading_of(reference[0], keep["episodes"], keep["margins"], users)}
     seen = judge.seen_families(users or {}, {r.user_id for r in prefs if r.split == "train"})
-    unseen = {u: v for u, v in test_rows.items() if users and users[u].get("family") not in seen}
+    unseen = {u: v for u, v in held_rows.items() if users and users[u].get("family") not in seen}
     if unseen:
         res["unseen_family"] = sorted({users[u]["family"] for u in unseen})
         res["pair_accuracy_unseen"] = curve_rows(models, unseen, ref, tok, args, device,
@@ -355,11 +355,11 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     held-out users evaluated, "test" for the report, "val" while tuning."""
     models, anchors, trained = load_models(ckpts, tok, tok_path, device)
     prefs = data.load_prefs(prefs_path)
-    test_rows = data.by_user([r for r in prefs if r.split == split])
-    if not test_rows:
+    held_rows = data.by_user([r for r in prefs if r.split == split])
+    if not held_rows:
         raise ValueError(f"{prefs_path}: no rows with split {split!r} to evaluate on")
     users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
-    if users and (unknown := sorted(set(test_rows) - set(users))):
+    if users and (unknown := sorted(set(held_rows) - set(users))):
         raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
            "sft_shots": trained["sft"], "trained_shots": trained, "split": split}
@@ -372,7 +372,7 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
                               "generator's schema (a judge that can score any answer for these users); "
                               "pair accuracy needs only the preference rows")
         return res
-    items = eval_set(test_rows, n_shots, args.eval_users, args.eval_questions, args.seed)
+    items = eval_set(held_rows, n_shots, args.eval_users, args.eval_questions, args.seed)
     if not items:
         raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
     methods = ["base", "prompted"] + [m for m in ckpts if m != "sft"]

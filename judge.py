@@ -490,9 +490,9 @@ def reference_pair_credit(domain, shots, query, w_population, l2, axes=None):
     tie (as a coin flip would score; one shot often says nothing about the query's axes). The learner
     is fit_logreg on the shots' (chosen - rejected) differences, or w_population without shots.
     axes: a learner that sees only these style axes (w_population fitted on the same)."""
-    w = fit_logreg([pair_diff(domain, s.prompt, s.chosen, s.rejected, axes) for s in shots], l2) if shots \
-        else w_population
-    m = w @ pair_diff(domain, query.prompt, query.chosen, query.rejected, axes)
+    diff = lambda p: pair_diff(domain, p.prompt, p.chosen, p.rejected, axes)
+    w = fit_logreg([diff(s) for s in shots], l2) if shots else w_population
+    m = w @ diff(query)
     return 1.0 if m > TIE else 0.0 if m < -TIE else 0.5
 
 

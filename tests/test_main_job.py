@@ -44,7 +44,8 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
                         "--data", str(out / "data"), "--eval-users", "2", "--batch-size", "4", "--out", str(tmp_path / "ev")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())[0]["shots"] == 2
+    (test,) = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert test["shots"] == 2
     # --split val: the same report on val users, each curve figure over all their episodes
     r = subprocess.run([sys.executable, "eval.py", "--base", str(base / "sft"), "--ckpt", str(base / "fspo"),
                         "--data", str(out / "data"), "--eval-users", "2", "--batch-size", "4", "--split", "val",
@@ -57,7 +58,7 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
     for line in open(out / "data" / "roleplay" / "prefs.jsonl"):
         row = json.loads(line)
         rows_of.setdefault(row["split"], {}).setdefault(row["user_id"], []).append(row)
-    for split, res_ in (("val", val), ("test", json.loads((tmp_path / "ev" / "metrics.json").read_text())[0])):
+    for split, res_ in (("val", val), ("test", test)):
         per_user = [len(v) for v in rows_of[split].values()]
         k = next(k for k in (8, 4, 2, 1) if sum(-(-n // (k + 1)) for n in per_user if n > k) >= 4)
         episodes = sum(-(-n // (k + 1)) for n in per_user if n > k)
