@@ -261,13 +261,21 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
     out, block = {}, models["sft"].config.block_size
     cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
-        margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots, args, block, device)
-        out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
+        if reads_no_shots(m) and k:  # pooled is trained and tested on the question alone
+            out[m][k] = out[m][0]
+        else:  # eps: the same (shots, query) episodes at every k, the first k shots used
+            margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
+                                         args, block, device)
+            out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
         if keep is not None and m == "fspo" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
         if reference and m == cells[0][0]:  # every method's episodes are the same
             out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
     return out
+
+
+def reads_no_shots(m):
+    return not data.method(m).prompt.endswith("shots")
 
 
 def curve_shots(held_rows, args):
@@ -312,8 +320,8 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
         rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
         rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
         for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
-            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
-                                   args, block, device)
+            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d,
+                                   0 if reads_no_shots(m) else n_shots, n_shots, args, block, device)
             res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
                 interval(hits.tolist(), [q.user_id for _, q in eps])
 
@@ -425,7 +433,8 @@ def curve_table(r, label, key="pair_accuracy", title=""):
             f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-" for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
     lines.append(f"\nn = {n_pairs} held-out pairs of {r['split']} users per figure, the same queries "
-                 "at every shot count.")
+                 "at every shot count." + (" Pooled reads no shots (it is trained on the question "
+                 "alone), so its row is one figure, measured with none." if "pooled" in rows else ""))
     if "reference" in rows:
         lines.append("The reference learner is a logistic regression on the judge's feature "
                      "differences, fitted on each user's k shots (k = 0: on the training users "

@@ -84,6 +84,31 @@ def test_pair_accuracy_counts_against_brute_force(k):
                                      k, 2, args, 512, "cpu")[0]) == 4
 
 
+def test_pooled_row_of_the_curve_is_scored_without_shots():
+    """Pooled IPO is trained on the question alone: every column of its curve row is its
+    no-shot accuracy on the same queries, while FSPO's columns use k shots."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test") for u in range(12) for i in range(3)]
+    torch.manual_seed(1)
+    sft, fspo, pooled = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+                                       n_embd=16)).eval() for _ in range(3))
+    with torch.no_grad():  # sharper attention, so that shots in the context move the margins
+        for p in list(fspo.parameters()) + list(pooled.parameters()):
+            p.mul_(4)
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", no_progress=True)
+    held = by_user(rows)
+    out = evaluation.curve_rows({"sft": sft, "fspo": fspo, "pooled": pooled}, held, sft.token_logprobs,
+                                tok, args, "cpu", 2, None, "curve")
+    hits = lambda m, k: evaluation.curve_hits(m.token_logprobs, sft.token_logprobs, tok, held, k, 2,
+                                              args, 512, "cpu")[0]
+    users = [q.user_id for _, q in evaluation.curve_hits(pooled.token_logprobs, sft.token_logprobs, tok,
+                                                         held, 0, 2, args, 512, "cpu")[1]]
+    assert hits(pooled, 2).tolist() != hits(pooled, 0).tolist()  # shots would change its figure
+    for k in (0, 1, 2):
+        assert out["pooled"][k] == evaluation.interval(hits(pooled, 0).tolist(), users)
+        assert out["fspo"][k] == evaluation.interval(hits(fspo, k).tolist(), users)
+
+
 def test_axis_reading_recovers_planted_coefficients():
     """Margins built from known coefficients by hand: a taste held for everyone on axes 0 and 1,
     reading the user's weight on axis 2 only; axis 3 never differs. The fit returns exactly
