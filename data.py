@@ -304,6 +304,10 @@ class Method:
     model: str = ""   # evaluation-only rows answer with this checkpoint
     init: str = "sft" # the checkpoint a stage starts from, also its reference
 
+    @property
+    def reads_shots(self) -> bool:  # its prompt holds the user's pairs
+        return self.prompt.endswith("shots")
+
 METHODS = {
     "sft":      Method("some shots", False, "both"),         # stage 1: base and reference
     "base":     Method("bare", False, "", model="sft"),
@@ -338,9 +342,8 @@ def prompt_tokens(tok, name, shots, question, room, user=None) -> tuple[list[int
     """Token ids of method `name`'s prompt and the shots kept. Training and evaluation both
     call this, so a model is tested on exactly the tokens it was trained on. Whole shots are
     dropped, oldest first, until the prompt fits in `room` tokens; the question is never cut."""
-    how = method(name).prompt
-    shots = shots if how.endswith("shots") else []
-    description = judge.trait_summary(user) if how == "description" else None
+    shots = shots if method(name).reads_shots else []
+    description = judge.trait_summary(user) if method(name).prompt == "description" else None
     for first in range(len(shots) + 1):
         ids = tok.encode(format_prompt(shots[first:], question, description))
         if len(ids) <= room:

@@ -179,10 +179,11 @@ def pair_hits(policy, ref, batches, amp=nullcontext()):
     return pair_margins(policy, ref, batches, amp) > 0
 
 
-def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device):
+def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo"):
     """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
-    each with `shots` of its max_shots shots: the same queries at every shot count."""
-    stream = data.EpisodeStream(tok, held_rows, None, "fspo", max_shots, args.batch_size,
+    each with `shots` of its max_shots shots: the same queries at every shot count. name: the
+    method whose prompt the policy is scored with (pooled's holds no shots, whatever `shots`)."""
+    stream = data.EpisodeStream(tok, held_rows, None, name, max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
@@ -190,9 +191,10 @@ def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_siz
     return margins, stream.episodes[:len(margins)]
 
 
-def curve_hits(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device):
+def curve_hits(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo"):
     """-> (hits, episodes): curve_margins ranked, True where chosen comes first."""
-    margins, episodes = curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device)
+    margins, episodes = curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size,
+                                      device, name)
     return margins > 0, episodes
 
 
@@ -209,7 +211,7 @@ def held_out_sets(args, tok, rows, users, device):
     n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
     fixed = lambda stream: [data.to_device(stream.batch(i), device) for i in range(n)]
     out = {"batches": fixed(held), "bare": None, "left_out": None}
-    if data.method(name).prompt.endswith("shots") and args.shots:
+    if data.method(name).reads_shots and args.shots:
         out["bare"] = fixed(make(0))
     if users:
         seen = judge.seen_families(users, rows["train"])
@@ -261,21 +263,17 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
     out, block = {}, models["sft"].config.block_size
     cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
-        if reads_no_shots(m) and k:  # pooled is trained and tested on the question alone
+        if k and not data.method(m).reads_shots:  # pooled: the same prompt at every k, scored once
             out[m][k] = out[m][0]
         else:  # eps: the same (shots, query) episodes at every k, the first k shots used
             margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
-                                         args, block, device)
+                                         args, block, device, m)
             out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
         if keep is not None and m == "fspo" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
         if reference and m == cells[0][0]:  # every method's episodes are the same
             out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
     return out
-
-
-def reads_no_shots(m):
-    return not data.method(m).prompt.endswith("shots")
 
 
 def curve_shots(held_rows, args):
@@ -320,8 +318,8 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
         rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
         rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
         for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
-            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d,
-                                   0 if reads_no_shots(m) else n_shots, n_shots, args, block, device)
+            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
+                                   args, block, device, m)
             res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
                 interval(hits.tolist(), [q.user_id for _, q in eps])
 
