@@ -35,6 +35,7 @@ import judge
 from model import autocast, ckpt_dir, load_checkpoint, load_model
 
 SHOT_CURVE = (0, 1, 2, 4, 8)
+CURVE_METHODS = ("fspo", "fspo-dpo", "pooled")  # the rows of the pair-accuracy curve
 LABELS = {"reference": "reference learner (judge's features)", "base": "base (SFT, no context)", "pooled": "IPO, no user context (pooled)",
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
@@ -258,10 +259,10 @@ def reference_row(domain, w_population, episodes, k):
 
 
 def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, label, keep=None):
-    """{method: {k: interval}} for fspo and pooled, plus the reference learner's row. keep, a
-    dict, receives FSPO's (margins, episodes) at the most shots."""
+    """{method: {k: interval}} for FSPO (IPO and DPO) and pooled, plus the reference learner's
+    row. keep, a dict, receives FSPO's (margins, episodes) at the most shots."""
     out, block = {}, models["sft"].config.block_size
-    cells = [(m, k) for m in ("fspo", "pooled") if m in models for k in SHOT_CURVE if k <= max_shots]
+    cells = [(m, k) for m in CURVE_METHODS if m in models for k in SHOT_CURVE if k <= max_shots]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
         if k and not data.method(m).reads_shots:  # pooled: the same prompt at every k, scored once
             out[m][k] = out[m][0]
@@ -269,7 +270,7 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
             margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
                                          args, block, device, m)
             out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
-        if keep is not None and m == "fspo" and k == cells[-1][1]:
+        if keep is not None and m == cells[0][0] and m != "pooled" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
         if reference and m == cells[0][0]:  # every method's episodes are the same
             out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
@@ -425,10 +426,13 @@ def curve_table(r, label, key="pair_accuracy", title=""):
              "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for m, acc in rows.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
-    if "reference" in rows and "fspo" in rows:  # how much of what the shots reveal FSPO uses
-        gap = lambda k: (rows["fspo"][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
-        lines.append("| FSPO: gap to the reference closed, (FSPO - 50) / (reference - 50) | " + " | ".join(
-            f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-" for k in ks) + " |")
+    for m in [m for m in ("fspo", "fspo-dpo") if m in rows and "reference" in rows]:
+        # how much of what the shots reveal the model uses
+        gap = lambda k: (rows[m][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
+        name = "FSPO" if m == "fspo" else "FSPO (DPO)"
+        lines.append(f"| {name}: gap to the reference closed, ({name} - 50) / (reference - 50) | "
+                     + " | ".join(f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-"
+                                  for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
     lines.append(f"\nn = {n_pairs} held-out pairs of {r['split']} users per figure, the same queries "
                  "at every shot count." + (" Pooled reads no shots (it is trained on the question "

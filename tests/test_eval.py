@@ -86,19 +86,19 @@ def test_pair_accuracy_counts_against_brute_force(k):
 
 def test_pooled_row_of_the_curve_is_scored_without_shots():
     """Pooled IPO is trained on the question alone: every column of its curve row is its
-    no-shot accuracy on the same queries, while FSPO's columns use k shots."""
+    no-shot accuracy on the same queries, while FSPO's columns (IPO and DPO) use k shots."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test") for u in range(12) for i in range(3)]
     torch.manual_seed(1)
-    sft, fspo, pooled = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
-                                       n_embd=16)).eval() for _ in range(3))
+    sft, fspo, dpo, pooled = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+                                            n_embd=16)).eval() for _ in range(4))
     with torch.no_grad():  # sharper attention, so that shots in the context move the margins
-        for p in list(fspo.parameters()) + list(pooled.parameters()):
+        for p in [*fspo.parameters(), *dpo.parameters(), *pooled.parameters()]:
             p.mul_(4)
     args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", no_progress=True)
     held = by_user(rows)
-    out = evaluation.curve_rows({"sft": sft, "fspo": fspo, "pooled": pooled}, held, sft.token_logprobs,
-                                tok, args, "cpu", 2, None, "curve")
+    out = evaluation.curve_rows({"sft": sft, "fspo": fspo, "fspo-dpo": dpo, "pooled": pooled}, held,
+                                sft.token_logprobs, tok, args, "cpu", 2, None, "curve")
     hits = lambda m, k: evaluation.curve_hits(m.token_logprobs, sft.token_logprobs, tok, held, k, 2,
                                               args, 512, "cpu")[0]
     users = [q.user_id for _, q in evaluation.curve_hits(pooled.token_logprobs, sft.token_logprobs, tok,
@@ -107,6 +107,7 @@ def test_pooled_row_of_the_curve_is_scored_without_shots():
     for k in (0, 1, 2):
         assert out["pooled"][k] == evaluation.interval(hits(pooled, 0).tolist(), users)
         assert out["fspo"][k] == evaluation.interval(hits(fspo, k).tolist(), users)
+        assert out["fspo-dpo"][k] == evaluation.interval(hits(dpo, k).tolist(), users)  # FSPO with DPO reads shots too
 
 
 def test_axis_reading_recovers_planted_coefficients():
