@@ -37,7 +37,7 @@ import eval as evaluation
 import generate_synthetic as synth
 import judge
 from model import GPT, GPTConfig, ckpt_dir, load_model, save_model
-from model import autocast as model_autocast
+from model import amp_dtype, autocast as model_autocast
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,6 +213,15 @@ def save_training(path, model, opt, meta):
     save_model(path, model, meta, extra)
 
 
+def stage_amp(args, device, saved=None):
+    """The dtype a stage computes in, "bf16" or "fp32". --dtype auto is settled once, when
+    the stage starts (on a CPU by a timing, model.cpu_bf16_faster), and kept in its checkpoint:
+    a resumed run computes as its first part did, even where a new timing would pick the other."""
+    if saved and args.resume and args.dtype == "auto" and saved.get("amp"):
+        return saved["amp"]
+    return "bf16" if amp_dtype(device, args.dtype) == torch.bfloat16 else "fp32"
+
+
 def resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master):
     """Restore the checkpoint in --out -> its step; drop metrics logged after it."""
     saved_model, saved, tensors = load_model(ckpt_dir(args.out))
@@ -275,7 +284,6 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of world size {world}")
     torch.manual_seed(args.seed)
     use_cuda = device.startswith("cuda")
-    autocast = model_autocast(device, args.dtype)  # bf16 on CUDA, and on CPUs where it is faster
     stream, held = make_streams(args, tok, prefs_path, users_path, device)
     model = build_model(args, tok, tok_path, device)
     ref_scorer = load_reference(args, device)
@@ -289,6 +297,8 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
         raise ValueError(f"{args.out} already holds a checkpoint (step {saved['step']}"
                          f"{', done' if saved['done'] else ''}): pass --resume to continue it, "
                          f"or delete it to start over")
+    meta["amp"] = stage_amp(args, device, saved)
+    autocast = model_autocast(device, meta["amp"])  # bf16 on CUDA, and on CPUs where it is faster
     if saved:
         start = resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master)
         if master:

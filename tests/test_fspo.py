@@ -103,6 +103,25 @@ def final_row(out):
         return [json.loads(l) for l in f][-1]
 
 
+def test_a_resumed_stage_keeps_the_dtype_auto_chose(tiny, monkeypatch):
+    """--dtype auto is a timing on a CPU (model.cpu_bf16_faster), which a loaded machine can
+    flip between two processes: the choice is made once, kept in the checkpoint, and a
+    resumed run computes in it rather than mixing dtypes within one stage."""
+    import model as M
+    from argparse import Namespace
+    monkeypatch.setattr(M, "cpu_bf16_faster", lambda: True)  # this run's timing: bf16 wins
+    out = tiny / "amp"
+    fspo.main(stage_args(tiny, out, "--method", "sft", "--steps", "2", "--eval-every", "2")[1:])
+    _, meta = load_checkpoint(str(out / "ckpt"))
+    assert meta["amp"] == "bf16"
+    monkeypatch.setattr(M, "cpu_bf16_faster", lambda: False)  # a later timing: fp32 wins
+    args = lambda dtype, resume: Namespace(dtype=dtype, resume=resume)
+    assert fspo.stage_amp(args("auto", True), "cpu", meta) == "bf16"   # resumed: as it began
+    assert fspo.stage_amp(args("auto", False), "cpu", None) == "fp32"  # a new run times again
+    assert fspo.stage_amp(args("fp32", True), "cpu", meta) == "fp32"   # an explicit dtype wins
+    assert fspo.stage_amp(args("bf16", False), "cpu", None) == "bf16"
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tiny):
     common = ["--method", "sft", "--steps", "24", "--ckpt-every", "4", "--eval-every", "8"]
     full, cut = tiny / "full", tiny / "cut"
