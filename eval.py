@@ -426,10 +426,11 @@ def curve_table(r, label, key="pair_accuracy", title=""):
              "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for m, acc in rows.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
-    for m in [m for m in ("fspo", "fspo-dpo") if m in rows and "reference" in rows]:
+    for m, name in {"fspo": "FSPO", "fspo-dpo": "FSPO (DPO)"}.items():
+        if m not in rows or "reference" not in rows:
+            continue
         # how much of what the shots reveal the model uses
         gap = lambda k: (rows[m][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
-        name = "FSPO" if m == "fspo" else "FSPO (DPO)"
         lines.append(f"| {name}: gap to the reference closed, ({name} - 50) / (reference - 50) | "
                      + " | ".join(f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-"
                                   for k in ks) + " |")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import data
 import eval as evaluation
 import fspo
 import generate_synthetic as synth
+import model as M
 from model import GPT, GPTConfig, load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,8 +109,6 @@ def test_a_resumed_stage_keeps_the_dtype_auto_chose(tiny, monkeypatch):
     """--dtype auto is a timing on a CPU (model.cpu_bf16_faster), which a loaded machine can
     flip between two processes: the choice is made once, kept in the checkpoint, and a
     resumed run computes in it rather than mixing dtypes within one stage."""
-    import model as M
-    from argparse import Namespace
     monkeypatch.setattr(M, "cpu_bf16_faster", lambda: True)  # this run's timing: bf16 wins
     out = tiny / "amp"
     fspo.main(stage_args(tiny, out, "--method", "sft", "--steps", "2", "--eval-every", "2")[1:])
