@@ -397,6 +397,9 @@ class Episode:
     # is the shot's chosen text in its "Preferred Response" slot, scored against the rejected
     # text in the same slot, both seeing only the shots before it
     shot_pairs: list = field(default_factory=list)
+    # --describe: COT_HEADER + the user's true description + [eot], a tail piece that sees the
+    # whole context: an auxiliary loss that spells out what the shots say about the user
+    describe: list = field(default_factory=list)
 
 def shot_spans(tok, shots, ctx):
     """[(start, end, rejected ids)] of each shot of format_prompt(shots, ...) encoded as ctx,
@@ -449,7 +452,8 @@ class EpisodeStream:
     resuming at step s rebuilds exactly the batches an uninterrupted run would have seen."""
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
-                 which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0):
+                 which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0,
+                 describe=False):
         self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
         learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
@@ -460,6 +464,8 @@ class EpisodeStream:
         # none to read, oracle and cot are given the unmirrored user's description
         self.mirror = mirror if (learns == "preference" and self.spec.prompt == "shots"
                                 and not self.spec.cot) else 0.0
+        # a description only where users are known and the prompt holds shots to read it from
+        self.describe = describe and users is not None and self.spec.reads_shots
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -473,14 +479,20 @@ class EpisodeStream:
         self.epoch, self.episodes = None, None
 
     def encode(self, shots, query, rng):
-        if self.mirror and rng.random() < self.mirror:  # the user's mirror image (--mirror)
+        flip = self.mirror and rng.random() < self.mirror
+        if flip:  # the user's mirror image (--mirror)
             shots, query = [swapped(s) for s in shots], swapped(query)
         if self.spec.prompt == "some shots":  # the base also answers with fewer shots
             shots = shots[: rng.randint(0, len(shots))]
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
         user = self.users[query.user_id] if self.users else None
-        return encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs)
+        e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs)
+        if self.describe:
+            traits = {a: -w if flip else w for a, w in user["traits"].items()}
+            e.describe = self.tok.encode(COT_HEADER) + self.tok.encode(
+                judge.trait_summary(dict(user, traits=traits))) + [self.tok.eot_id]
+        return e
 
     def batch(self, i):
         epoch, j = divmod(i, self.per_epoch)
@@ -497,7 +509,7 @@ class EpisodeStream:
 # -----------------------------------------------------------------------------
 # batches: one packed row per episode, its parts told apart by segment ids
 
-CONTEXT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # the segment ids of pack_batch's rows
+CONTEXT, CHOSEN, REJECTED, PAD, DESCRIBE = 0, 1, 2, 3, 4  # the segment ids of pack_batch's rows
 
 def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
     """One row per episode: the context once, then chosen, then rejected at the row's end.
@@ -516,10 +528,13 @@ def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
     pair (B, T) says which pair a completion token belongs to: 0 is the query. Episodes with
     shot_pairs (--shot-pairs) also score shot k as pair k: its chosen text, in place in the
     head, is seg 1 (from the token before it), and its rejected text gets a tail piece that
-    sees only the head columns before that token, as if it stood in the chosen's slot."""
+    sees only the head columns before that token, as if it stood in the chosen's slot.
+    Episodes with a description (--describe) get one more tail piece, seg 4, before the
+    query's: ctx[-1] and the description, seeing the whole context."""
     heads = [e.ctx + e.chosen for e in episodes]
     # tail pieces per row: (head columns it sees, its tokens, its pair); the query's last
     tails = [[(s - 1, [e.ctx[s - 1]] + rej, k) for k, (s, _, rej) in enumerate(e.shot_pairs, 1)]
+             + [(len(e.ctx) - 1, e.ctx[-1:] + e.describe, -1)] * bool(e.describe)
              + [(len(e.ctx) - 1, e.ctx[-1:] + e.rejected, 0)] for e in episodes]
     B, H = len(episodes), max(map(len, heads))
     # T rounded up to `multiple` (8 on CUDA, whose fused attention kernels want an aligned mask)
@@ -539,13 +554,14 @@ def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
         c = H
         for v, piece, k in tail:
             n = len(piece)
-            idx[b, c:c + n], seg[b, c:c + n], pair[b, c:c + n] = torch.tensor(piece), REJECTED, k
+            idx[b, c:c + n], pair[b, c:c + n] = torch.tensor(piece), k
+            seg[b, c:c + n] = REJECTED if k >= 0 else DESCRIBE
             pos[b, c:c + n], sees[b, c:c + n], first[b, c:c + n] = torch.arange(v, v + n), v, c
             c += n
-    # targets: the next token while inside one completion segment of one pair; -1 elsewhere
+    # targets: the next token while inside one completion (or description) of one pair; -1 elsewhere
     targets = torch.full((B, T), -1, dtype=torch.long)
     same = (seg[:, 1:] == seg[:, :-1]) & (pair[:, 1:] == pair[:, :-1]) & \
-           ((seg[:, :-1] == CHOSEN) | (seg[:, :-1] == REJECTED))  # (B, T-1)
+           ((seg[:, :-1] == CHOSEN) | (seg[:, :-1] == REJECTED) | (seg[:, :-1] == DESCRIBE))  # (B, T-1)
     targets[:, :-1] = torch.where(same, idx[:, 1:], -1)
     # tail query c sees the head columns its piece sees, and its piece causally up to itself
     key, col = torch.arange(T), torch.arange(H, T)[:, None]  # (T,), (T-H, 1)

@@ -69,6 +69,10 @@ def score_batch(scorer, ref_scorer, b, args):
     (the completions, and the shots too under --context-loss)."""
     lp = scorer(b["idx"], b["targets"], b["pos"], b["mask"])  # (B, T) float32, 0 unlabelled
     learns, metrics = data.method(args.method).learns, {}
+    desc = (b["seg"] == data.DESCRIBE) & (b["targets"] != -1)  # (B, T) the description's tokens
+    if desc.any():  # --describe: the user's true description, read off the shots, its own term
+        describe_nll = -lp[desc].sum() / desc.sum()
+        lp = lp.masked_fill(desc, 0.0)
     if learns == "preference":
         # every pair of the batch: the query (pair 0), and each shot under --shot-pairs
         P = int(b["pair"].max()) + 1
@@ -85,7 +89,10 @@ def score_batch(scorer, ref_scorer, b, args):
                    "rewards/margins": (rew_w - rew_l).mean()}
     else:
         pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
-        loss = -lp.sum() / (b["targets"] != -1).sum()
+        loss = -lp.sum() / ((b["targets"] != -1) & ~desc).sum()
+    if desc.any():
+        loss = loss + args.describe * describe_nll
+        metrics["describe/nll"] = describe_nll.detach()
     metrics.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean()})
     if learns != "chosen":  # chosen-only methods have no rejected labels
         metrics["logps/rejected"] = pl.detach().mean()
@@ -144,7 +151,8 @@ def make_streams(args, tok, prefs_path, users_path, device):
         stream = data.EpisodeStream(tok, rows["train"], users, args.method, args.shots, args.batch_size,
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
-                                    shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0)
+                                    shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
+                                    describe=bool(args.describe))
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -355,7 +363,7 @@ def stage_steps(method, args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed", "dtype")
+          "block_size", "seed", "dtype", "describe")
 PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
 
 
@@ -513,6 +521,9 @@ def stage_flags(a):
     a("--mirror", type=float, default=None,
       help="this share of training episodes swaps chosen and rejected in every shot and the "
            "query: the user's mirror image, so a rule that ignores the shots scores chance")
+    a("--describe", type=float, default=None,
+      help="also learn to write the user's true description (users file) after the shots, this "
+           "weight times its token-mean NLL: a dense signal of what the shots reveal (0 = off)")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,

@@ -90,6 +90,30 @@ def test_context_labels_never_change_the_loss(tiny):
     assert loss({**b, "targets": t}).item() != base.item()
 
 
+def test_describe_adds_its_weight_times_the_description_nll(tiny):
+    """--describe w: the loss is the preference loss of the batch without descriptions plus w
+    times the mean NLL of the description tokens, computed here by hand from full logits."""
+    tok, eps = episodes(tiny, 3)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32)
+    policy, ref = fspo.LogProbs(GPT(cfg)).eval(), fspo.LogProbs(GPT(cfg)).eval()
+    args = Namespace(method="fspo", beta=0.1, loss="ipo", nll=0.0, describe=3.0)
+    plain = data.pack_batch(eps, tok.eot_id)
+    for e in eps:
+        e.describe = tok.encode(data.COT_HEADER + "Prefers: formal.") + [tok.eot_id]
+    with torch.no_grad():
+        base, _ = fspo.score_batch(policy, ref, plain, args)
+        got, metrics = fspo.score_batch(policy, ref, data.pack_batch(eps, tok.eot_id), args)
+        nll = []
+        for e in eps:
+            logits, _ = policy.gpt(torch.tensor([e.ctx + e.describe]))
+            lp = torch.log_softmax(logits[0].double(), -1)
+            nll += [-lp[len(e.ctx) - 1 + i, t].item() for i, t in enumerate(e.describe)]
+    want = sum(nll) / len(nll)
+    assert metrics["describe/nll"].item() == pytest.approx(want, rel=1e-4)
+    assert got.item() == pytest.approx(base.item() + 3.0 * want, rel=1e-4)
+
+
 def run(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, **kw)
