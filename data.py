@@ -328,11 +328,15 @@ def method(name) -> Method:
 
 COMPLETION_HEADER = "## Preferred Response\n"
 COT_HEADER = "## User Description\n"
+SHOT_HEADER = "## Example Contrast\n"  # --describe's note after each shot
 INSTRUCTION = "Given the examples above, generate a preferred response to the following question."
 
+def format_shot(i, s: Pref) -> str:
+    return (f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
+            f"## Dispreferred Response\n{s.rejected}\n")
+
 def format_prompt(shots: list[Pref], question: str, description: str | None = None) -> str:
-    parts = [f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
-             f"## Dispreferred Response\n{s.rejected}\n" for i, s in enumerate(shots, 1)]
+    parts = [format_shot(i, s) for i, s in enumerate(shots, 1)]
     if description is not None:
         parts.append(f"# User Description\n{description}\n")
     parts.append(f"# Task\n{INSTRUCTION}\n## Question\n{question}\n")
@@ -397,9 +401,10 @@ class Episode:
     # is the shot's chosen text in its "Preferred Response" slot, scored against the rejected
     # text in the same slot, both seeing only the shots before it
     shot_pairs: list = field(default_factory=list)
-    # --describe: COT_HEADER + the user's true description + [eot], a tail piece that sees the
-    # whole context: an auxiliary loss that spells out what the shots say about the user
-    describe: list = field(default_factory=list)
+    # --describe: [(end, ids)], notes written as if after ctx[:end], each a tail piece: after
+    # every shot, how its chosen answer differs from its rejected one; after the whole context,
+    # the user's true description. An auxiliary loss that spells out what the shots reveal
+    notes: list = field(default_factory=list)
 
 def shot_spans(tok, shots, ctx):
     """[(start, end, rejected ids)] of each shot of format_prompt(shots, ...) encoded as ctx,
@@ -417,6 +422,18 @@ def shot_spans(tok, shots, ctx):
         out.append((start, start + len(chosen), tok.encode(s.rejected)))
         at = start + len(chosen) + len(rest)
     return out
+
+def shot_ends(tok, shots, ctx):
+    """The ctx index just past each shot of format_prompt(shots, ...) encoded as ctx; [] when
+    the shots' own encodings do not add up to ctx (BPE merged across a boundary)."""
+    ends, at = [], 0
+    for i, s in enumerate(shots, 1):
+        ids = tok.encode(format_shot(i, s))
+        if ctx[at:at + len(ids)] != ids:
+            return []
+        at += len(ids)
+        ends.append(at)
+    return ends
 
 def encode_episode(tok, shots, query, max_len, name="fspo", user=None, shot_pairs=False) -> Episode:
     """Method `name`'s prompt and both completions of the query; cot methods also need the
@@ -490,8 +507,11 @@ class EpisodeStream:
         e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs)
         if self.describe:
             traits = {a: -w if flip else w for a, w in user["traits"].items()}
-            e.describe = self.tok.encode(COT_HEADER) + self.tok.encode(
-                judge.trait_summary(dict(user, traits=traits))) + [self.tok.eot_id]
+            kept = shots[len(shots) - e.n_shots:]
+            notes = [(end, SHOT_HEADER + judge.contrast_summary(user["domain"], s.prompt, s.chosen, s.rejected))
+                     for s, end in zip(kept, shot_ends(self.tok, kept, e.ctx))]
+            notes.append((len(e.ctx), COT_HEADER + judge.trait_summary(dict(user, traits=traits))))
+            e.notes = [(end, self.tok.encode(text) + [self.tok.eot_id]) for end, text in notes]
         return e
 
     def batch(self, i):
@@ -529,12 +549,12 @@ def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
     shot_pairs (--shot-pairs) also score shot k as pair k: its chosen text, in place in the
     head, is seg 1 (from the token before it), and its rejected text gets a tail piece that
     sees only the head columns before that token, as if it stood in the chosen's slot.
-    Episodes with a description (--describe) get one more tail piece, seg 4, before the
-    query's: ctx[-1] and the description, seeing the whole context."""
+    Episodes with notes (--describe) get one more tail piece per note, seg 4, pair -1, -2, ...,
+    before the query's: ctx[end-1] and the note, seeing the head columns before end-1."""
     heads = [e.ctx + e.chosen for e in episodes]
     # tail pieces per row: (head columns it sees, its tokens, its pair); the query's last
     tails = [[(s - 1, [e.ctx[s - 1]] + rej, k) for k, (s, _, rej) in enumerate(e.shot_pairs, 1)]
-             + [(len(e.ctx) - 1, e.ctx[-1:] + e.describe, -1)] * bool(e.describe)
+             + [(end - 1, [e.ctx[end - 1]] + ids, -j) for j, (end, ids) in enumerate(e.notes, 1)]
              + [(len(e.ctx) - 1, e.ctx[-1:] + e.rejected, 0)] for e in episodes]
     B, H = len(episodes), max(map(len, heads))
     # T rounded up to `multiple` (8 on CUDA, whose fused attention kernels want an aligned mask)

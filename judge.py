@@ -407,6 +407,15 @@ def summary_for_response(user, prompt, response):
     return j.summary(dict(user, traits=traits, group=group))
 
 
+def contrast_summary(domain, prompt, chosen, rejected):
+    """The style axes on which the judge reads `chosen` and `rejected` apart, each named from
+    the chosen side, e.g. 'Prefers: formal, lists.' ('Prefers: nothing.' when none)."""
+    j = JUDGES[domain]
+    fc, fr = j.read(str(prompt), chosen), j.read(str(prompt), rejected)
+    d = {a: sign(fc[a]) - sign(fr[a]) for a in j.axes if fc.get(a) is not None and fr.get(a) is not None}
+    return "Prefers: " + (", ".join(j.terms[a][v < 0] for a, v in d.items() if v) or "nothing") + "."
+
+
 def trait_recovery(user, text):
     """Fraction of the user's traits (and elix level) that `text` states, without stating their opposite."""
     j = JUDGES[user["domain"]]

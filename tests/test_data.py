@@ -431,10 +431,10 @@ def test_shot_pairs_logps_equal_brute_force():
     assert all(torch.equal(a[:, 0], b) for a, b in zip(data.pair_sums(lp, plain, 1),
                                                          sequence_logps(lp, plain["seg"])))
 
-def test_describe_piece_scores_the_description_after_the_whole_context():
-    """--describe: the description tokens' log-probs equal those of ctx + description run
-    alone; the query's two sums are those of the batch without it; the stream writes the
-    (mirrored, under --mirror) user's trait summary."""
+def test_describe_notes_score_each_note_after_its_context_prefix():
+    """--describe: each note's log-probs equal those of ctx[:end] + note run alone; the pairs'
+    sums are those of the batch without notes; the stream writes a contrast note after each
+    shot (where the shot ends in ctx) and the (mirrored, under --mirror) user's traits last."""
     t = byte_tok()
     torch.manual_seed(0)
     model = TinyLM(vocab=257, block=512).eval()
@@ -442,8 +442,8 @@ def test_describe_piece_scores_the_description_after_the_whole_context():
     eps = [encode_episode(t, shots[:n], Pref("u", "the query?", "ok", "not ok"), 10_000, shot_pairs=True)
            for n in (1, 2)]
     plain = pack_batch(eps, pad_id=256)
-    for e, d in zip(eps, ("likes yes", "dislikes no!")):
-        e.describe = t.encode(d) + [256]
+    for e in eps:
+        e.notes = [(end, t.encode(f"note {end}") + [256]) for end in (len(e.ctx) // 2, len(e.ctx))]
     b = pack_batch(eps, pad_id=256)
     with torch.no_grad():
         lp = token_logprobs(model, b["idx"], b["targets"], b["pos"], b["mask"])
@@ -451,18 +451,24 @@ def test_describe_piece_scores_the_description_after_the_whole_context():
         for got, want in zip(data.pair_sums(lp, b, 3), data.pair_sums(lp0, plain, 3)):
             torch.testing.assert_close(got, want)
         for r, e in enumerate(eps):
-            d = (b["seg"][r] == data.DESCRIBE) & (b["targets"][r] != -1)
-            assert b["targets"][r][d].tolist() == e.describe
-            seq = torch.tensor([e.ctx + e.describe])
-            targets = torch.tensor([[-1] * (len(e.ctx) - 1) + e.describe + [-1]])
-            want = token_logprobs(model, seq, targets).sum()
-            assert abs(lp[r][d].sum() - want) < 1e-4 * abs(want)
+            for j, (end, ids) in enumerate(e.notes, 1):
+                d = (b["seg"][r] == data.DESCRIBE) & (b["pair"][r] == -j) & (b["targets"][r] != -1)
+                assert b["targets"][r][d].tolist() == ids
+                seq = torch.tensor([e.ctx[:end] + ids])
+                targets = torch.tensor([[-1] * (end - 1) + ids + [-1]])
+                want = token_logprobs(model, seq, targets).sum()
+                assert abs(lp[r][d].sum() - want) < 1e-4 * abs(want)
     users = {"u": {"domain": "roleplay", "traits": {"formality": 1.0, "humor": -2.0}}}
-    rows = {"u": [Pref("u", f"q{i}?", f"yes {i}", f"no {i}") for i in range(6)]}
+    rows = {"u": [Pref("u", f"Tell me about q{i}?", f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
+                  for i in range(6)]}
     for p, want in ((0.0, "Prefers: formal, serious."), (1.0, "Prefers: casual, humorous.")):
         stream = data.EpisodeStream(t, rows, users, "fspo", 2, 1, 10_000, 0, mirror=p, describe=True)
         e = stream.encode(rows["u"][:2], rows["u"][2], random.Random(0))
-        assert t.decode(e.describe) == COT_HEADER + want + t.decode([t.eot_id])
+        shot = "Prefers: formal, serious." if p == 0 else "Prefers: casual, humorous."
+        assert [t.decode(ids) for _, ids in e.notes] == \
+            [data.SHOT_HEADER + shot + "<|endoftext|>"] * 2 + [COT_HEADER + want + "<|endoftext|>"]
+        first = data.format_shot(1, rows["u"][0] if p == 0 else data.swapped(rows["u"][0]))
+        assert [end for end, _ in e.notes] == [len(first), 2 * len(first), len(e.ctx)]
     assert not data.EpisodeStream(t, rows, users, "pooled", 2, 1, 10_000, 0, describe=True).describe
 
 def test_mirror_swaps_every_label_of_an_episode():

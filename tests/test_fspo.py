@@ -100,15 +100,16 @@ def test_describe_adds_its_weight_times_the_description_nll(tiny):
     args = Namespace(method="fspo", beta=0.1, loss="ipo", nll=0.0, describe=3.0)
     plain = data.pack_batch(eps, tok.eot_id)
     for e in eps:
-        e.describe = tok.encode(data.COT_HEADER + "Prefers: formal.") + [tok.eot_id]
+        e.notes = [(len(e.ctx), tok.encode(data.COT_HEADER + "Prefers: formal.") + [tok.eot_id])]
     with torch.no_grad():
         base, _ = fspo.score_batch(policy, ref, plain, args)
         got, metrics = fspo.score_batch(policy, ref, data.pack_batch(eps, tok.eot_id), args)
         nll = []
         for e in eps:
-            logits, _ = policy.gpt(torch.tensor([e.ctx + e.describe]))
+            ids = e.notes[0][1]
+            logits, _ = policy.gpt(torch.tensor([e.ctx + ids]))
             lp = torch.log_softmax(logits[0].double(), -1)
-            nll += [-lp[len(e.ctx) - 1 + i, t].item() for i, t in enumerate(e.describe)]
+            nll += [-lp[len(e.ctx) - 1 + i, t].item() for i, t in enumerate(ids)]
     want = sum(nll) / len(nll)
     assert metrics["describe/nll"].item() == pytest.approx(want, rel=1e-4)
     assert got.item() == pytest.approx(base.item() + 3.0 * want, rel=1e-4)
