@@ -66,11 +66,12 @@ def score_batch(scorer, ref_scorer, b, args):
     """The objective of one packed batch -> (loss, metrics). The context is run once for
     both completions (data.pack_batch). Preference methods: the loss above against the frozen
     reference on the same context; SFT methods: the token-mean NLL of the labelled tokens
-    (the completions, and the shots too under --context-loss)."""
+    (the completions, and the shots too under --context-loss). --describe adds its weight
+    times the token-mean NLL of the notes (data.Episode.notes)."""
     lp = scorer(b["idx"], b["targets"], b["pos"], b["mask"])  # (B, T) float32, 0 unlabelled
     learns, metrics = data.method(args.method).learns, {}
-    desc = (b["seg"] == data.DESCRIBE) & (b["targets"] != -1)  # (B, T) the description's tokens
-    if desc.any():  # --describe: the user's true description, read off the shots, its own term
+    desc = (b["seg"] == data.DESCRIBE) & (b["targets"] != -1)  # (B, T) the notes' tokens
+    if desc.any():  # --describe: notes on what the shots say, a term of their own
         describe_nll = -lp[desc].sum() / desc.sum()
         lp = lp.masked_fill(desc, 0.0)
     if learns == "preference":
@@ -141,8 +142,9 @@ def make_streams(args, tok, prefs_path, users_path, device):
     prefs = data.load_prefs(prefs_path)
     users = judge.load_users(users_path) if users_path else None
     m = data.method(args.method)
-    if users is None and (m.cot or m.prompt == "description"):
-        raise ValueError(f"--method {args.method} needs the users file (--users or --data)")
+    if users is None and (m.cot or m.prompt == "description" or args.describe):
+        why = "--describe" if args.describe else f"--method {args.method}"
+        raise ValueError(f"{why} needs the users file (--users or --data)")
     data.check_lengths(tok, prefs, args.block_size, args.method, users)
     rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
     if not rows["val"]:
@@ -522,8 +524,9 @@ def stage_flags(a):
       help="this share of training episodes swaps chosen and rejected in every shot and the "
            "query: the user's mirror image, so a rule that ignores the shots scores chance")
     a("--describe", type=float, default=None,
-      help="also learn to write the user's true description (users file) after the shots, this "
-           "weight times its token-mean NLL: a dense signal of what the shots reveal (0 = off)")
+      help="also learn to write notes (users file): after each shot the axes its two answers "
+           "differ on, after the context the user's description; this weight times their "
+           "token-mean NLL (0 = off)")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,

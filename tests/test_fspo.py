@@ -304,6 +304,12 @@ def test_any_prefs_file_trains_its_own_tokenizer_and_a_done_stage_is_not_overwri
     assert r.returncode != 0 and "already holds a checkpoint (step 4, done)" in r.stderr
 
 
+def test_describe_without_a_users_file_is_refused(mine):
+    r = run(mine_args(mine, mine / "described", "--method", "sft", "--steps", "2", "--describe", "1"))
+    assert r.returncode != 0 and "--describe needs the users file" in r.stderr
+    assert not (mine / "described").exists()
+
+
 def test_a_stage_on_a_retrained_init_is_refused(mine):
     common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
     assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
