@@ -505,14 +505,20 @@ class EpisodeStream:
             shots = shots[: self.use_shots]
         user = self.users[query.user_id] if self.users else None
         e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs)
-        if self.describe:
-            traits = {a: -w if flip else w for a, w in user["traits"].items()}
-            kept = shots[len(shots) - e.n_shots:]
-            notes = [(end, SHOT_HEADER + judge.contrast_summary(user["domain"], s.prompt, s.chosen, s.rejected))
-                     for s, end in zip(kept, shot_ends(self.tok, kept, e.ctx))]
-            notes.append((len(e.ctx), COT_HEADER + judge.trait_summary(dict(user, traits=traits))))
-            e.notes = [(end, self.tok.encode(text) + [self.tok.eot_id]) for end, text in notes]
+        if self.describe and e.n_shots:
+            e.notes = self.notes(shots[len(shots) - e.n_shots:], e.ctx, user, flip)
         return e
+
+    def notes(self, kept, ctx, user, flip):
+        """--describe's [(end, ids)] for an episode whose context ctx holds the shots `kept`."""
+        notes = [(end, SHOT_HEADER + judge.contrast_summary(user["domain"], s.prompt, s.chosen, s.rejected))
+                 for s, end in zip(kept, shot_ends(self.tok, kept, ctx))]
+        if not (flip and user["domain"] == "elix"):  # an elix user's level has no mirror image
+            traits = {a: -w if flip else w for a, w in user["traits"].items()}
+            notes.append((len(ctx), COT_HEADER + judge.trait_summary(dict(user, traits=traits))))
+        notes = [(end, self.tok.encode(text) + [self.tok.eot_id]) for end, text in notes]
+        # a note's last token sits at position end + len(ids) - 1: one past the block is left out
+        return [(end, ids) for end, ids in notes if end + len(ids) <= self.max_len]
 
     def batch(self, i):
         epoch, j = divmod(i, self.per_epoch)

@@ -6,6 +6,7 @@ report; and answers for one person from their own labelled pairs.
                    --ckpt runs/cpu/roleplay-4shot/pooled --data runs/cpu/data --domain roleplay
     python eval.py --base SFT_DIR --ckpt DIR --prefs my/prefs.jsonl --users my/users.jsonl
     python eval.py --base SFT_DIR --ckpt DIR --data D --split val   # the same report on val users, to tune
+    python eval.py --ckpt RUN --data D --split val --notes   # does RUN read fspo.py --describe's notes?
     python eval.py --ckpt runs/cpu/roleplay-4shot/fspo --personalize tests/data/me.jsonl \
                    --question "How can I enjoy chess more?" [--temperature 0.8 --top-k 20]
 
@@ -25,6 +26,7 @@ import random
 import sys
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -581,6 +583,47 @@ def personalize(args):
                   f"\n  {resp}\n")
 
 
+def note_nll(scorer, tok, episodes, batch_size):
+    """{"shot": nats per token of the shot notes, "user": of the user description} over episodes."""
+    sums = {"shot": [0.0, 0], "user": [0.0, 0]}
+    for i in range(0, len(episodes), batch_size):
+        b = data.pack_batch(episodes[i:i + batch_size], tok.eot_id)
+        with torch.no_grad():
+            lp = scorer(b["idx"], b["targets"], pos=b["pos"], mask=b["mask"])
+        note = (b["seg"] == data.DESCRIBE) & (b["targets"] != -1)
+        user = torch.zeros_like(note)  # each row's last note (the most negative pair id)
+        for r in range(len(lp)):
+            user[r] = note[r] & (b["pair"][r] == b["pair"][r].min())
+        for k, m in (("shot", note & ~user), ("user", user)):
+            sums[k][0] -= lp[m].sum().item()
+            sums[k][1] += int(m.sum())
+    return {k: s / max(n, 1) for k, (s, n) in sums.items()}
+
+
+def notes_reading(args, prefs, users):
+    """Does the model read the shots? --describe's notes scored after each held-out episode's
+    own shots, and after the shots of another episode (the notes moved to the same places):
+    a model that ignores the shots scores both alike."""
+    model, meta, _ = load_model(ckpt_dir(args.ckpt[0]), args.device)
+    model.eval()
+    tok = data.Tokenizer.load(args.tokenizer or meta["tokenizer"])
+    users = judge.load_users(users)
+    rows = data.by_user([r for r in data.load_prefs(prefs) if r.split == args.split])
+    n = args.shots or meta["args"]["shots"]
+    stream = data.EpisodeStream(tok, rows, users, "fspo", n, 1, model.config.block_size, args.seed,
+                                describe=True)
+    eps = data.make_episodes(rows, n, random.Random(args.seed), report=False)
+    eps = [stream.encode(s, q, random.Random(i)) for i, (s, q) in enumerate(eps)]
+    eps = [e for e in eps if len(e.notes) == e.n_shots + 1 == n + 1]  # every note in place
+    moved = [replace(e, notes=[(end, ids) for (end, _), (_, ids) in zip(e.notes, eps[i - 1].notes)])
+             for i, e in enumerate(eps)]
+    with autocast(args.device, args.dtype):
+        own, other = (note_nll(model.token_logprobs, tok, e, args.batch_size) for e in (eps, moved))
+    print(f"{args.ckpt[0]}: notes' NLL, nats per token, {len(eps)} {args.split} episodes of {n} shots, "
+          f"own shots / another episode's: shot notes {own['shot']:.3f} / {other['shot']:.3f}, "
+          f"user description {own['user']:.3f} / {other['user']:.3f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None, help="the SFT checkpoint (base and reference)")
@@ -613,14 +656,19 @@ def main(argv=None):
     p.add_argument("--questions", default=None, help="a file of questions, one per line")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--notes", action="store_true",
+                   help="print how well the first --ckpt writes fspo.py --describe's notes after "
+                        "each held-out episode's own shots and after another episode's")
     args = p.parse_args(argv)
     if args.personalize:
         return personalize(args)
+    prefs = args.prefs or os.path.join(args.data or "data", args.domain, "prefs.jsonl")
+    users = args.users or os.path.join(os.path.dirname(prefs), "users.jsonl")
+    if args.notes:
+        return notes_reading(args, prefs, users)
     if args.base is None:
         raise SystemExit("eval.py: --base is required (the SFT checkpoint)")
     args.preset = "custom"
-    prefs = args.prefs or os.path.join(args.data or "data", args.domain, "prefs.jsonl")
-    users = args.users or os.path.join(os.path.dirname(prefs), "users.jsonl")
     _, base_meta = load_checkpoint(ckpt_dir(args.base))
     tok_path = args.tokenizer or base_meta["tokenizer"]
     tok = data.Tokenizer.load(tok_path)

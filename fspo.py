@@ -595,6 +595,7 @@ def get_args(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
+    args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

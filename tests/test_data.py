@@ -470,6 +470,21 @@ def test_describe_notes_score_each_note_after_its_context_prefix():
         first = data.format_shot(1, rows["u"][0] if p == 0 else data.swapped(rows["u"][0]))
         assert [end for end, _ in e.notes] == [len(first), 2 * len(first), len(e.ctx)]
     assert not data.EpisodeStream(t, rows, users, "pooled", 2, 1, 10_000, 0, describe=True).describe
+    # a block too short for both shots: the oldest is dropped, the kept one's note ends where it
+    # does as Example 1, and the description, longer than the room the completions leave, is
+    # left out rather than run past the block
+    shot2 = data.format_shot(1, rows["u"][1])
+    query = f"# Task\n{data.INSTRUCTION}\n## Question\n{rows['u'][2].prompt}\n"
+    q = rows["u"][2]
+    max_len = len(shot2) + len(query) + len(data.COMPLETION_HEADER) + max(len(q.chosen), len(q.rejected)) + 2
+    stream = data.EpisodeStream(t, rows, users, "fspo", 2, 1, max_len, 0, describe=True)
+    e = stream.encode(rows["u"][:2], rows["u"][2], random.Random(0))
+    assert e.n_shots == 1 and len(e.ctx) == len(shot2) + len(query)
+    assert [(end, t.decode(ids)) for end, ids in e.notes] == \
+        [(len(shot2), data.SHOT_HEADER + "Prefers: formal, serious.<|endoftext|>")]
+    assert all(end + len(ids) <= max_len for end, ids in stream.notes(rows["u"][1:2], e.ctx, users["u"], False))
+    assert not data.EpisodeStream(t, rows, users, "sft", 2, 1, 10_000, 0, describe=True).encode(
+        [], rows["u"][2], random.Random(0)).notes  # no shots: nothing to read, no note
 
 def test_mirror_swaps_every_label_of_an_episode():
     """--mirror p: that share of episodes is the user's mirror image, chosen and rejected

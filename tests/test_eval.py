@@ -124,3 +124,26 @@ def test_axis_reading_recovers_planted_coefficients():
     assert [round(got[a]["read"], 6) for a in "abc"] == [0.0, 0.0, 1.5]
     assert got["c"]["lo"] == pytest.approx(1.5) and got["c"]["hi"] == pytest.approx(1.5)
     assert got["never"]["differs"] == 0.0 and got["a"]["differs"] == pytest.approx(np.mean(d[:, 0] != 0))
+
+
+def test_note_nll_splits_shot_notes_from_the_description_and_averages_per_token():
+    """eval.py --notes: nats per token of the shot notes and of each row's last note (the user
+    description), against each note scored alone after its context prefix."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    eps = []
+    for n in (2, 3):
+        e = data.Episode(tok.encode("x" * 10 * n), tok.encode("ok"), tok.encode("no"), n)
+        e.notes = [(10 * j, tok.encode(f"shot {j}")) for j in range(1, n)] + [(10 * n, tok.encode("user!"))]
+        eps.append(e)
+    got = evaluation.note_nll(model.token_logprobs, tok, eps, batch_size=2)  # rows of 2 and 3 notes
+    want = {"shot": [], "user": []}
+    with torch.no_grad():
+        for e in eps:
+            for j, (end, ids) in enumerate(e.notes):
+                lp = torch.log_softmax(model(torch.tensor([e.ctx[:end] + ids]))[0][0].double(), -1)
+                key = "user" if j == len(e.notes) - 1 else "shot"
+                want[key] += [-lp[end - 1 + i, t].item() for i, t in enumerate(ids)]
+    for k in ("shot", "user"):
+        assert got[k] == pytest.approx(sum(want[k]) / len(want[k]), rel=1e-5)

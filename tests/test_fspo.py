@@ -2,6 +2,7 @@
 
 Shared-context scoring against the naive two-sequence computation, label masking, resume
 after SIGKILL, and 2-process DDP gradients against one process on the same global batch."""
+import dataclasses
 import json
 import os
 import random
@@ -90,15 +91,16 @@ def test_context_labels_never_change_the_loss(tiny):
     assert loss({**b, "targets": t}).item() != base.item()
 
 
-def test_describe_adds_its_weight_times_the_description_nll(tiny):
-    """--describe w: the loss is the preference loss of the batch without descriptions plus w
-    times the mean NLL of the description tokens, computed here by hand from full logits."""
+def test_describe_adds_its_weight_times_the_notes_nll(tiny):
+    """--describe w: the loss is that of the batch without notes (IPO, or SFT's token-mean NLL
+    over the completions) plus w times the notes' mean NLL, computed here by hand from logits."""
     tok, eps = episodes(tiny, 3)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32)
     policy, ref = fspo.LogProbs(GPT(cfg)).eval(), fspo.LogProbs(GPT(cfg)).eval()
     args = Namespace(method="fspo", beta=0.1, loss="ipo", nll=0.0, describe=3.0)
     plain = data.pack_batch(eps, tok.eot_id)
+    plain_eps = [dataclasses.replace(e) for e in eps]
     for e in eps:
         e.notes = [(len(e.ctx), tok.encode(data.COT_HEADER + "Prefers: formal.") + [tok.eot_id])]
     with torch.no_grad():
@@ -112,6 +114,12 @@ def test_describe_adds_its_weight_times_the_description_nll(tiny):
             nll += [-lp[len(e.ctx) - 1 + i, t].item() for i, t in enumerate(ids)]
     want = sum(nll) / len(nll)
     assert metrics["describe/nll"].item() == pytest.approx(want, rel=1e-4)
+    assert got.item() == pytest.approx(base.item() + 3.0 * want, rel=1e-4)
+    # SFT: the completions' token-mean NLL is taken over the completions alone, notes apart
+    sft = Namespace(**{**vars(args), "method": "sft"})
+    with torch.no_grad():
+        base, _ = fspo.score_batch(policy, ref, data.pack_sft(plain_eps, tok.eot_id), sft)
+        got, _ = fspo.score_batch(policy, ref, data.pack_sft(eps, tok.eot_id), sft)
     assert got.item() == pytest.approx(base.item() + 3.0 * want, rel=1e-4)
 
 
