@@ -481,7 +481,7 @@ class EpisodeStream:
         # none to read, oracle and cot are given the unmirrored user's description
         self.mirror = mirror if (learns == "preference" and self.spec.prompt == "shots"
                                 and not self.spec.cot) else 0.0
-        # a description only where users are known and the prompt holds shots to read it from
+        # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
@@ -584,7 +584,7 @@ def pack_batch(episodes, pad_id, multiple=1) -> dict[str, torch.Tensor]:
             seg[b, c:c + n] = REJECTED if k >= 0 else DESCRIBE
             pos[b, c:c + n], sees[b, c:c + n], first[b, c:c + n] = torch.arange(v, v + n), v, c
             c += n
-    # targets: the next token while inside one completion (or description) of one pair; -1 elsewhere
+    # targets: the next token while inside one completion (or note) of one pair; -1 elsewhere
     targets = torch.full((B, T), -1, dtype=torch.long)
     same = (seg[:, 1:] == seg[:, :-1]) & (pair[:, 1:] == pair[:, :-1]) & \
            ((seg[:, :-1] == CHOSEN) | (seg[:, :-1] == REJECTED) | (seg[:, :-1] == DESCRIBE))  # (B, T-1)
