@@ -591,9 +591,7 @@ def note_nll(scorer, tok, episodes, batch_size):
         with torch.no_grad():
             lp = scorer(b["idx"], b["targets"], pos=b["pos"], mask=b["mask"])
         note = (b["seg"] == data.DESCRIBE) & (b["targets"] != -1)
-        user = torch.zeros_like(note)  # each row's last note (the most negative pair id)
-        for r in range(len(lp)):
-            user[r] = note[r] & (b["pair"][r] == b["pair"][r].min())
+        user = note & (b["pair"] == b["pair"].min(1, keepdim=True).values)  # each row's last note
         for k, m in (("shot", note & ~user), ("user", user)):
             sums[k][0] -= lp[m].sum().item()
             sums[k][1] += int(m.sum())

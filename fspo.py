@@ -71,7 +71,8 @@ def score_batch(scorer, ref_scorer, b, args):
     lp = scorer(b["idx"], b["targets"], b["pos"], b["mask"])  # (B, T) float32, 0 unlabelled
     learns, metrics = data.method(args.method).learns, {}
     desc = (b["seg"] == data.DESCRIBE) & (b["targets"] != -1)  # (B, T) the notes' tokens
-    if desc.any():  # --describe: notes on what the shots say, a term of their own
+    has_notes = bool(desc.any())
+    if has_notes:  # --describe: notes on what the shots say, a term of their own
         describe_nll = -lp[desc].sum() / desc.sum()
         lp = lp.masked_fill(desc, 0.0)
     if learns == "preference":
@@ -91,7 +92,7 @@ def score_batch(scorer, ref_scorer, b, args):
     else:
         pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
         loss = -lp.sum() / ((b["targets"] != -1) & ~desc).sum()
-    if desc.any():
+    if has_notes:
         loss = loss + args.describe * describe_nll
         metrics["describe/nll"] = describe_nll.detach()
     metrics.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean()})

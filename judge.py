@@ -413,7 +413,8 @@ def contrast_summary(domain, prompt, chosen, rejected):
     j = JUDGES[domain]
     fc, fr = j.read(str(prompt), chosen), j.read(str(prompt), rejected)
     d = {a: sign(fc[a]) - sign(fr[a]) for a in j.axes if fc.get(a) is not None and fr.get(a) is not None}
-    return "Prefers: " + (", ".join(j.terms[a][v < 0] for a, v in d.items() if v) or "nothing") + "."
+    # the shared statement, not a subclass's: a pair's contrast names no elix level
+    return Judge.summary(j, {"traits": d}) or "Prefers: nothing."
 
 
 def trait_recovery(user, text):
