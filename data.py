@@ -328,28 +328,46 @@ def method(name) -> Method:
 
 COMPLETION_HEADER = "## Preferred Response\n"
 COT_HEADER = "## User Description\n"
-SHOT_HEADER = "## Example Contrast\n"  # --describe's note after each shot
+DESCRIPTION_HEADER = "# User Description\n"  # the oracle's, or --annotate's tally
+SHOT_HEADER = "## Example Contrast\n"  # --describe's note, or --annotate's line, after each shot
 INSTRUCTION = "Given the examples above, generate a preferred response to the following question."
 
 def format_shot(i, s: Pref) -> str:
     return (f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
             f"## Dispreferred Response\n{s.rejected}\n")
 
-def format_prompt(shots: list[Pref], question: str, description: str | None = None) -> str:
-    parts = [format_shot(i, s) for i, s in enumerate(shots, 1)]
+def format_shots(shots: list[Pref], contrasts: list[str] | None = None) -> str:
+    """contrasts (--annotate): a line after each shot, how its two answers differ."""
+    if contrasts is None:
+        return "".join(format_shot(i, s) for i, s in enumerate(shots, 1))
+    return "".join(f"{format_shot(i, s)}{SHOT_HEADER}{c}\n" for i, (s, c) in enumerate(zip(shots, contrasts), 1))
+
+def format_prompt(shots: list[Pref], question: str, description: str | None = None,
+                  contrasts: list[str] | None = None) -> str:
+    parts = [format_shots(shots, contrasts)]
     if description is not None:
-        parts.append(f"# User Description\n{description}\n")
+        parts.append(f"{DESCRIPTION_HEADER}{description}\n")
     parts.append(f"# Task\n{INSTRUCTION}\n## Question\n{question}\n")
     return "".join(parts)
 
-def prompt_tokens(tok, name, shots, question, room, user=None) -> tuple[list[int], int]:
+def annotations(domain, shots) -> tuple[list[str], str]:
+    """--annotate's lines for these shots, from the judge: each shot's contrast, and their tally
+    as the user description. A function of the shots alone, not of the user's true traits."""
+    return ([judge.contrast_summary(domain, s.prompt, s.chosen, s.rejected) for s in shots],
+            judge.contrast_tally(domain, shots))
+
+def prompt_tokens(tok, name, shots, question, room, user=None, annotate=False) -> tuple[list[int], int]:
     """Token ids of method `name`'s prompt and the shots kept. Training and evaluation both
     call this, so a model is tested on exactly the tokens it was trained on. Whole shots are
-    dropped, oldest first, until the prompt fits in `room` tokens; the question is never cut."""
+    dropped, oldest first, until the prompt fits in `room` tokens; the question is never cut.
+    annotate: each kept shot followed by its contrast, then their tally (annotations)."""
     shots = shots if method(name).reads_shots else []
-    description = judge.trait_summary(user) if method(name).prompt == "description" else None
     for first in range(len(shots) + 1):
-        ids = tok.encode(format_prompt(shots[first:], question, description))
+        description = judge.trait_summary(user) if method(name).prompt == "description" else None
+        contrasts = None
+        if annotate and shots[first:]:
+            contrasts, description = annotations(user["domain"], shots[first:])
+        ids = tok.encode(format_prompt(shots[first:], question, description, contrasts))
         if len(ids) <= room:
             return ids, len(shots) - first
     raise ValueError(f"the bare question does not fit in {room} tokens ({len(ids)}): {question[:60]!r}")
@@ -435,9 +453,11 @@ def shot_ends(tok, shots, ctx):
         ends.append(at)
     return ends
 
-def encode_episode(tok, shots, query, max_len, name="fspo", user=None, shot_pairs=False) -> Episode:
+def encode_episode(tok, shots, query, max_len, name="fspo", user=None, shot_pairs=False,
+                   annotate=False) -> Episode:
     """Method `name`'s prompt and both completions of the query; cot methods also need the
-    user (its description opens the chosen completion, the one behind y_l the rejected)."""
+    user (its description opens the chosen completion, the one behind y_l the rejected), and
+    annotate its domain."""
     chosen, rejected = query.chosen, query.rejected
     if method(name).cot:
         chosen = cot_text(judge.trait_summary(user), chosen)
@@ -445,7 +465,7 @@ def encode_episode(tok, shots, query, max_len, name="fspo", user=None, shot_pair
     chosen, rejected = completion_tokens(tok, name, chosen), completion_tokens(tok, name, rejected)
     room = max_len - max(len(chosen), len(rejected)) - 1
     try:
-        ctx, kept = prompt_tokens(tok, name, shots, query.prompt, room, user)
+        ctx, kept = prompt_tokens(tok, name, shots, query.prompt, room, user, annotate)
     except ValueError:
         raise ValueError(f"episode does not fit in max_len={max_len} even with no shots: "
                          f"completions {len(chosen)}/{len(rejected)} tokens") from None
@@ -470,7 +490,7 @@ class EpisodeStream:
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0,
-                 describe=False):
+                 describe=False, annotate=False):
         self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
         learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
@@ -483,6 +503,7 @@ class EpisodeStream:
                                 and not self.spec.cot) else 0.0
         # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots
+        self.annotate = annotate and users is not None  # the judge's annotations (--annotate)
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -504,7 +525,8 @@ class EpisodeStream:
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
         user = self.users[query.user_id] if self.users else None
-        e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs)
+        e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs,
+                           self.annotate)
         if self.describe and e.n_shots:
             e.notes = self.notes(shots[len(shots) - e.n_shots:], e.ctx, user, flip)
         return e

@@ -133,6 +133,59 @@ def prompt_ids(name, item, users, tok, limit):
     return data.prompt_tokens(tok, name, shots, q.prompt, limit - len(head), users[uid])[0] + head
 
 
+ANNOTATION_TOKENS = 48  # a written line stops at its newline or here
+
+
+def write_lines(writer, tok, texts, args):
+    """The writer's greedy continuation of each text, up to its first newline; None where the
+    text leaves no room in the writer's block to write."""
+    ids = [tok.encode(t) for t in texts]
+    fits = [i for i, x in enumerate(ids) if len(x) + ANNOTATION_TOKENS <= writer.config.block_size]
+    out = [None] * len(texts)
+    for s in range(0, len(fits), args.gen_batch):
+        rows = fits[s:s + args.gen_batch]
+        with autocast(args.device, args.dtype):
+            new = writer.generate([ids[i] for i in rows], ANNOTATION_TOKENS, temperature=0.0, eos_id=tok.eot_id)
+        for i, line in zip(rows, new):
+            out[i] = tok.decode(line).split("\n")[0]
+    return out
+
+
+@torch.no_grad()
+def written_prompts(writer, tok, items, rooms, args):
+    """Context ids of each (shots, question) of items, annotated by `writer`, a model trained
+    with --annotate: it reads the shots one by one and writes each one's contrast after it,
+    then their tally as the user description, the lines the judge wrote in training. As in
+    data.prompt_tokens, the oldest shot is dropped (and the lines written anew) until the
+    prompt fits in its room."""
+    writer.eval()
+    first, out = [0] * len(items), [None] * len(items)
+    todo = list(range(len(items)))
+    while todo:
+        shots = {i: items[i][0][first[i]:] for i in todo}
+        lines = {i: [] for i in todo}
+        for j in range(max(len(v) for v in shots.values()) + 1):  # shot j's contrast; j = N: the tally
+            rows = [i for i in todo if 0 < len(shots[i]) >= j and None not in lines[i]]
+            texts = [data.format_shots(shots[i][:j], lines[i]) +
+                     (data.format_shot(j + 1, shots[i][j]) + data.SHOT_HEADER if j < len(shots[i])
+                      else data.DESCRIPTION_HEADER) for i in rows]
+            for i, line in zip(rows, write_lines(writer, tok, texts, args)):
+                lines[i].append(line)
+        for i in todo:
+            contrasts, tally = (lines[i][:-1], lines[i][-1]) if shots[i] else (None, None)
+            if None in lines[i]:  # no room left to write a line: one shot fewer
+                first[i] += 1
+                continue
+            ids = tok.encode(data.format_prompt(shots[i], items[i][1], tally, contrasts))
+            if len(ids) <= rooms[i]:
+                out[i] = ids
+            elif not shots[i]:
+                raise ValueError(f"the bare question does not fit in {rooms[i]} tokens: {items[i][1][:60]!r}")
+            first[i] += 1
+        todo = [i for i in todo if out[i] is None]
+    return out
+
+
 def split_response(method, text):
     """(description or None, response) from generated completion text."""
     if not data.method(method).cot:
@@ -182,22 +235,40 @@ def pair_hits(policy, ref, batches, amp=nullcontext()):
     return pair_margins(policy, ref, batches, amp) > 0
 
 
-def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo"):
+def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
+                  writer=None):
     """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
     each with `shots` of its max_shots shots: the same queries at every shot count. name: the
-    method whose prompt the policy is scored with (pooled's holds no shots, whatever `shots`)."""
+    method whose prompt the policy is scored with (pooled's holds no shots, whatever `shots`).
+    writer: the model that annotates the shots for a policy trained with --annotate."""
     stream = data.EpisodeStream(tok, held_rows, None, name, max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
-    batches = (data.to_device(stream.batch(i), device) for i in range(min(stream.per_epoch, n_batches)))
+    n_batches = min(stream.per_epoch, n_batches)
+    batches = (data.to_device(stream.batch(i), device) for i in range(n_batches))
+    if writer is not None and shots:
+        batches = written_batches(writer, tok, stream, n_batches, shots, block_size, args, device)
     margins = pair_margins(policy, ref, batches, autocast(device, args.dtype))
     return margins, stream.episodes[:len(margins)]
 
 
-def curve_hits(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo"):
+def written_batches(writer, tok, stream, n_batches, shots, block_size, args, device):
+    """The stream's first n_batches batches with their contexts annotated by the writer."""
+    stream.batch(0)  # draws the episodes
+    eps = stream.episodes[:n_batches * stream.B]
+    pairs = [[data.completion_tokens(tok, "fspo", t) for t in (q.chosen, q.rejected)] for _, q in eps]
+    rooms = [block_size - max(len(c), len(r)) - 1 for c, r in pairs]
+    ctxs = written_prompts(writer, tok, [(s[:shots], q.prompt) for s, q in eps], rooms, args)
+    coded = [data.Episode(ctx, c, r) for ctx, (c, r) in zip(ctxs, pairs)]
+    return [data.to_device(data.pack_batch(coded[i:i + stream.B], tok.eot_id, stream.multiple), device)
+            for i in range(0, len(coded), stream.B)]
+
+
+def curve_hits(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
+               writer=None):
     """-> (hits, episodes): curve_margins ranked, True where chosen comes first."""
     margins, episodes = curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size,
-                                      device, name)
+                                      device, name, writer)
     return margins > 0, episodes
 
 
@@ -208,8 +279,10 @@ def held_out_sets(args, tok, rows, users, device):
     Families with a shared taste let a model score well with no shot at all, and score below
     chance on a family whose taste is the opposite: the three figures tell that apart from reading."""
     name = "fspo" if args.method == "sft" else args.method
+    # under --annotate the running metric reads the judge's annotations; eval.py, the model's own
     make = lambda k: data.EpisodeStream(tok, rows["val"], users, name, args.shots, args.batch_size,
-                                        args.block_size, args.seed + 1, which="both", use_shots=k)
+                                        args.block_size, args.seed + 1, which="both", use_shots=k,
+                                        annotate=bool(args.annotate))
     held = make(None)
     n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
     fixed = lambda stream: [data.to_device(stream.batch(i), device) for i in range(n)]
@@ -240,15 +313,23 @@ def running_metrics(model, ref_scorer, held, autocast):
 # Whole evaluation of one domain / shot count
 
 def load_models(ckpts, tok, tok_path, device):
-    """-> ({name: GPT}, {name: NLL anchor weight}, {name: shots it was trained with})."""
-    models, anchors, shots = {}, {}, {}
+    """-> ({name: GPT}, {name: NLL anchor weight}, {name: shots it was trained with},
+    {name: the model that annotates its shots, for those trained with --annotate})."""
+    models, anchors, shots, annotated = {}, {}, {}, []
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
         data.check_tokenizer(meta, tok, tok_path, path)
         if data.method(meta["args"]["method"]).learns == "preference" and meta["args"].get("nll"):
             anchors[m] = meta["args"]["nll"]  # the table names a preference loss with an NLL anchor
         shots[m] = meta["args"].get("shots")
-    return models, anchors, shots
+        if meta["args"].get("annotate"):
+            annotated.append(m)
+    if annotated and "sft" not in annotated:
+        raise ValueError(f"{ckpts[annotated[0]]} reads annotated shots, which its base {ckpts['sft']} "
+                         f"cannot write: pass the --annotate SFT checkpoint as --base")
+    # the base writes the annotations; prompted (the base given shots) reads them as it learned
+    writers = {m: models["sft"] for m in annotated + ["prompted"] * bool(annotated)}
+    return models, anchors, shots, writers
 
 
 def reference_row(domain, w_population, episodes, k):
@@ -260,9 +341,11 @@ def reference_row(domain, w_population, episodes, k):
     return interval(credit, [q.user_id for _, q in episodes])
 
 
-def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, label, keep=None):
+def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, label, keep=None,
+               writers=None):
     """{method: {k: interval}} for FSPO (IPO and DPO) and pooled, plus the reference learner's
-    row. keep, a dict, receives FSPO's (margins, episodes) at the most shots."""
+    row. keep, a dict, receives FSPO's (margins, episodes) at the most shots. writers: see
+    load_models."""
     out, block = {}, models["sft"].config.block_size
     cells = [(m, k) for m in CURVE_METHODS if m in models for k in SHOT_CURVE if k <= max_shots]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
@@ -270,7 +353,7 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
             out[m][k] = out[m][0]
         else:  # eps: the same (shots, query) episodes at every k, the first k shots used
             margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
-                                         args, block, device, m)
+                                         args, block, device, m, (writers or {}).get(m))
             out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
         if keep is not None and m == cells[0][0] and m != "pooled" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
@@ -290,7 +373,7 @@ def curve_shots(held_rows, args):
     return max(fits)
 
 
-def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
+def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, writers=None):
     """The meta-learning curve: implicit-reward pair accuracy as shots grow (fspo, pooled),
     beside the reference learner where the judge knows the users; the same on a family of
     users no training user belongs to, if there is one; for ELIX the paper's easy / hard
@@ -303,7 +386,7 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
         reference = (jdomain, judge.population_weights(jdomain, [r for r in prefs if r.split == "train"], judge.L2))
     keep = {}
     res["pair_accuracy"] = curve_rows(models, held_rows, ref, tok, args, device, curve_shots(held_rows, args),
-                                      reference, f"pair accuracy {domain}", keep)
+                                      reference, f"pair accuracy {domain}", keep, writers)
     # which axes FSPO reads, where there are pairs enough to fit two coefficients per axis
     if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
         res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
@@ -313,7 +396,8 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
     if unseen:
         res["unseen_family"] = sorted({users[u]["family"] for u in unseen})
         res["pair_accuracy_unseen"] = curve_rows(models, unseen, ref, tok, args, device,
-                                                 curve_shots(unseen, args), reference, "left-out family")
+                                                 curve_shots(unseen, args), reference, "left-out family",
+                                                 writers=writers)
     if domain != "elix":
         return
     block = models["sft"].config.block_size
@@ -322,19 +406,26 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res):
         rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
         for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
             hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
-                                   args, block, device, m)
+                                   args, block, device, m, (writers or {}).get(m))
             res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
                 interval(hits.tolist(), [q.user_id for _, q in eps])
 
 
-def win_rates(models, methods, items, users, tok, args, domain, res):
-    """Every method answers every item (greedy); the user's reward decides against base."""
+def win_rates(models, methods, items, users, tok, args, domain, res, writers=None):
+    """Every method answers every item (greedy); the user's reward decides against base.
+    writers: see load_models."""
     judges = [judge.JUDGES[users[uid]["domain"]] for uid, _, _ in items]  # as score() picks
     responses, scores, well_formed = {}, {}, {}
     for m in methods:
         model = models[data.method(m).model or m]
         limit = model.config.block_size - args.max_new_tokens
-        texts = generate(model, tok, [prompt_ids(m, it, users, tok, limit) for it in items],
+        if m in (writers or {}):
+            head = tok.encode(data.header(m))
+            prompts = [ids + head for ids in written_prompts(writers[m], tok, [(s, q.prompt) for _, q, s in items],
+                                                              [limit - len(head)] * len(items), args)]
+        else:
+            prompts = [prompt_ids(m, it, users, tok, limit) for it in items]
+        texts = generate(model, tok, prompts,
                          args.max_new_tokens, args.gen_batch, desc=None if args.no_progress else f"answers {m}",
                          amp=autocast(args.device, args.dtype))
         responses[m] = [split_response(m, t) for t in texts]
@@ -362,7 +453,7 @@ def win_rates(models, methods, items, users, tok, args, domain, res):
 def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots, split="test"):
     """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict. split: the
     held-out users evaluated, "test" for the report, "val" while tuning."""
-    models, anchors, trained = load_models(ckpts, tok, tok_path, device)
+    models, anchors, trained, writers = load_models(ckpts, tok, tok_path, device)
     prefs = data.load_prefs(prefs_path)
     held_rows = data.by_user([r for r in prefs if r.split == split])
     if not held_rows:
@@ -371,9 +462,10 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     if users and (unknown := sorted(set(held_rows) - set(users))):
         raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
-           "sft_shots": trained["sft"], "trained_shots": trained, "split": split}
+           "sft_shots": trained["sft"], "trained_shots": trained, "split": split,
+           "annotated": sorted(m for m in writers if m != "sft")}
     try:
-        shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res)
+        shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, writers)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: {e}") from None
     if users is None:
@@ -385,7 +477,7 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     if not items:
         raise ValueError(f"{prefs_path}: no held-out user has {n_shots + 1} rows for a win-rate item")
     methods = ["base", "prompted"] + [m for m in ckpts if m != "sft"]
-    win_rates(models, methods, items, users, tok, args, domain, res)
+    win_rates(models, methods, items, users, tok, args, domain, res, writers)
     return res
 
 
@@ -477,7 +569,8 @@ def format_tables(results):
     for r in results:
         def label(m):
             w = r.get("nll", {}).get(m)
-            return LABELS.get(m, m) + (f" + {w:g} x NLL(chosen)" if w else "")
+            return (LABELS.get(m, m) + (f" + {w:g} x NLL(chosen)" if w else "")
+                    + (", annotated shots" if m in r.get("annotated", ()) else ""))
         if r["win_rate"]:
             lines += win_table(r, label)
         if r.get("pair_accuracy_by_difficulty"):
@@ -497,6 +590,9 @@ def format_tables(results):
             lines.append(f"\n![{r['domain']}: pair accuracy vs shots]({r['curve_svg']})")
         if r.get("no_win_rate"):
             lines.append(f"\n{r['domain']}: {r['no_win_rate']}.")
+        if r.get("annotated"):
+            lines.append(f"\nAnnotated shots (`fspo.py --annotate`): the base model wrote each shot's "
+                         f"contrast and their tally into the prompts of {', '.join(r['annotated'])}.")
     return "\n".join(lines)
 
 

@@ -143,9 +143,12 @@ def make_streams(args, tok, prefs_path, users_path, device):
     prefs = data.load_prefs(prefs_path)
     users = judge.load_users(users_path) if users_path else None
     m = data.method(args.method)
-    if users is None and (m.cot or m.prompt == "description" or args.describe):
-        why = "--describe" if args.describe else f"--method {args.method}"
+    if users is None and (m.cot or m.prompt == "description" or args.describe or args.annotate):
+        why = ("--describe" if args.describe else "--annotate" if args.annotate
+               else f"--method {args.method}")
         raise ValueError(f"{why} needs the users file (--users or --data)")
+    if args.annotate and (args.describe or args.shot_pairs or m.cot):
+        raise ValueError("--annotate goes with neither --describe, --shot-pairs nor a cot method")
     data.check_lengths(tok, prefs, args.block_size, args.method, users)
     rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
     if not rows["val"]:
@@ -155,7 +158,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
-                                    describe=bool(args.describe))
+                                    describe=bool(args.describe), annotate=bool(args.annotate))
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -366,7 +369,7 @@ def stage_steps(method, args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed", "dtype", "describe")
+          "block_size", "seed", "dtype", "describe", "annotate")
 PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
 
 
@@ -528,6 +531,10 @@ def stage_flags(a):
       help="also learn to write notes (users file): after each shot the axes its two answers "
            "differ on, after the context the user's description; this weight times their "
            "token-mean NLL (0 = off)")
+    a("--annotate", action="store_true",
+      help="prompts that hold shots follow each shot with how its two answers differ and end "
+           "the shots with their tally as the user description (the judge's, from the shots "
+           "alone; users file); eval.py has the base model write them (README)")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,
@@ -597,6 +604,7 @@ def get_args(argv=None):
             setattr(args, k, v)
     args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
     args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
+    args.annotate = args.annotate or None
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -606,6 +614,9 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     if args.method is None:
+        if args.annotate:
+            raise SystemExit("fspo.py: --annotate trains one stage at a time (--method); "
+                             "README, 'Annotated shots'")
         return main_job(args)
     if args.out is None:
         raise SystemExit("fspo.py: --out is required with --method")

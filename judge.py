@@ -417,6 +417,18 @@ def contrast_summary(domain, prompt, chosen, rejected):
     return Judge.summary(j, {"traits": d}) or "Prefers: nothing."
 
 
+def contrast_tally(domain, shots):
+    """The shots' contrasts summed per axis, named by the side they lean to: the user
+    description a reader of these shots alone would write ('Prefers: nothing.' when even)."""
+    j, total = JUDGES[domain], {}
+    for s in shots:
+        fc, fr = j.read(str(s.prompt), s.chosen), j.read(str(s.prompt), s.rejected)
+        for a in j.axes:
+            if fc.get(a) is not None and fr.get(a) is not None:
+                total[a] = total.get(a, 0) + sign(fc[a]) - sign(fr[a])
+    return Judge.summary(j, {"traits": total}) or "Prefers: nothing."
+
+
 def trait_recovery(user, text):
     """Fraction of the user's traits (and elix level) that `text` states, without stating their opposite."""
     j = JUDGES[user["domain"]]

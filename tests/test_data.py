@@ -547,3 +547,33 @@ def test_packed_logps_equal_naive(dtype, tol):
         B = len(eps)
         torch.testing.assert_close(chosen.double(), ref[:B].double(), atol=tol, rtol=0)
         torch.testing.assert_close(rejected.double(), ref[B:].double(), atol=tol, rtol=0)
+
+def test_annotated_prompt_is_the_judge_lines_in_the_paper_layout():
+    """--annotate: after each shot the judge's contrast of its two answers, after the shots
+    their tally as the user description; a pair and its mirror image cancel in the tally;
+    mirrored episodes are annotated from the swapped shots; dropping the oldest shot to fit
+    annotates the kept ones alone."""
+    t = byte_tok()
+    users = {"u": {"domain": "roleplay", "traits": {"formality": 1.0}}}
+    rows = {"u": [Pref("u", f"Tell me about q{i}?", f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
+                  for i in range(6)]}
+    s0, s1, q = rows["u"][0], rows["u"][1], rows["u"][2]
+    line = "Prefers: formal, serious."  # "Certainly" vs "Hey", no joke vs "Ha!"
+    assert judge.contrast_summary("roleplay", s0.prompt, s0.chosen, s0.rejected) == line
+    assert judge.contrast_tally("roleplay", [s0, s1]) == line
+    assert judge.contrast_tally("roleplay", [s0, data.swapped(s1)]) == "Prefers: nothing."
+    task = f"# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n"
+    annotated = lambda shots, lines, tally: "".join(
+        f"{data.format_shot(i, s)}## Example Contrast\n{c}\n" for i, (s, c) in enumerate(zip(shots, lines), 1)
+    ) + f"# User Description\n{tally}\n" + task
+    for p, want in ((0.0, line), (1.0, "Prefers: casual, humorous.")):
+        stream = data.EpisodeStream(t, rows, users, "fspo", 2, 1, 10_000, 0, mirror=p, annotate=True)
+        e = stream.encode([s0, s1], q, random.Random(0))
+        shots = [s0, s1] if p == 0 else [data.swapped(s0), data.swapped(s1)]
+        assert t.decode(e.ctx) == annotated(shots, [want] * 2, want)
+    room = len(annotated([s1], [line], line))
+    ids, kept = data.prompt_tokens(t, "fspo", [s0, s1], q.prompt, room, users["u"], annotate=True)
+    assert kept == 1 and t.decode(ids) == annotated([s1], [line], line)
+    ids, kept = data.prompt_tokens(t, "fspo", [s0, s1], q.prompt, len(task), users["u"], annotate=True)
+    assert kept == 0 and t.decode(ids) == task  # no shot: no annotation, no tally
+    assert not data.EpisodeStream(t, rows, None, "fspo", 2, 1, 10_000, 0, annotate=True).annotate

@@ -147,3 +147,78 @@ def test_note_nll_splits_shot_notes_from_the_description_and_averages_per_token(
                 want[key] += [-lp[end - 1 + i, t].item() for i, t in enumerate(ids)]
     for k in ("shot", "user"):
         assert got[k] == pytest.approx(sum(want[k]) / len(want[k]), rel=1e-5)
+
+
+class LengthWriter:
+    """A stand-in for an --annotate model: every line it writes names the length of the
+    prompt it was written after, so a line written at the wrong place shows."""
+    def __init__(self, tok, block_size):
+        self.tok, self.config = tok, GPTConfig(block_size=block_size)
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, eos_id=None):
+        return [self.tok.encode(f"L{len(p)}\n# rest")[:max_new_tokens] for p in prompts]
+
+
+def annotated_by_hand(shots, question, tok):
+    """The prompt with each line written after exactly the text before it (brute force)."""
+    text = ""
+    for i, s in enumerate(shots, 1):
+        text += (f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
+                 f"## Dispreferred Response\n{s.rejected}\n## Example Contrast\n")
+        text += f"L{len(tok.encode(text))}\n"
+    if shots:
+        text += "# User Description\n"
+        text += f"L{len(tok.encode(text))}\n"
+    return text + (f"# Task\nGiven the examples above, generate a preferred response to the "
+                   f"following question.\n## Question\n{question}\n")
+
+
+def test_written_annotations_follow_each_shot_and_drop_the_oldest_to_fit():
+    """eval.written_prompts: the writer writes each shot's line after that shot and the tally
+    after all of them, as the judge's lines sit in training; a prompt over its room loses its
+    oldest shot and is written anew; with no room left to write, the same."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    shots = [Pref("u", f"q{i}?", f"yes {i}", f"no {i}") for i in range(3)]
+    args = Namespace(gen_batch=2, device="cpu", dtype="fp32")
+    full = annotated_by_hand(shots, "why?", tok)
+    items = [(shots, "why?"), (shots[:1], "how?"), ([], "what?")]
+    got = evaluation.written_prompts(LengthWriter(tok, 4096), tok, items, [10_000] * 3, args)
+    assert got == [tok.encode(full), tok.encode(annotated_by_hand(shots[:1], "how?", tok)),
+                   tok.encode(annotated_by_hand([], "what?", tok))]
+    two = annotated_by_hand(shots[1:], "why?", tok)
+    assert evaluation.written_prompts(LengthWriter(tok, 4096), tok, items[:1], [len(full) - 1], args) == \
+        [tok.encode(two)]
+    # a writer block too short to write the third shot's line: two shots, renumbered
+    third = full.rindex("## Example Contrast\n") + len("## Example Contrast\n")  # its prefix
+    short = LengthWriter(tok, third - 1 + evaluation.ANNOTATION_TOKENS)
+    assert evaluation.written_prompts(short, tok, items[:1], [10_000], args) == [tok.encode(two)]
+    with pytest.raises(ValueError, match="does not fit"):
+        evaluation.written_prompts(LengthWriter(tok, 4096), tok, [([], "what?")], [5], args)
+
+
+def test_annotated_curve_scores_the_written_prompts():
+    """curve_margins with a writer: each episode's margin is its pair scored after the
+    written prompt, the sequences run alone (brute force)."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test") for u in range(6) for i in range(3)]
+    torch.manual_seed(0)
+    policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+                                 n_embd=16)).eval() for _ in range(2))
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", gen_batch=4, device="cpu")
+    margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+                                            2, 2, args, 1024, "cpu", writer=LengthWriter(tok, 1024))
+
+    def logp(model, ctx, y):
+        with torch.no_grad():
+            lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)
+        return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
+
+    assert len(eps) == 6
+    for m, (shots, q) in zip(margins.tolist(), eps):
+        ctx = tok.encode(annotated_by_hand(shots, q.prompt, tok))
+        y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
+        want = (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
+        assert abs(m - want) < 1e-3

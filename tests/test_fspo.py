@@ -318,6 +318,15 @@ def test_describe_without_a_users_file_is_refused(mine):
     assert not (mine / "described").exists()
 
 
+def test_annotate_without_users_or_as_the_main_job_is_refused(mine):
+    r = run(mine_args(mine, mine / "annotated", "--method", "sft", "--steps", "2", "--annotate"))
+    assert r.returncode != 0 and "--annotate needs the users file" in r.stderr
+    assert not (mine / "annotated").exists()
+    r = run(["fspo.py", "--annotate", "--out", str(mine / "job")])
+    assert r.returncode != 0 and "--annotate trains one stage at a time" in r.stderr
+    assert not (mine / "job").exists()
+
+
 def test_a_stage_on_a_retrained_init_is_refused(mine):
     common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
     assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
