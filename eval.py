@@ -245,9 +245,10 @@ def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_siz
                                 block_size, args.seed + 17, which="both", use_shots=shots)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     n_batches = min(stream.per_epoch, n_batches)
-    batches = (data.to_device(stream.batch(i), device) for i in range(n_batches))
     if writer is not None and shots:
         batches = written_batches(writer, tok, stream, n_batches, shots, block_size, args, device)
+    else:
+        batches = (data.to_device(stream.batch(i), device) for i in range(n_batches))
     margins = pair_margins(policy, ref, batches, autocast(device, args.dtype))
     return margins, stream.episodes[:len(margins)]
 
