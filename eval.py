@@ -323,7 +323,7 @@ def load_models(ckpts, tok, tok_path, device):
         if data.method(meta["args"]["method"]).learns == "preference" and meta["args"].get("nll"):
             anchors[m] = meta["args"]["nll"]  # the table names a preference loss with an NLL anchor
         shots[m] = meta["args"].get("shots")
-        if meta["args"].get("annotate"):
+        if meta["args"].get("annotate") and data.method(m).reads_shots:
             annotated.append(m)
     if annotated and "sft" not in annotated:
         raise ValueError(f"{ckpts[annotated[0]]} reads annotated shots, which its base {ckpts['sft']} "
@@ -660,6 +660,9 @@ def personalize(args):
     if data.method(name).prompt != "shots":
         raise SystemExit(f"{args.ckpt[0]}: a {name} model does not read pairs (personalize needs fspo, "
                          f"pref-ft or cot)")
+    if meta["args"].get("annotate"):
+        raise SystemExit(f"{args.ckpt[0]}: trained on annotated shots (--annotate), which need the judge "
+                         f"of the generator's users; personalize takes models trained without it")
     pairs = data.load_prefs(args.personalize, default_user="me")
     if args.questions:
         with open(args.questions, encoding="utf-8") as f:

@@ -327,6 +327,12 @@ def test_annotate_without_users_or_as_the_main_job_is_refused(mine):
     assert not (mine / "job").exists()
 
 
+def test_annotate_on_a_method_without_shots_is_refused(tiny):
+    r = run(stage_args(tiny, tiny / "annotated-pooled", "--method", "pooled", "--steps", "2", "--annotate"))
+    assert r.returncode != 0 and "--annotate needs a method whose prompt holds shots" in r.stderr
+    assert not (tiny / "annotated-pooled").exists()
+
+
 def test_a_stage_on_a_retrained_init_is_refused(mine):
     common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
     assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
