@@ -353,8 +353,8 @@ def format_prompt(shots: list[Pref], question: str, description: str | None = No
 def annotations(domain, shots) -> tuple[list[str], str]:
     """--annotate's lines for these shots, from the judge: each shot's contrast, and their tally
     as the user description. A function of the shots alone, not of the user's true traits."""
-    return ([judge.contrast_summary(domain, s.prompt, s.chosen, s.rejected) for s in shots],
-            judge.contrast_tally(domain, shots))
+    ds = [judge.contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots]  # each shot read once
+    return [judge.contrast_line(domain, d) for d in ds], judge.contrast_line(domain, judge.summed(ds))
 
 def prompt_tokens(tok, name, shots, question, room, user=None, annotate=False) -> tuple[list[int], int]:
     """Token ids of method `name`'s prompt and the shots kept. Training and evaluation both
@@ -362,9 +362,9 @@ def prompt_tokens(tok, name, shots, question, room, user=None, annotate=False) -
     dropped, oldest first, until the prompt fits in `room` tokens; the question is never cut.
     annotate: each kept shot followed by its contrast, then their tally (annotations)."""
     shots = shots if method(name).reads_shots else []
+    oracle = judge.trait_summary(user) if method(name).prompt == "description" else None
     for first in range(len(shots) + 1):
-        description = judge.trait_summary(user) if method(name).prompt == "description" else None
-        contrasts = None
+        description, contrasts = oracle, None
         if annotate and shots[first:]:
             contrasts, description = annotations(user["domain"], shots[first:])
         ids = tok.encode(format_prompt(shots[first:], question, description, contrasts))

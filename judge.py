@@ -407,26 +407,39 @@ def summary_for_response(user, prompt, response):
     return j.summary(dict(user, traits=traits, group=group))
 
 
-def contrast_summary(domain, prompt, chosen, rejected):
-    """The style axes on which the judge reads `chosen` and `rejected` apart, each named from
-    the chosen side, e.g. 'Prefers: formal, lists.' ('Prefers: nothing.' when none)."""
+def contrast(domain, prompt, chosen, rejected):
+    """{axis: sign(chosen) - sign(rejected)} over the axes the judge reads in both answers."""
     j = JUDGES[domain]
     fc, fr = j.read(str(prompt), chosen), j.read(str(prompt), rejected)
-    d = {a: sign(fc[a]) - sign(fr[a]) for a in j.axes if fc.get(a) is not None and fr.get(a) is not None}
-    # the shared statement, not a subclass's: a pair's contrast names no elix level
-    return Judge.summary(j, {"traits": d}) or "Prefers: nothing."
+    return {a: sign(fc[a]) - sign(fr[a]) for a in j.axes if fc.get(a) is not None and fr.get(a) is not None}
+
+
+def contrast_line(domain, d):
+    """A contrast (or a sum of them) named from the side it leans to, e.g. 'Prefers: formal,
+    lists.' ('Prefers: nothing.' when even). The shared statement, not a subclass's: a
+    contrast names no elix level."""
+    return Judge.summary(JUDGES[domain], {"traits": d}) or "Prefers: nothing."
+
+
+def contrast_summary(domain, prompt, chosen, rejected):
+    """The style axes on which the judge reads `chosen` and `rejected` apart, named from the
+    chosen side."""
+    return contrast_line(domain, contrast(domain, prompt, chosen, rejected))
 
 
 def contrast_tally(domain, shots):
-    """The shots' contrasts summed per axis, named by the side they lean to: the user
-    description a reader of these shots alone would write ('Prefers: nothing.' when even)."""
-    j, total = JUDGES[domain], {}
-    for s in shots:
-        fc, fr = j.read(str(s.prompt), s.chosen), j.read(str(s.prompt), s.rejected)
-        for a in j.axes:
-            if fc.get(a) is not None and fr.get(a) is not None:
-                total[a] = total.get(a, 0) + sign(fc[a]) - sign(fr[a])
-    return Judge.summary(j, {"traits": total}) or "Prefers: nothing."
+    """The shots' contrasts summed per axis: the user description a reader of these shots
+    alone would write."""
+    return contrast_line(domain, summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots]))
+
+
+def summed(contrasts):
+    """Per-axis sum of contrast dicts."""
+    total = defaultdict(int)
+    for d in contrasts:
+        for a, v in d.items():
+            total[a] += v
+    return total
 
 
 def trait_recovery(user, text):
