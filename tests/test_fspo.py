@@ -318,12 +318,14 @@ def test_describe_without_a_users_file_is_refused(mine):
     assert not (mine / "described").exists()
 
 
-def test_annotate_without_users_or_as_the_main_job_is_refused(mine):
+def test_annotate_without_users_and_a_warm_start_without_oracle_are_refused(mine):
     r = run(mine_args(mine, mine / "annotated", "--method", "sft", "--steps", "2", "--annotate"))
     assert r.returncode != 0 and "--annotate needs the users file" in r.stderr
     assert not (mine / "annotated").exists()
-    r = run(["fspo.py", "--annotate", "--out", str(mine / "job")])
-    assert r.returncode != 0 and "--annotate trains one stage at a time" in r.stderr
+    r = run(mine_args(mine, mine / "job", "--annotate"))  # the main job, before it writes anything
+    assert r.returncode != 0 and "--annotate needs the users file (--users)" in r.stderr
+    r = run(mine_args(mine, mine / "job", "--fspo-init", "oracle", "--methods", "fspo,pooled"))
+    assert r.returncode != 0 and "--fspo-init oracle needs oracle in --methods" in r.stderr
     assert not (mine / "job").exists()
 
 

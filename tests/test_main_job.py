@@ -101,3 +101,26 @@ def test_your_own_users_file_trains_evaluates_and_personalizes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Q: How can I enjoy chess more?") == 2
     assert "[FSPO (IPO), reading 4 pairs]" in r.stdout and "[base (SFT, no context)]" in r.stdout
+
+
+def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
+    """--annotate --fspo-init oracle (the annotated preset's recipe) on the tiny preset: oracle
+    trains before FSPO whatever the order of --methods, FSPO starts from it with the SFT as its
+    reference, only the stages whose prompt holds shots are annotated, and the report says the
+    base wrote the annotations."""
+    out = tmp_path / "ann"
+    cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--annotate", "--fspo-init", "oracle",
+           "--methods", "fspo,pooled,oracle", "--oracle-steps", "7", "--out", str(out), "--no-progress"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = out / "roleplay-2shot"
+    args = {m: json.loads((base / m / "ckpt" / "config.json").read_text())["args"]
+            for m in ("sft", "oracle", "fspo", "pooled")}
+    assert [(args[m]["init"], args[m]["ref"], args[m]["annotate"]) for m in args] == [
+        (None, None, True), (str(base / "sft"), None, None),
+        (str(base / "oracle"), str(base / "sft"), True), (str(base / "sft"), None, None)]
+    assert (args["oracle"]["steps"], args["fspo"]["steps"]) == (7, 20)
+    assert r.stdout.index("[oracle]") < r.stdout.index("[fspo]") < r.stdout.index("[pooled]")
+    (res,) = json.loads((out / "metrics.json").read_text())
+    assert res["annotated"] == ["fspo", "prompted"]
+    assert "| FSPO (IPO), annotated shots | 2 | " in (out / "report.md").read_text()
