@@ -41,7 +41,8 @@ CURVE_METHODS = ("fspo", "fspo-dpo", "pooled")  # the rows of the pair-accuracy 
 LABELS = {"reference": "reference learner (judge's features)", "base": "base (SFT, no context)", "pooled": "IPO, no user context (pooled)",
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
-          "cot": "FSPO + user-description CoT", "oracle": "oracle description"}
+          "cot": "FSPO + user-description CoT", "oracle": "oracle description",
+          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,13 +237,15 @@ def pair_hits(policy, ref, batches, amp=nullcontext()):
 
 
 def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
-                  writer=None):
+                  writer=None, judge_users=None):
     """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
     each with `shots` of its max_shots shots: the same queries at every shot count. name: the
     method whose prompt the policy is scored with (pooled's holds no shots, whatever `shots`).
-    writer: the model that annotates the shots for a policy trained with --annotate."""
-    stream = data.EpisodeStream(tok, held_rows, None, name, max_shots, args.batch_size,
-                                block_size, args.seed + 17, which="both", use_shots=shots)
+    writer: the model that annotates the shots for a policy trained with --annotate;
+    judge_users: the judge annotates them instead, as in training (these users' domain)."""
+    stream = data.EpisodeStream(tok, held_rows, judge_users, name, max_shots, args.batch_size,
+                                block_size, args.seed + 17, which="both", use_shots=shots,
+                                annotate=judge_users is not None)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     n_batches = min(stream.per_epoch, n_batches)
     if writer is not None and shots:
@@ -343,14 +346,22 @@ def reference_row(domain, w_population, episodes, k):
 
 
 def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, label, keep=None,
-               writers=None):
+               writers=None, users=None):
     """{method: {k: interval}} for FSPO (IPO and DPO) and pooled, plus the reference learner's
     row. keep, a dict, receives FSPO's (margins, episodes) at the most shots. writers: see
-    load_models."""
+    load_models. users: with an annotated FSPO, also the row "fspo-judge", the same model read
+    with the judge's annotations (training's), which tells what the base's writing loses."""
     out, block = {}, models["sft"].config.block_size
-    cells = [(m, k) for m in CURVE_METHODS if m in models for k in SHOT_CURVE if k <= max_shots]
+    judged = ("fspo-judge",) if users and "fspo" in (writers or {}) else ()
+    cells = [(m, k) for m in CURVE_METHODS[:1] + judged + CURVE_METHODS[1:] if m in models or m in judged
+             for k in SHOT_CURVE if k <= max_shots and (k or m not in judged)]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
-        if k and not data.method(m).reads_shots:  # pooled: the same prompt at every k, scored once
+        if m == "fspo-judge":
+            margins, eps = curve_margins(models["fspo"].token_logprobs, ref, tok, held_rows, k, max_shots,
+                                         args, block, device, "fspo", judge_users=users)
+            out.setdefault(m, {0: out["fspo"][0]})[k] = interval((margins > 0).tolist(),
+                                                                 [q.user_id for _, q in eps])
+        elif k and not data.method(m).reads_shots:  # pooled: the same prompt at every k, scored once
             out[m][k] = out[m][0]
         else:  # eps: the same (shots, query) episodes at every k, the first k shots used
             margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
@@ -387,7 +398,7 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
         reference = (jdomain, judge.population_weights(jdomain, [r for r in prefs if r.split == "train"], judge.L2))
     keep = {}
     res["pair_accuracy"] = curve_rows(models, held_rows, ref, tok, args, device, curve_shots(held_rows, args),
-                                      reference, f"pair accuracy {domain}", keep, writers)
+                                      reference, f"pair accuracy {domain}", keep, writers, users)
     # which axes FSPO reads, where there are pairs enough to fit two coefficients per axis
     if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
         res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
@@ -398,7 +409,7 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
         res["unseen_family"] = sorted({users[u]["family"] for u in unseen})
         res["pair_accuracy_unseen"] = curve_rows(models, unseen, ref, tok, args, device,
                                                  curve_shots(unseen, args), reference, "left-out family",
-                                                 writers=writers)
+                                                 writers=writers, users=users)
     if domain != "elix":
         return
     block = models["sft"].config.block_size
@@ -593,7 +604,10 @@ def format_tables(results):
             lines.append(f"\n{r['domain']}: {r['no_win_rate']}.")
         if r.get("annotated"):
             lines.append(f"\nAnnotated shots (`fspo.py --annotate`): the base model wrote each shot's "
-                         f"contrast and their tally into the prompts of {', '.join(r['annotated'])}.")
+                         f"contrast and their tally into the prompts of {', '.join(r['annotated'])}"
+                         + ("; the row of the judge's annotations scores FSPO with the lines training "
+                            "gave it, so the gap to FSPO's row is what the base's writing loses."
+                            if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
     return "\n".join(lines)
 
 

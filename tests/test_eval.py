@@ -222,3 +222,41 @@ def test_annotated_curve_scores_the_written_prompts():
         y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
         want = (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
         assert abs(m - want) < 1e-3
+
+
+def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
+    """curve_margins with judge_users (the report's row of the judge's annotations): each
+    margin is the pair scored after the shots, each followed by the judge's contrast, and
+    their tally, the prompt written out here by hand."""
+    import judge
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    formal, casual = (lambda i: f"Certainly, fine {i}."), (lambda i: f"Hey, fine {i}. Ha!")
+    rows = [Pref(f"u{u}", f"Tell me about q{i}?", *((formal(i), casual(u)) if (u + i) % 3 else
+                                                    (casual(i), formal(u))), "test")
+            for u in range(4) for i in range(3)]
+    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(4)}
+    torch.manual_seed(0)
+    policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+                                 n_embd=16)).eval() for _ in range(2))
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", device="cpu")
+    margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+                                            2, 2, args, 1024, "cpu", judge_users=users)
+
+    def logp(model, ctx, y):
+        with torch.no_grad():
+            lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)
+        return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
+
+    lines = set()
+    assert len(eps) == 4
+    for m, (shots, q) in zip(margins.tolist(), eps):
+        text = "".join(f"{data.format_shot(i, s)}## Example Contrast\n"
+                       f"{judge.contrast_summary('roleplay', s.prompt, s.chosen, s.rejected)}\n"
+                       for i, s in enumerate(shots, 1))
+        tally = judge.contrast_tally("roleplay", shots)
+        lines.add(tally)
+        ctx = tok.encode(text + f"# User Description\n{tally}\n# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n")
+        y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
+        want = (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
+        assert abs(m - want) < 1e-3
+    assert len(lines) > 1  # the tallies differ between episodes: the lines are the shots' own

@@ -123,4 +123,9 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
     assert r.stdout.index("[oracle]") < r.stdout.index("[fspo]") < r.stdout.index("[pooled]")
     (res,) = json.loads((out / "metrics.json").read_text())
     assert res["annotated"] == ["fspo", "prompted"]
-    assert "| FSPO (IPO), annotated shots | 2 | " in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| FSPO (IPO), annotated shots | 2 | " in report
+    # FSPO is also scored with the judge's lines, training's, at every shot count but 0 (no lines)
+    judged = res["pair_accuracy"]["fspo-judge"]
+    assert sorted(int(k) for k in judged) == [0, 1, 2, 4, 8] and judged["0"] == res["pair_accuracy"]["fspo"]["0"]
+    assert report.count("| FSPO (IPO), the judge's annotations in place of the base's | ") == 2  # + left-out
