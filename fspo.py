@@ -147,7 +147,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
         why = ("--describe" if args.describe else "--annotate" if args.annotate
                else f"--method {args.method}")
         raise ValueError(f"{why} needs the users file (--users or --data)")
-    if args.annotate and (args.describe or args.shot_pairs or m.cot or not m.reads_shots):
+    if args.annotate and (args.describe or args.shot_pairs or not annotates(args.method, args)):
         raise ValueError("--annotate needs a method whose prompt holds shots, and goes with neither "
                          "--describe, --shot-pairs nor a cot method")
     data.check_lengths(tok, prefs, args.block_size, args.method, users)

@@ -46,6 +46,19 @@ def test_interval_resamples_users_not_items():
     assert (two["lo"], two["hi"]) == (0.0, 1.0)  # two users: all of one, or all of the other
 
 
+def logp(model, ctx, y):
+    """Summed log-prob of y after ctx, the sequence run alone (brute force)."""
+    with torch.no_grad():
+        lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)
+    return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
+
+
+def brute_margin(policy, ref, tok, ctx, q):
+    """The pair's margin log(pi/ref)(y_w) - log(pi/ref)(y_l) after the context ids ctx."""
+    y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
+    return (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
+
+
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_pair_accuracy_counts_against_brute_force(k):
     """Curve hits over the held-out stream equal a loop that writes each episode's prompt by
@@ -61,11 +74,6 @@ def test_pair_accuracy_counts_against_brute_force(k):
     hits, eps = evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                        k, 2, args, 512, "cpu")
     assert len(hits) == len(eps) == 12  # 12 users x 1 episode of 2 shots + a query
-
-    def logp(model, ctx, y):  # summed log p(y | ctx), the sequence run alone, no packing
-        with torch.no_grad():
-            lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)  # (T, V)
-        return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
 
     stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17)
     stream.batch(0)  # draws the epoch's episodes: which rows are shots is the stream's choice
@@ -211,17 +219,10 @@ def test_annotated_curve_scores_the_written_prompts():
     margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                             2, 2, args, 1024, "cpu", writer=LengthWriter(tok, 1024))
 
-    def logp(model, ctx, y):
-        with torch.no_grad():
-            lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)
-        return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
-
     assert len(eps) == 6
     for m, (shots, q) in zip(margins.tolist(), eps):
         ctx = tok.encode(annotated_by_hand(shots, q.prompt, tok))
-        y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
-        want = (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
-        assert abs(m - want) < 1e-3
+        assert abs(m - brute_margin(policy, ref, tok, ctx, q)) < 1e-3
 
 
 def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
@@ -242,11 +243,6 @@ def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
     margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                             2, 2, args, 1024, "cpu", judge_users=users)
 
-    def logp(model, ctx, y):
-        with torch.no_grad():
-            lp = model(torch.tensor([ctx + y]))[0][0].double().log_softmax(-1)
-        return sum(lp[len(ctx) - 1 + t, y[t]].item() for t in range(len(y)))
-
     lines = set()
     assert len(eps) == 4
     for m, (shots, q) in zip(margins.tolist(), eps):
@@ -256,7 +252,5 @@ def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
         tally = judge.contrast_tally("roleplay", shots)
         lines.add(tally)
         ctx = tok.encode(text + f"# User Description\n{tally}\n# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n")
-        y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
-        want = (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
-        assert abs(m - want) < 1e-3
+        assert abs(m - brute_margin(policy, ref, tok, ctx, q)) < 1e-3
     assert len(lines) > 1  # the tallies differ between episodes: the lines are the shots' own
