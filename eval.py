@@ -42,7 +42,8 @@ LABELS = {"reference": "reference learner (judge's features)", "base": "base (SF
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
           "cot": "FSPO + user-description CoT", "oracle": "oracle description",
-          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's"}
+          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's",
+          "tally": "the judge's tally applied by rule (no model)"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,7 +351,8 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
     """{method: {k: interval}} for FSPO (IPO and DPO) and pooled, plus the reference learner's
     row. keep, a dict, receives FSPO's (margins, episodes) at the most shots. writers: see
     load_models. users: with an annotated FSPO, also the row "fspo-judge", the same model read
-    with the judge's annotations (training's), which tells what the base's writing loses."""
+    with the judge's annotations (training's), which tells what the base's writing loses, and
+    the row "tally", the judge's tally applied by rule: what the annotations carry."""
     out, block = {}, models["sft"].config.block_size
     judged = ("fspo-judge",) if users and "fspo" in (writers or {}) else ()
     cells = [(m, k) for m in CURVE_METHODS[:1] + judged + CURVE_METHODS[1:] if m in models or m in judged
@@ -371,6 +373,9 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
             keep.update(shots=k, margins=margins, episodes=eps)
         if reference and m == cells[0][0]:  # every method's episodes are the same
             out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
+            if judged:  # what the annotations' tally tells a reader that applies it exactly
+                credit = [judge.tally_pair_credit(reference[0], shots[:k], q) for shots, q in eps]
+                out.setdefault("tally", {})[k] = interval(credit, [q.user_id for _, q in eps])
     return out
 
 
@@ -606,7 +611,10 @@ def format_tables(results):
             lines.append(f"\nAnnotated shots (`fspo.py --annotate`): the base model wrote each shot's "
                          f"contrast and their tally into the prompts of {', '.join(r['annotated'])}"
                          + ("; the row of the judge's annotations scores FSPO with the lines training "
-                            "gave it, so the gap to FSPO's row is what the base's writing loses."
+                            "gave it, so the gap to FSPO's row is what the base's writing loses; the "
+                            "tally applied by rule (the axes it names, with their signs, summed over "
+                            "the query's contrast) is what those lines tell a reader: it keeps no "
+                            "magnitudes, so it stays below the reference as shots accrue."
                             if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
     return "\n".join(lines)
 

@@ -433,6 +433,16 @@ def contrast_tally(domain, shots):
     return contrast_line(domain, summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots]))
 
 
+def tally_pair_credit(domain, shots, query):
+    """The annotated prompt's tally applied by rule, no model: 1.0 if the axes it names, with
+    their signs, side with query.chosen (their sum over the query's contrast > 0), 0.0 if with
+    query.rejected, 0.5 on a tie. Signs are all a tally keeps (contrast_line), so this is what
+    the tally itself tells a reader."""
+    t = summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots])
+    m = sum(sign(t[a]) * v for a, v in contrast(domain, query.prompt, query.chosen, query.rejected).items())
+    return 1.0 if m > 0 else 0.0 if m < 0 else 0.5
+
+
 def summed(contrasts):
     """Per-axis sum of contrast dicts."""
     total = defaultdict(int)

@@ -120,6 +120,25 @@ def test_reference_reads_the_one_axis_the_shots_reveal():
     assert judge.reference_pair_credit("roleplay", [], funny_pair(True), population, 1.0) == 1.0
 
 
+def test_tally_rule_keeps_the_signs_and_drops_the_magnitudes():
+    """The report's tally row: the shots' contrasts summed per axis, each named axis counted by
+    its sign alone against the query's contrast. The contrasts, read off the judge by hand:
+    A = {formality +2, humor -2}, B = {formality +2, humor +2}."""
+    pair = lambda c, r: SimpleNamespace(prompt="Tell me about q?", chosen=c, rejected=r)
+    a = pair("Certainly, fine.", "Hey, fine. Ha!")
+    b = pair("Certainly, fine. Ha!", "Hey, fine.")
+    casual = pair("Hey, fine.", "Certainly, fine.")             # {formality -2}
+    serious = pair("Certainly, fine.", "Certainly, fine. Ha!")  # {humor -2}
+    mixed = pair("Hey, fine.", "Certainly, fine. Ha!")          # {formality -2, humor -2}
+    credit = lambda shots, q: judge.tally_pair_credit("roleplay", shots, q)
+    assert credit([a, b], casual) == 0.0      # tally {formality +4}: sides with the rejected
+    assert credit([a, b], serious) == 0.5     # humor sums to 0: not named, a tie
+    assert credit([a], serious) == 1.0        # tally {formality +2, humor -2}
+    # tally {formality +6, humor -2}: by counts -12 + 4 < 0, by signs -2 + 2 = 0, a tie
+    assert credit([a, a, b], mixed) == 0.5
+    assert credit([], casual) == 0.5
+
+
 def test_reference_sees_only_the_axes_it_is_given():
     """A user who jokes: shots whose pairs differ on humor and two other axes. On a query that
     differs on humor alone, the learner given every axis but humor has nothing to go on (a tie,

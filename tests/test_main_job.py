@@ -129,3 +129,6 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
     judged = res["pair_accuracy"]["fspo-judge"]
     assert sorted(int(k) for k in judged) == [0, 1, 2, 4, 8] and judged["0"] == res["pair_accuracy"]["fspo"]["0"]
     assert report.count("| FSPO (IPO), the judge's annotations in place of the base's | ") == 2  # + left-out
+    tally = res["pair_accuracy"]["tally"]  # the judge's tally by rule: no shots, no tally, a tie
+    assert sorted(int(k) for k in tally) == [0, 1, 2, 4, 8] and tally["0"]["rate"] == 0.5
+    assert report.count("| the judge's tally applied by rule (no model) | ") == 2
