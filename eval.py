@@ -613,8 +613,9 @@ def format_tables(results):
                          + ("; the row of the judge's annotations scores FSPO with the lines training "
                             "gave it, so the gap to FSPO's row is what the base's writing loses; the "
                             "tally applied by rule (the axes it names, with their signs, summed over "
-                            "the query's contrast) is what those lines tell a reader: it keeps no "
-                            "magnitudes, so it stays below the reference as shots accrue."
+                            "the query's contrast, over all k shots) is what those lines tell a reader "
+                            "that applies them exactly: a tally keeps each axis's sign, not how often "
+                            "the shots showed it."
                             if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
     return "\n".join(lines)
 
