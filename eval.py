@@ -613,9 +613,9 @@ def format_tables(results):
                          + ("; the row of the judge's annotations scores FSPO with the lines training "
                             "gave it, so the gap to FSPO's row is what the base's writing loses; the "
                             "tally applied by rule (the axes it names, with their signs, summed over "
-                            "the query's contrast, over all k shots) is what those lines tell a reader "
-                            "that applies them exactly: a tally keeps each axis's sign, not how often "
-                            "the shots showed it."
+                            "the query's contrast, over all k shots) is what the tally line tells a "
+                            "reader that goes by it: it keeps each axis's sign, not how often the shots "
+                            "showed it."
                             if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
     return "\n".join(lines)
 

@@ -434,10 +434,11 @@ def contrast_tally(domain, shots):
 
 
 def tally_pair_credit(domain, shots, query):
-    """The annotated prompt's tally applied by rule, no model: 1.0 if the axes it names, with
-    their signs, side with query.chosen (their sum over the query's contrast > 0), 0.0 if with
-    query.rejected, 0.5 on a tie. Signs are all a tally keeps (contrast_line), so this is what
-    the tally itself tells a reader."""
+    """The tally of these shots (what --annotate writes after them) applied by rule, no model:
+    1.0 if the axes it names, with their signs, side with query.chosen (their sum over the
+    query's contrast > 0), 0.0 if with query.rejected, 0.5 on a tie. Signs are all a tally line
+    keeps (contrast_line). All the shots count, as for reference_pair_credit, even where a
+    prompt dropped its oldest to fit the block."""
     t = summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots])
     m = sum(sign(t[a]) * v for a, v in contrast(domain, query.prompt, query.chosen, query.rejected).items())
     return 1.0 if m > 0 else 0.0 if m < 0 else 0.5

@@ -136,6 +136,9 @@ def test_tally_rule_keeps_the_signs_and_drops_the_magnitudes():
     assert credit([a], serious) == 1.0        # tally {formality +2, humor -2}
     # tally {formality +6, humor -2}: by counts -12 + 4 < 0, by signs -2 + 2 = 0, a tie
     assert credit([a, a, b], mixed) == 0.5
+    # tally {formality +6, humor +2} against {formality -1, humor +2}: by counts -6 + 4 < 0,
+    # the rejected; by signs -1 + 2 > 0, the chosen
+    assert credit([a, b, b], pair("Fine. Ha!", "Certainly, fine.")) == 1.0
     assert credit([], casual) == 0.5
 
 
