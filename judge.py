@@ -427,10 +427,14 @@ def contrast_summary(domain, prompt, chosen, rejected):
     return contrast_line(domain, contrast(domain, prompt, chosen, rejected))
 
 
+def tally(domain, shots):
+    """{axis: sum of the shots' contrasts}."""
+    return summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots])
+
+
 def contrast_tally(domain, shots):
-    """The shots' contrasts summed per axis: the user description a reader of these shots
-    alone would write."""
-    return contrast_line(domain, summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots]))
+    """The shots' tally as a line: the user description a reader of these shots alone would write."""
+    return contrast_line(domain, tally(domain, shots))
 
 
 def tally_pair_credit(domain, shots, query):
@@ -439,7 +443,7 @@ def tally_pair_credit(domain, shots, query):
     query's contrast > 0), 0.0 if with query.rejected, 0.5 on a tie. Signs are all a tally line
     keeps (contrast_line). All the shots count, as for reference_pair_credit, even where a
     prompt dropped its oldest to fit the block."""
-    t = summed([contrast(domain, s.prompt, s.chosen, s.rejected) for s in shots])
+    t = tally(domain, shots)
     m = sum(sign(t[a]) * v for a, v in contrast(domain, query.prompt, query.chosen, query.rejected).items())
     return 1.0 if m > 0 else 0.0 if m < 0 else 0.5
 
