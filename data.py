@@ -360,8 +360,11 @@ def prompt_tokens(tok, name, shots, question, room, user=None, annotate=False) -
     """Token ids of method `name`'s prompt and the shots kept. Training and evaluation both
     call this, so a model is tested on exactly the tokens it was trained on. Whole shots are
     dropped, oldest first, until the prompt fits in `room` tokens; the question is never cut.
-    annotate: each kept shot followed by its contrast, then their tally (annotations)."""
+    annotate: each kept shot followed by its contrast, then their tally (annotations);
+    "tally": the shots' counted tally alone in the description slot, no shot (tally_prompt)."""
     shots = shots if method(name).reads_shots else []
+    if annotate == "tally" and shots:
+        return tally_prompt(tok, judge.shot_counts(user["domain"], shots), user["domain"], question, room), len(shots)
     oracle = judge.trait_summary(user) if method(name).prompt == "description" else None
     for first in range(len(shots) + 1):
         description, contrasts = oracle, None
@@ -371,6 +374,15 @@ def prompt_tokens(tok, name, shots, question, room, user=None, annotate=False) -
         if len(ids) <= room:
             return ids, len(shots) - first
     raise ValueError(f"the bare question does not fit in {room} tokens ({len(ids)}): {question[:60]!r}")
+
+def tally_prompt(tok, counts, domain, question, room) -> list[int]:
+    """--annotate tally: the prompt of a policy that reads the shots through their tally alone,
+    judge.count_line(counts) in the description slot (where the oracle reads the user's), then
+    the question. Counts come from the judge in training, from the base's lines at evaluation."""
+    ids = tok.encode(format_prompt([], question, judge.count_line(domain, counts)))
+    if len(ids) > room:
+        raise ValueError(f"the tally and question do not fit in {room} tokens ({len(ids)}): {question[:60]!r}")
+    return ids
 
 def header(name) -> str:
     """The completion's first line: the model is prompted with it at test time."""
@@ -503,7 +515,7 @@ class EpisodeStream:
                                 and not self.spec.cot) else 0.0
         # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots
-        self.annotate = annotate and users is not None  # the judge's annotations (--annotate)
+        self.annotate = annotate if users is not None else False  # the judge's (--annotate [tally])
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -524,6 +536,8 @@ class EpisodeStream:
             shots = shots[: rng.randint(0, len(shots))]
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
+        elif self.annotate == "tally" and shots:  # tallies of 1..N shots: the curve reads every k
+            shots = shots[: rng.randint(1, len(shots))]
         user = self.users[query.user_id] if self.users else None
         e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs,
                            self.annotate)

@@ -26,7 +26,7 @@ import random
 import sys
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -188,6 +188,37 @@ def written_prompts(writer, tok, items, rooms, args):
     return out
 
 
+@torch.no_grad()
+def tally_prompts(writer, tok, items, rooms, args, domain):
+    """Context ids of each (shots, question) of items for a policy trained with --annotate
+    tally: `writer` writes each shot's contrast line with that shot alone before it, the lines
+    are read back (judge.parse_line) and counted into the tally (data.tally_prompt), as the
+    judge's contrasts are counted in training. No shots: the bare question."""
+    writer.eval()
+    texts = [data.format_shot(1, s) + data.SHOT_HEADER for shots, _ in items for s in shots]
+    lines = iter(write_lines(writer, tok, texts, args))
+    out = []
+    for (shots, question), room in zip(items, rooms):
+        counts = judge.summed([judge.parse_line(domain, next(lines) or "") for _ in shots])
+        out.append(data.tally_prompt(tok, counts, domain, question, room) if shots else
+                   data.prompt_tokens(tok, "fspo", [], question, room)[0])
+    return out
+
+
+@dataclass
+class Writer:
+    """The base model that writes the annotations of a policy trained with --annotate, and
+    what that policy reads: the shots with their lines and tally (written_prompts), or, with
+    tally_domain set (--annotate tally), the counted tally alone (tally_prompts)."""
+    model: torch.nn.Module
+    tally_domain: str | None = None
+
+    def prompts(self, tok, items, rooms, args):
+        if self.tally_domain:
+            return tally_prompts(self.model, tok, items, rooms, args, self.tally_domain)
+        return written_prompts(self.model, tok, items, rooms, args)
+
+
 def split_response(method, text):
     """(description or None, response) from generated completion text."""
     if not data.method(method).cot:
@@ -238,15 +269,16 @@ def pair_hits(policy, ref, batches, amp=nullcontext()):
 
 
 def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
-                  writer=None, judge_users=None):
+                  writer=None, judge_users=None, annotate=True):
     """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
     each with `shots` of its max_shots shots: the same queries at every shot count. name: the
     method whose prompt the policy is scored with (pooled's holds no shots, whatever `shots`).
-    writer: the model that annotates the shots for a policy trained with --annotate;
-    judge_users: the judge annotates them instead, as in training (these users' domain)."""
+    writer: the Writer that annotates the shots for a policy trained with --annotate;
+    judge_users: the judge annotates them instead, as in training (these users' domain), as
+    `annotate` says (True, or "tally")."""
     stream = data.EpisodeStream(tok, held_rows, judge_users, name, max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots,
-                                annotate=judge_users is not None)
+                                annotate=judge_users is not None and annotate)
     n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
     n_batches = min(stream.per_epoch, n_batches)
     if writer is not None and shots:
@@ -263,7 +295,7 @@ def written_batches(writer, tok, stream, n_batches, shots, block_size, args, dev
     eps = stream.episodes[:n_batches * stream.B]
     pairs = [[data.completion_tokens(tok, "fspo", t) for t in (q.chosen, q.rejected)] for _, q in eps]
     rooms = [block_size - max(len(c), len(r)) - 1 for c, r in pairs]
-    ctxs = written_prompts(writer, tok, [(s[:shots], q.prompt) for s, q in eps], rooms, args)
+    ctxs = writer.prompts(tok, [(s[:shots], q.prompt) for s, q in eps], rooms, args)
     coded = [data.Episode(ctx, c, r) for ctx, (c, r) in zip(ctxs, pairs)]
     return [data.to_device(data.pack_batch(coded[i:i + stream.B], tok.eot_id, stream.multiple), device)
             for i in range(0, len(coded), stream.B)]
@@ -287,8 +319,8 @@ def held_out_sets(args, tok, rows, users, device):
     # under --annotate the running metric reads the judge's annotations; eval.py, the model's own
     make = lambda k: data.EpisodeStream(tok, rows["val"], users, name, args.shots, args.batch_size,
                                         args.block_size, args.seed + 1, which="both", use_shots=k,
-                                        annotate=bool(args.annotate))
-    held = make(None)
+                                        annotate=args.annotate)
+    held = make(args.shots)  # all N: under --annotate tally training draws 1..N
     n = min(held.per_epoch, max(1, args.eval_episodes // args.batch_size))
     fixed = lambda stream: [data.to_device(stream.batch(i), device) for i in range(n)]
     out = {"batches": fixed(held), "bare": None, "left_out": None}
@@ -317,10 +349,11 @@ def running_metrics(model, ref_scorer, held, autocast):
 # ----------------------------------------------------------------------------------------
 # Whole evaluation of one domain / shot count
 
-def load_models(ckpts, tok, tok_path, device):
+def load_models(ckpts, tok, tok_path, device, domain=None):
     """-> ({name: GPT}, {name: NLL anchor weight}, {name: shots it was trained with},
-    {name: the model that annotates its shots, for those trained with --annotate})."""
-    models, anchors, shots, annotated = {}, {}, {}, []
+    {name: the Writer of its annotations, for those trained with --annotate}). domain: the
+    judge's, which reads back the lines of a policy trained with --annotate tally."""
+    models, anchors, shots, annotated, tally = {}, {}, {}, [], set()
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
         data.check_tokenizer(meta, tok, tok_path, path)
@@ -329,11 +362,14 @@ def load_models(ckpts, tok, tok_path, device):
         shots[m] = meta["args"].get("shots")
         if meta["args"].get("annotate") and data.method(m).reads_shots:
             annotated.append(m)
+            if meta["args"]["annotate"] == "tally":
+                tally.add(m)
     if annotated and "sft" not in annotated:
         raise ValueError(f"{ckpts[annotated[0]]} reads annotated shots, which its base {ckpts['sft']} "
                          f"cannot write: pass the --annotate SFT checkpoint as --base")
     # the base writes the annotations; prompted (the base given shots) reads them as it learned
-    writers = {m: models["sft"] for m in annotated + ["prompted"] * bool(annotated)}
+    writers = {m: Writer(models["sft"], domain if m in tally else None)
+               for m in annotated + ["prompted"] * bool(annotated)}
     return models, anchors, shots, writers
 
 
@@ -355,12 +391,14 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
     the row "tally", the judge's tally applied by rule: what the annotations carry."""
     out, block = {}, models["sft"].config.block_size
     judged = ("fspo-judge",) if users and "fspo" in (writers or {}) else ()
+    counted = bool(judged) and bool(writers["fspo"].tally_domain)  # --annotate tally
     cells = [(m, k) for m in CURVE_METHODS[:1] + judged + CURVE_METHODS[1:] if m in models or m in judged
              for k in SHOT_CURVE if k <= max_shots and (k or m not in judged)]
     for m, k in tqdm(cells, desc=label, disable=args.no_progress, leave=False):
         if m == "fspo-judge":
             margins, eps = curve_margins(models["fspo"].token_logprobs, ref, tok, held_rows, k, max_shots,
-                                         args, block, device, "fspo", judge_users=users)
+                                         args, block, device, "fspo", judge_users=users,
+                                         annotate="tally" if counted else True)
             out.setdefault(m, {0: out["fspo"][0]})[k] = interval((margins > 0).tolist(),
                                                                  [q.user_id for _, q in eps])
         elif k and not data.method(m).reads_shots:  # pooled: the same prompt at every k, scored once
@@ -374,7 +412,7 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
         if reference and m == cells[0][0]:  # every method's episodes are the same
             out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
             if judged:  # what the annotations' tally tells a reader that applies it exactly
-                credit = [judge.tally_pair_credit(reference[0], shots[:k], q) for shots, q in eps]
+                credit = [judge.tally_pair_credit(reference[0], shots[:k], q, counted) for shots, q in eps]
                 out.setdefault("tally", {})[k] = interval(credit, [q.user_id for _, q in eps])
     return out
 
@@ -438,8 +476,8 @@ def win_rates(models, methods, items, users, tok, args, domain, res, writers=Non
         limit = model.config.block_size - args.max_new_tokens
         if m in (writers or {}):
             head = tok.encode(data.header(m))
-            prompts = [ids + head for ids in written_prompts(writers[m], tok, [(s, q.prompt) for _, q, s in items],
-                                                              [limit - len(head)] * len(items), args)]
+            prompts = [ids + head for ids in writers[m].prompts(tok, [(s, q.prompt) for _, q, s in items],
+                                                                [limit - len(head)] * len(items), args)]
         else:
             prompts = [prompt_ids(m, it, users, tok, limit) for it in items]
         texts = generate(model, tok, prompts,
@@ -470,7 +508,6 @@ def win_rates(models, methods, items, users, tok, args, domain, res, writers=Non
 def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain, n_shots, split="test"):
     """ckpts: {method: dir} including "sft" (the base and reference). Returns a dict. split: the
     held-out users evaluated, "test" for the report, "val" while tuning."""
-    models, anchors, trained, writers = load_models(ckpts, tok, tok_path, device)
     prefs = data.load_prefs(prefs_path)
     held_rows = data.by_user([r for r in prefs if r.split == split])
     if not held_rows:
@@ -478,9 +515,12 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     users = judge.load_users(users_path) if users_path and os.path.exists(users_path) else None
     if users and (unknown := sorted(set(held_rows) - set(users))):
         raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
+    jdomain = users[next(iter(held_rows))]["domain"] if users else None
+    models, anchors, trained, writers = load_models(ckpts, tok, tok_path, device, jdomain)
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
            "sft_shots": trained["sft"], "trained_shots": trained, "split": split,
-           "annotated": sorted(m for m in writers if m != "sft")}
+           "annotated": sorted(m for m in writers if m != "sft"),
+           "tally_only": sorted(m for m, w in writers.items() if w.tally_domain)}
     try:
         shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, writers)
     except ValueError as e:
@@ -587,7 +627,8 @@ def format_tables(results):
         def label(m):
             w = r.get("nll", {}).get(m)
             return (LABELS.get(m, m) + (f" + {w:g} x NLL(chosen)" if w else "")
-                    + (", annotated shots" if m in r.get("annotated", ()) else ""))
+                    + (", the shots' tally" if m in r.get("tally_only", ()) else
+                       ", annotated shots" if m in r.get("annotated", ()) else ""))
         if r["win_rate"]:
             lines += win_table(r, label)
         if r.get("pair_accuracy_by_difficulty"):
@@ -607,7 +648,17 @@ def format_tables(results):
             lines.append(f"\n![{r['domain']}: pair accuracy vs shots]({r['curve_svg']})")
         if r.get("no_win_rate"):
             lines.append(f"\n{r['domain']}: {r['no_win_rate']}.")
-        if r.get("annotated"):
+        if r.get("tally_only"):
+            lines.append(f"\nAnnotated shots (`fspo.py --annotate tally`): the base model wrote each shot's "
+                         f"contrast, that shot alone before it, and the lines, counted per axis, are the "
+                         f"tally that the prompts of {', '.join(r['tally_only'])} hold in place of the shots "
+                         "(each axis named once per shot that leaned to it)"
+                         + ("; the row of the judge's annotations scores FSPO with the judge's counts "
+                            "(training's), so the gap to FSPO's row is what the base's writing loses; the "
+                            "tally applied by rule (each axis's count times the query's contrast, summed) "
+                            "is what the tally tells a reader that weighs it exactly."
+                            if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
+        elif r.get("annotated"):
             lines.append(f"\nAnnotated shots (`fspo.py --annotate`): the base model wrote each shot's "
                          f"contrast and their tally into the prompts of {', '.join(r['annotated'])}"
                          + ("; the row of the judge's annotations scores FSPO with the lines training "

@@ -159,7 +159,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
-                                    describe=bool(args.describe), annotate=bool(args.annotate))
+                                    describe=bool(args.describe), annotate=args.annotate)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -370,10 +370,14 @@ def stage_steps(method, args):
 
 
 def annotates(name, args):
-    """Whether stage `name` trains with --annotate: where it is on and the prompt holds shots
-    (not cot's, whose completion opens with its own description)."""
+    """How stage `name` trains with --annotate: None where it is off or the prompt holds no
+    shots (or is cot's, whose completion opens with its own description); True: the shots with
+    their lines and tally; "tally" (--annotate tally): the tally alone, for the stage-2 methods;
+    the SFT learns to write the lines either way, as the base that writes them at evaluation."""
     m = data.method(name.removesuffix("-dpo"))
-    return True if args.annotate and m.reads_shots and not m.cot else None
+    if not (args.annotate and m.reads_shots and not m.cot):
+        return None
+    return "tally" if args.annotate == "tally" and m.prompt == "shots" else True
 
 
 def stage_order(args):
@@ -561,10 +565,11 @@ def stage_flags(a):
       help="also learn to write notes (users file): after each shot the axes its two answers "
            "differ on, after the context the user's description; this weight times their "
            "token-mean NLL (0 = off)")
-    a("--annotate", action="store_true", default=None,
+    a("--annotate", nargs="?", const=True, choices=["tally"], default=None,
       help="prompts that hold shots follow each shot with how its two answers differ and end "
            "the shots with their tally as the user description (the judge's, from the shots "
-           "alone; users file); eval.py has the base model write them (README)")
+           "alone; users file); eval.py has the base model write them (README). '--annotate "
+           "tally': stage 2 reads the tally alone, each axis named once per shot, no shot")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,
@@ -673,6 +678,7 @@ def main(argv=None):
         tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
     args.shots = args.shots or 8
     args.steps = args.steps or stage_steps(args.method, args)
+    args.annotate = annotates(args.method, args) or args.annotate  # refused by make_streams if on for no shots
     final = train(args, tok, tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(final))

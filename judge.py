@@ -437,15 +437,43 @@ def contrast_tally(domain, shots):
     return contrast_line(domain, tally(domain, shots))
 
 
-def tally_pair_credit(domain, shots, query):
+def tally_pair_credit(domain, shots, query, counted=False):
     """The tally of these shots (what --annotate writes after them) applied by rule, no model:
     1.0 if the axes it names, with their signs, side with query.chosen (their sum over the
     query's contrast > 0), 0.0 if with query.rejected, 0.5 on a tie. Signs are all a tally line
-    keeps (contrast_line). All the shots count, as for reference_pair_credit, even where a
-    prompt dropped its oldest to fit the block."""
-    t = tally(domain, shots)
-    m = sum(sign(t[a]) * v for a, v in contrast(domain, query.prompt, query.chosen, query.rejected).items())
+    keeps (contrast_line); counted: the tally of --annotate tally instead, each axis weighed by
+    its count (shot_counts, count_line). All the shots count, as for reference_pair_credit,
+    even where a prompt dropped its oldest to fit the block."""
+    t = shot_counts(domain, shots) if counted else {a: sign(v) for a, v in tally(domain, shots).items()}
+    m = sum(t.get(a, 0) * v for a, v in contrast(domain, query.prompt, query.chosen, query.rejected).items())
     return 1.0 if m > 0 else 0.0 if m < 0 else 0.5
+
+
+def shot_counts(domain, shots):
+    """{axis: shots whose chosen answer leans to the axis's first term - shots leaning to its
+    second}: the tally of --annotate tally, what the shots' lines say when counted."""
+    return summed([{a: sign(v) for a, v in contrast(domain, s.prompt, s.chosen, s.rejected).items()}
+                   for s in shots])
+
+
+def count_line(domain, counts):
+    """Counts as a line that names each axis once per net shot, strongest first (ties in the
+    judge's axis order): {humor: 3, formality: -1} -> 'Prefers: humorous, humorous, humorous,
+    casual.' A reader weighs an axis by how often it is named, as it weighs a word it sees
+    more often, with no numbers to learn."""
+    j = JUDGES[domain]
+    axes = sorted((a for a in j.axes if counts.get(a)), key=lambda a: -abs(counts[a]))
+    items = [j.terms[a][counts[a] < 0] for a in axes for _ in range(abs(counts[a]))]
+    return "Prefers: " + ", ".join(items) + "." if items else "Prefers: nothing."
+
+
+def parse_line(domain, line):
+    """contrast_line read back: {axis: +1 or -1} for each term the line names; anything else
+    in it (a model's misspelling, a repeated term) is ignored."""
+    j = JUDGES[domain]
+    terms = {j.terms[a][i]: (a, 1 - 2 * i) for a in j.axes for i in (0, 1)}
+    body = line.strip().removeprefix("Prefers:").strip().removesuffix(".")
+    return dict(terms[t.strip()] for t in body.split(",") if t.strip() in terms)
 
 
 def summed(contrasts):

@@ -577,3 +577,34 @@ def test_annotated_prompt_is_the_judge_lines_in_the_paper_layout():
     ids, kept = data.prompt_tokens(t, "fspo", [s0, s1], q.prompt, len(task), users["u"], annotate=True)
     assert kept == 0 and t.decode(ids) == task  # no shot: no annotation, no tally
     assert not data.EpisodeStream(t, rows, None, "fspo", 2, 1, 10_000, 0, annotate=True).annotate
+
+
+def test_tally_only_prompt_counts_the_shots_and_training_draws_one_to_n():
+    """--annotate tally: the prompt is the shots' counted tally in the description slot, then
+    the question, no shot (a mirrored episode counts the swapped shots); training draws 1..N of
+    the N shots per episode, so every k of the curve is a tally it has read; evaluation at k
+    shots counts the first k."""
+    t = byte_tok()
+    users = {"u": {"domain": "roleplay", "traits": {"formality": 1.0}}}
+    rows = {"u": [Pref("u", f"Tell me about q{i}?", f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
+                  for i in range(9)]}
+    shots, q = rows["u"][:3], rows["u"][3]
+    task = f"# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n"
+    want = "# User Description\nPrefers: formal, formal, formal, serious, serious, serious.\n" + task
+    ids, kept = data.prompt_tokens(t, "fspo", shots, q.prompt, 10_000, users["u"], annotate="tally")
+    assert kept == 3 and t.decode(ids) == want
+    with pytest.raises(ValueError, match="do not fit"):
+        data.prompt_tokens(t, "fspo", shots, q.prompt, len(want) - 1, users["u"], annotate="tally")
+    mirror = data.EpisodeStream(t, rows, users, "fspo", 3, 1, 10_000, 0, mirror=1.0, annotate="tally")
+    rng = random.Random(0)
+    e = mirror.encode(shots, q, rng)
+    k = random.Random(0)  # the same draws: the mirror's coin, then the shot count
+    k.random()
+    n = k.randint(1, 3)
+    assert t.decode(e.ctx) == (f"# User Description\nPrefers: {', '.join(['casual'] * n + ['humorous'] * n)}.\n"
+                               f"# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n")
+    train = data.EpisodeStream(t, rows, users, "fspo", 3, 1, 10_000, 0, annotate="tally")
+    drawn = {t.decode(train.encode(shots, q, random.Random(s)).ctx).count("formal") for s in range(40)}
+    assert drawn == {1, 2, 3}
+    at2 = data.EpisodeStream(t, rows, users, "fspo", 3, 1, 10_000, 0, use_shots=2, annotate="tally")
+    assert {t.decode(at2.encode(shots, q, random.Random(s)).ctx).count("formal") for s in range(10)} == {2}

@@ -207,6 +207,32 @@ def test_written_annotations_follow_each_shot_and_drop_the_oldest_to_fit():
         evaluation.written_prompts(LengthWriter(tok, 4096), tok, [([], "what?")], [5], args)
 
 
+def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
+    """eval.tally_prompts (--annotate tally): the writer sees each shot alone, as "Example 1",
+    and its lines, read back, are counted into the tally; a line that names nothing known
+    counts nothing; no shots: the bare question."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    said = {"q0?": "Prefers: formal, lists.", "q1?": "Prefers: formal.", "q2?": "Prefers: casual, jokes."}
+    seen = []
+
+    class LinesWriter(LengthWriter):
+        def generate(self, prompts, max_new_tokens, temperature=0.0, eos_id=None):
+            texts = [self.tok.decode(p) for p in prompts]
+            seen.extend(texts)
+            return [self.tok.encode(next(v for k, v in said.items() if k in x) + "\n# rest") for x in texts]
+
+    shots = [Pref("u", f"q{i}?", f"yes {i}", f"no {i}") for i in range(3)]
+    args = Namespace(gen_batch=2, device="cpu", dtype="fp32")
+    got = evaluation.tally_prompts(LinesWriter(tok, 4096), tok, [(shots, "why?"), (shots[2:], "how?"), ([], "what?")],
+                                   [10_000] * 3, args, "roleplay")
+    task = lambda q: f"# Task\n{data.INSTRUCTION}\n## Question\n{q}\n"
+    # formal +1 +1 -1 = 1, lists +1: a tie, in the judge's axis order; "jokes" is no term
+    assert [tok.decode(ids) for ids in got] == [
+        "# User Description\nPrefers: formal, lists.\n" + task("why?"),
+        "# User Description\nPrefers: casual.\n" + task("how?"), task("what?")]
+    assert sorted(seen) == sorted(data.format_shot(1, s) + "## Example Contrast\n" for s in shots + shots[2:])
+
+
 def test_annotated_curve_scores_the_written_prompts():
     """curve_margins with a writer: each episode's margin is its pair scored after the
     written prompt, the sequences run alone (brute force)."""
@@ -217,7 +243,7 @@ def test_annotated_curve_scores_the_written_prompts():
                                  n_embd=16)).eval() for _ in range(2))
     args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", gen_batch=4, device="cpu")
     margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
-                                            2, 2, args, 1024, "cpu", writer=LengthWriter(tok, 1024))
+                                            2, 2, args, 1024, "cpu", writer=evaluation.Writer(LengthWriter(tok, 1024)))
 
     assert len(eps) == 6
     for m, (shots, q) in zip(margins.tolist(), eps):

@@ -142,6 +142,30 @@ def test_tally_rule_keeps_the_signs_and_drops_the_magnitudes():
     assert credit([], casual) == 0.5
 
 
+def test_counted_tally_names_each_axis_once_per_shot_and_reads_back():
+    """--annotate tally: each shot counts +1 or -1 on an axis its answers differ on, whatever
+    the magnitude; the line names an axis as often as its net count, strongest first; a line
+    read back gives each named axis's sign. The contrasts as read by hand in the test above."""
+    pair = lambda c, r: SimpleNamespace(prompt="Tell me about q?", chosen=c, rejected=r)
+    a = pair("Certainly, fine.", "Hey, fine. Ha!")              # {formality +2, humor -2}
+    b = pair("Certainly, fine. Ha!", "Hey, fine.")              # {formality +2, humor +2}
+    half = pair("Fine. Ha!", "Certainly, fine.")                # {formality -1, humor +2}
+    named = lambda shots: {x: v for x, v in judge.shot_counts("roleplay", shots).items() if v}
+    assert named([a, b, b]) == {"formality": 3, "humor": 1}
+    assert named([a, a, b, half]) == {"formality": 2}  # humor: -1 -1 +1 +1
+    assert judge.count_line("roleplay", {"formality": 3, "humor": 1}) == \
+        "Prefers: formal, formal, formal, humorous."
+    assert judge.count_line("roleplay", {"humor": -2, "formality": 2, "format": 0}) == \
+        "Prefers: formal, formal, serious, serious."
+    assert judge.count_line("roleplay", {"humor": 0}) == "Prefers: nothing."
+    assert judge.parse_line("roleplay", "Prefers: casual, humorous, no examples, bogus.") == \
+        {"formality": -1, "humor": 1, "example": -1}
+    assert judge.parse_line("roleplay", "Prefers: nothing.") == {} == judge.parse_line("roleplay", "")
+    # by counts {formality +3, humor +1} against half's {formality -1, humor +2}: -3 + 2 < 0
+    assert judge.tally_pair_credit("roleplay", [a, b, b], half, counted=True) == 0.0
+    assert judge.tally_pair_credit("roleplay", [a, b, b], half) == 1.0  # by signs: -1 + 2 > 0
+
+
 def test_reference_sees_only_the_axes_it_is_given():
     """A user who jokes: shots whose pairs differ on humor and two other axes. On a query that
     differs on humor alone, the learner given every axis but humor has nothing to go on (a tie,
