@@ -536,7 +536,7 @@ class EpisodeStream:
             shots = shots[: rng.randint(0, len(shots))]
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
-        elif self.annotate == "tally" and shots:  # tallies of 1..N shots: the curve reads every k
+        elif self.annotate == "tally" and shots:  # tallies of 1..N shots: the curve's every k up to N
             shots = shots[: rng.randint(1, len(shots))]
         user = self.users[query.user_id] if self.users else None
         e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs,

@@ -26,7 +26,7 @@ import random
 import sys
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -189,17 +189,21 @@ def written_prompts(writer, tok, items, rooms, args):
 
 
 @torch.no_grad()
-def tally_prompts(writer, tok, items, rooms, args, domain):
+def tally_prompts(writer, tok, items, rooms, args, domain, cache=None):
     """Context ids of each (shots, question) of items for a policy trained with --annotate
     tally: `writer` writes each shot's contrast line with that shot alone before it, the lines
     are read back (judge.parse_line) and counted into the tally (data.tally_prompt), as the
-    judge's contrasts are counted in training. No shots: the bare question."""
+    judge's contrasts are counted in training. No shots: the bare question. cache: {text the
+    line is written after: line}, kept across calls (greedy lines: the curve's k shots reuse
+    those written for fewer)."""
     writer.eval()
-    texts = [data.format_shot(1, s) + data.SHOT_HEADER for shots, _ in items for s in shots]
-    lines = iter(write_lines(writer, tok, texts, args))
+    cache = {} if cache is None else cache
+    text = lambda s: data.format_shot(1, s) + data.SHOT_HEADER
+    todo = sorted({text(s) for shots, _ in items for s in shots} - set(cache))
+    cache.update(zip(todo, write_lines(writer, tok, todo, args)))
     out = []
     for (shots, question), room in zip(items, rooms):
-        counts = judge.summed([judge.parse_line(domain, next(lines) or "") for _ in shots])
+        counts = judge.summed([judge.parse_line(domain, cache[text(s)] or "") for s in shots])
         out.append(data.tally_prompt(tok, counts, domain, question, room) if shots else
                    data.prompt_tokens(tok, "fspo", [], question, room)[0])
     return out
@@ -212,10 +216,11 @@ class Writer:
     tally_domain set (--annotate tally), the counted tally alone (tally_prompts)."""
     model: torch.nn.Module
     tally_domain: str | None = None
+    lines: dict = field(default_factory=dict)  # tally_prompts' cache
 
     def prompts(self, tok, items, rooms, args):
         if self.tally_domain:
-            return tally_prompts(self.model, tok, items, rooms, args, self.tally_domain)
+            return tally_prompts(self.model, tok, items, rooms, args, self.tally_domain, self.lines)
         return written_prompts(self.model, tok, items, rooms, args)
 
 
@@ -362,6 +367,9 @@ def load_models(ckpts, tok, tok_path, device, domain=None):
         shots[m] = meta["args"].get("shots")
         if meta["args"].get("annotate") and data.method(m).reads_shots:
             annotated.append(m)
+            if meta["args"]["annotate"] == "tally" and domain is None:
+                raise ValueError(f"{path} reads the shots' tally (--annotate tally), which is counted "
+                                 f"with the judge's terms: pass the users file (--users)")
             if meta["args"]["annotate"] == "tally":
                 tally.add(m)
     if annotated and "sft" not in annotated:
@@ -652,7 +660,9 @@ def format_tables(results):
             lines.append(f"\nAnnotated shots (`fspo.py --annotate tally`): the base model wrote each shot's "
                          f"contrast, that shot alone before it, and the lines, counted per axis, are the "
                          f"tally that the prompts of {', '.join(r['tally_only'])} hold in place of the shots "
-                         "(each axis named once per shot that leaned to it)"
+                         "(each axis named once per shot that leaned to it, net of those leaning "
+                         "the other way); few-shot prompted reads the shots with the base's lines "
+                         "and their tally of signs (`--annotate`), as the SFT learned"
                          + ("; the row of the judge's annotations scores FSPO with the judge's counts "
                             "(training's), so the gap to FSPO's row is what the base's writing loses; the "
                             "tally applied by rule (each axis's count times the query's contrast, summed) "

@@ -517,12 +517,13 @@ PRESETS = {
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     # annotated: the generator's default users, the paper's structure, which the cpu recipe does
     # not learn, read through annotated shots on the cpu model: SFT learns to write each shot's
-    # contrast and their tally (4000 steps: at 2000 its contrasts agree with the judge's on 68%
-    # of differing axes, 91% at 4000), oracle learns to apply a stated description (its val pair
-    # accuracy 78% at 1500 steps, 93% at 4000), FSPO starts from it (README, "Annotated shots")
-    "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
-                      batch_size=8, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=1500,
-                      oracle_steps=4000, fspo_init="oracle", annotate=True, mirror=0.5, nll=10.0,
+    # contrast (4000 steps: at 2000 its contrasts agree with the judge's on 68% of differing
+    # axes, 91% at 4000), oracle learns to apply a stated description (its val pair accuracy 78%
+    # at 1500 steps, 93% at 4000), FSPO starts from it and reads the shots' counted tally alone
+    # (README, "Annotated shots": the tally with signs only and the shots in the prompt read less)
+    "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
+                      batch_size=8, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=5000,
+                      oracle_steps=4000, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=250, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,

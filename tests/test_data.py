@@ -606,5 +606,8 @@ def test_tally_only_prompt_counts_the_shots_and_training_draws_one_to_n():
     train = data.EpisodeStream(t, rows, users, "fspo", 3, 1, 10_000, 0, annotate="tally")
     drawn = {t.decode(train.encode(shots, q, random.Random(s)).ctx).count("formal") for s in range(40)}
     assert drawn == {1, 2, 3}
-    at2 = data.EpisodeStream(t, rows, users, "fspo", 3, 1, 10_000, 0, use_shots=2, annotate="tally")
-    assert {t.decode(at2.encode(shots, q, random.Random(s)).ctx).count("formal") for s in range(10)} == {2}
+    mixed = [shots[0], data.swapped(shots[1]), shots[2]]  # formal, casual, formal
+    at = lambda k: data.EpisodeStream(t, rows, users, "fspo", 3, 1, 10_000, 0, use_shots=k, annotate="tally")
+    assert t.decode(at(2).encode(mixed, q, random.Random(0)).ctx) == "# User Description\nPrefers: nothing.\n" + task
+    assert t.decode(at(3).encode(mixed, q, random.Random(0)).ctx) == \
+        "# User Description\nPrefers: formal, serious.\n" + task

@@ -209,8 +209,8 @@ def test_written_annotations_follow_each_shot_and_drop_the_oldest_to_fit():
 
 def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
     """eval.tally_prompts (--annotate tally): the writer sees each shot alone, as "Example 1",
-    and its lines, read back, are counted into the tally; a line that names nothing known
-    counts nothing; no shots: the bare question."""
+    once however many items hold it, and its lines, read back, are counted into the tally; a
+    term it does not know counts nothing; no shots: the bare question."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     said = {"q0?": "Prefers: formal, lists.", "q1?": "Prefers: formal.", "q2?": "Prefers: casual, jokes."}
     seen = []
@@ -230,7 +230,8 @@ def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
     assert [tok.decode(ids) for ids in got] == [
         "# User Description\nPrefers: formal, lists.\n" + task("why?"),
         "# User Description\nPrefers: casual.\n" + task("how?"), task("what?")]
-    assert sorted(seen) == sorted(data.format_shot(1, s) + "## Example Contrast\n" for s in shots + shots[2:])
+    # each shot written once, alone: the second item's shot is the first's third, read from the cache
+    assert sorted(seen) == sorted(data.format_shot(1, s) + "## Example Contrast\n" for s in shots)
 
 
 def test_annotated_curve_scores_the_written_prompts():
@@ -280,3 +281,32 @@ def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
         ctx = tok.encode(text + f"# User Description\n{tally}\n# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n")
         assert abs(m - brute_margin(policy, ref, tok, ctx, q)) < 1e-3
     assert len(lines) > 1  # the tallies differ between episodes: the lines are the shots' own
+
+
+def test_judge_tally_curve_scores_the_counted_tally_by_hand():
+    """curve_margins with judge_users and annotate="tally" (the report's row of the judge's
+    counts for an --annotate tally FSPO): each margin is the pair scored after the counted
+    tally and the question alone, the prompt written out here by hand."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    formal, casual = (lambda i: f"Certainly, fine {i}."), (lambda i: f"Hey, fine {i}. Ha!")
+    rows = [Pref(f"u{u}", f"Tell me about q{i}?", *((formal(i), casual(u)) if (u + i) % 3 else
+                                                    (casual(i), formal(u))), "test")
+            for u in range(4) for i in range(4)]
+    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(4)}
+    torch.manual_seed(0)
+    policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
+                                 n_embd=16)).eval() for _ in range(2))
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", device="cpu")
+    margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+                                            3, 3, args, 1024, "cpu", judge_users=users, annotate="tally")
+    words = {"Certainly": ("formal", "serious"), "Hey": ("casual", "humorous")}
+    tallies = set()
+    for m, (shots, q) in zip(margins.tolist(), eps):
+        sides = [words[s.chosen.split(",")[0]] for s in shots]  # each shot leans both axes one way
+        net = sum(1 if side[0] == "formal" else -1 for side in sides)
+        named = ["formal", "serious"] if net > 0 else ["casual", "humorous"]
+        tally = "Prefers: " + ", ".join([named[0]] * abs(net) + [named[1]] * abs(net)) + "." if net else "Prefers: nothing."
+        tallies.add(tally)
+        ctx = tok.encode(f"# User Description\n{tally}\n# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n")
+        assert abs(m - brute_margin(policy, ref, tok, ctx, q)) < 1e-3
+    assert len(tallies) > 1

@@ -151,3 +151,10 @@ def test_tally_only_main_job_annotates_the_sft_with_lines_and_fspo_with_the_tall
     report = (out / "report.md").read_text()
     assert "| FSPO (IPO), the shots' tally | 2 | " in report and "`fspo.py --annotate tally`" in report
     assert res["pair_accuracy"]["tally"]["0"]["rate"] == 0.5 and "fspo-judge" in res["pair_accuracy"]
+    # without the users file there is no judge to count the lines with: refused, not read as shots
+    alone = tmp_path / "own" / "prefs.jsonl"
+    alone.parent.mkdir()
+    alone.write_text((out / "data" / "roleplay" / "prefs.jsonl").read_text())
+    r = subprocess.run([sys.executable, "eval.py", "--base", str(base / "sft"), "--ckpt", str(base / "fspo"),
+                        "--prefs", str(alone), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--annotate tally" in r.stderr and "--users" in r.stderr, r.stderr[-2000:]
