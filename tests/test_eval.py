@@ -252,21 +252,28 @@ def test_annotated_curve_scores_the_written_prompts():
         assert abs(m - brute_margin(policy, ref, tok, ctx, q)) < 1e-3
 
 
-def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
-    """curve_margins with judge_users (the report's row of the judge's annotations): each
-    margin is the pair scored after the shots, each followed by the judge's contrast, and
-    their tally, the prompt written out here by hand."""
-    import judge
+def judge_curve_setup(n_questions):
+    """Four formality users whose pairs set "Certainly" against "Hey ... Ha!" either way round,
+    and a tiny random policy and reference, for the curves annotated by the judge."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     formal, casual = (lambda i: f"Certainly, fine {i}."), (lambda i: f"Hey, fine {i}. Ha!")
     rows = [Pref(f"u{u}", f"Tell me about q{i}?", *((formal(i), casual(u)) if (u + i) % 3 else
                                                     (casual(i), formal(u))), "test")
-            for u in range(4) for i in range(3)]
+            for u in range(4) for i in range(n_questions)]
     users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(4)}
     torch.manual_seed(0)
     policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
     args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", device="cpu")
+    return tok, rows, users, policy, ref, args
+
+
+def test_judge_annotated_curve_scores_the_judges_lines_by_hand():
+    """curve_margins with judge_users (the report's row of the judge's annotations): each
+    margin is the pair scored after the shots, each followed by the judge's contrast, and
+    their tally, the prompt written out here by hand."""
+    import judge
+    tok, rows, users, policy, ref, args = judge_curve_setup(3)
     margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                             2, 2, args, 1024, "cpu", judge_users=users)
 
@@ -287,16 +294,7 @@ def test_judge_tally_curve_scores_the_counted_tally_by_hand():
     """curve_margins with judge_users and annotate="tally" (the report's row of the judge's
     counts for an --annotate tally FSPO): each margin is the pair scored after the counted
     tally and the question alone, the prompt written out here by hand."""
-    tok = Tokenizer({bytes([i]): i for i in range(256)})
-    formal, casual = (lambda i: f"Certainly, fine {i}."), (lambda i: f"Hey, fine {i}. Ha!")
-    rows = [Pref(f"u{u}", f"Tell me about q{i}?", *((formal(i), casual(u)) if (u + i) % 3 else
-                                                    (casual(i), formal(u))), "test")
-            for u in range(4) for i in range(4)]
-    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(4)}
-    torch.manual_seed(0)
-    policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
-                                 n_embd=16)).eval() for _ in range(2))
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", device="cpu")
+    tok, rows, users, policy, ref, args = judge_curve_setup(4)
     margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                             3, 3, args, 1024, "cpu", judge_users=users, annotate="tally")
     words = {"Certainly": ("formal", "serious"), "Hey": ("casual", "humorous")}
