@@ -435,9 +435,6 @@ class Episode:
     # every shot, how its chosen answer differs from its rejected one; after the whole context,
     # the user's true description. An auxiliary loss that spells out what the shots reveal
     notes: list = field(default_factory=list)
-    # --line-weight: [(start, end)] ctx spans of each shot's contrast line under --annotate,
-    # the text the base writes at evaluation (its own term in the SFT loss)
-    lines: list = field(default_factory=list)
 
 def shot_spans(tok, shots, ctx):
     """[(start, end, rejected ids)] of each shot of format_prompt(shots, ...) encoded as ctx,
@@ -467,19 +464,6 @@ def shot_ends(tok, shots, ctx):
         at += len(ids)
         ends.append(at)
     return ends
-
-def line_spans(tok, shots, contrasts, ctx):
-    """[(start, end)] of each contrast line (its text and newline) of format_shots(shots,
-    contrasts) encoded at the start of ctx; [] when the pieces do not add up to ctx."""
-    spans, at = [], 0
-    for i, (s, c) in enumerate(zip(shots, contrasts), 1):
-        head, line = tok.encode(format_shot(i, s) + SHOT_HEADER), tok.encode(c + "\n")
-        if ctx[at:at + len(head)] != head or ctx[at + len(head):at + len(head) + len(line)] != line:
-            return []
-        at += len(head)
-        spans.append((at, at + len(line)))
-        at += len(line)
-    return spans
 
 def encode_episode(tok, shots, query, max_len, name="fspo", user=None, shot_pairs=False,
                    annotate=False) -> Episode:
@@ -518,7 +502,7 @@ class EpisodeStream:
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0,
-                 describe=False, annotate=False, lines=False):
+                 describe=False, annotate=False):
         self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
         learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
@@ -532,7 +516,6 @@ class EpisodeStream:
         # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots
         self.annotate = annotate if users is not None else False  # the judge's (--annotate [tally])
-        self.lines = lines and self.annotate is True and context  # --line-weight: the SFT's lines
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
@@ -560,9 +543,6 @@ class EpisodeStream:
                            self.annotate)
         if self.describe and e.n_shots:
             e.notes = self.notes(shots[len(shots) - e.n_shots:], e.ctx, user, flip)
-        if self.lines and e.n_shots:
-            kept = shots[len(shots) - e.n_shots:]
-            e.lines = line_spans(self.tok, kept, annotations(user["domain"], kept)[0], e.ctx)
         return e
 
     def notes(self, kept, ctx, user, flip):
@@ -673,12 +653,6 @@ def pack_sft(episodes, pad_id, which="both", multiple=1, context=False) -> dict[
     if context:  # seg 0 -> seg 0 or the first (duplicated) context token of seg 1
         inside = (seg[:, :-1] == 0) & (seg[:, 1:] <= 1)
         targets[:, :-1] = torch.where(inside, idx[:, 1:], targets[:, :-1])
-    if any(e.lines for e in episodes):  # --line-weight: the columns that predict a line's tokens
-        line = torch.zeros_like(seg, dtype=torch.bool)
-        for b, e in enumerate(episodes):
-            for start, end in e.lines:
-                line[b, start - 1:end - 1] = True
-        batch["line"] = line & (targets != -1)
     return batch
 
 def sequence_logps(token_lp, seg):

@@ -95,10 +95,6 @@ def score_batch(scorer, ref_scorer, b, args):
     if has_notes:
         loss = loss + args.describe * describe_nll
         metrics["describe/nll"] = describe_nll.detach()
-    if "line" in b and b["line"].any():  # --line-weight: the annotate lines, a term of their own
-        line_nll = -lp[b["line"]].sum() / b["line"].sum()
-        loss = loss + args.line_weight * line_nll
-        metrics["line/nll"] = line_nll.detach()
     metrics.update({"loss": loss.detach(), "logps/chosen": pw.detach().mean()})
     if learns != "chosen":  # chosen-only methods have no rejected labels
         metrics["logps/rejected"] = pl.detach().mean()
@@ -154,8 +150,6 @@ def make_streams(args, tok, prefs_path, users_path, device):
     if args.annotate and (args.describe or args.shot_pairs or not annotates(args.method, args)):
         raise ValueError("--annotate needs a method whose prompt holds shots, and goes with neither "
                          "--describe, --shot-pairs nor a cot method")
-    if args.line_weight and not (args.method == "sft" and args.annotate):
-        raise ValueError("--line-weight weighs the SFT's --annotate lines: it needs --method sft and --annotate")
     data.check_lengths(tok, prefs, args.block_size, args.method, users)
     rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
     if not rows["val"]:
@@ -165,8 +159,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
-                                    describe=bool(args.describe), annotate=args.annotate,
-                                    lines=bool(args.line_weight))
+                                    describe=bool(args.describe), annotate=args.annotate)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -395,7 +388,7 @@ def stage_order(args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed", "dtype", "describe", "annotate", "line_weight", "ref")
+          "block_size", "seed", "dtype", "describe", "annotate", "ref")
 PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
 
 
@@ -423,7 +416,6 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None,
     a = copy.copy(args)
     a.method, a.loss = name.removesuffix("-dpo"), "dpo" if name.endswith("-dpo") else "ipo"
     a.out, a.init, a.ref, a.annotate = out, init, ref, annotates(name, args)
-    a.line_weight = args.line_weight if a.method == "sft" else None  # the writer's lines: SFT only
     for k, v in over.items():
         setattr(a, k, v)
     saved = saved_meta(out)
@@ -579,9 +571,6 @@ def stage_flags(a):
            "the shots with their tally as the user description (the judge's, from the shots "
            "alone; users file); eval.py has the base model write them (README). '--annotate "
            "tally': stage 2 reads the tally alone, each axis named once per shot, no shot")
-    a("--line-weight", type=float, default=None,
-      help="sft under --annotate: add this weight times the token-mean NLL of the shots' contrast "
-           "lines (what the base writes at evaluation) to the loss (0 = off)")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,
@@ -656,7 +645,6 @@ def get_args(argv=None):
     args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
     args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
     args.annotate = args.annotate or None
-    args.line_weight = args.line_weight or None
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

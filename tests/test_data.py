@@ -611,25 +611,3 @@ def test_tally_only_prompt_counts_the_shots_and_training_draws_one_to_n():
     assert t.decode(at(2).encode(mixed, q, random.Random(0)).ctx) == "# User Description\nPrefers: nothing.\n" + task
     assert t.decode(at(3).encode(mixed, q, random.Random(0)).ctx) == \
         "# User Description\nPrefers: formal, serious.\n" + task
-
-
-def test_line_weight_marks_the_columns_that_predict_each_shots_contrast_line():
-    """--line-weight: in an annotated SFT batch the marked columns are exactly those whose
-    target is a token of a shot's contrast line (its text and newline), shot by shot; the tally
-    and the rest of the context are not marked; without the flag there is no mark."""
-    t = byte_tok()
-    users = {"u": {"domain": "roleplay", "traits": {"formality": 1.0}}}
-    rows = {"u": [Pref("u", f"Tell me about q{i}?", f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
-                  for i in range(6)]}
-    shots, q = rows["u"][:2], rows["u"][2]
-    stream = data.EpisodeStream(t, rows, users, "sft", 2, 1, 10_000, 0, context=True, annotate=True,
-                                lines=True)
-    e = next(e for s in range(50) if (e := stream.encode(shots, q, random.Random(s))).n_shots == 2)
-    b = pack_sft([e, stream.encode([], q, random.Random(0))], t.eot_id, context=True)  # the SFT draws 0..N
-    line = "Prefers: formal, serious.\n"
-    marked = [b["targets"][0, c].item() for c in range(b["line"].shape[1]) if b["line"][0, c]]
-    assert t.decode(marked) == line * 2 and not b["line"][1].any()
-    text = t.decode(e.ctx)  # each marked run ends right before the next shot / the description
-    assert text.count("## Example Contrast\n" + line) == 2 and "# User Description\n" + line[:-1] in text
-    plain = data.EpisodeStream(t, rows, users, "sft", 2, 1, 10_000, 0, context=True, annotate=True)
-    assert "line" not in pack_sft([plain.encode(shots, q, random.Random(0))], t.eot_id, context=True)

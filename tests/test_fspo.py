@@ -123,29 +123,6 @@ def test_describe_adds_its_weight_times_the_notes_nll(tiny):
     assert got.item() == pytest.approx(base.item() + 3.0 * want, rel=1e-4)
 
 
-def test_line_weight_adds_its_weight_times_the_lines_nll(tiny):
-    """--line-weight w (SFT under --annotate): the loss is the SFT's token-mean NLL over every
-    labelled token, lines included, plus w times the lines' own mean NLL, by hand from logits."""
-    tok, eps = episodes(tiny, 3)
-    torch.manual_seed(0)
-    policy = fspo.LogProbs(GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32))).eval()
-    for e in eps:  # two made-up line spans per context
-        e.lines = [(3, 7), (len(e.ctx) - 6, len(e.ctx) - 2)]
-    args = Namespace(method="sft", line_weight=2.5)
-    b = data.pack_sft(eps, tok.eot_id, context=True)
-    with torch.no_grad():
-        base, _ = fspo.score_batch(policy, None, {k: v for k, v in b.items() if k != "line"}, args)
-        got, metrics = fspo.score_batch(policy, None, b, args)
-        nll = []
-        for e in eps:
-            logits, _ = policy.gpt(torch.tensor([e.ctx]))
-            lp = torch.log_softmax(logits[0].double(), -1)
-            nll += [-lp[j - 1, e.ctx[j]].item() for start, end in e.lines for j in range(start, end)]
-    want = sum(nll) / len(nll)
-    assert metrics["line/nll"].item() == pytest.approx(want, rel=1e-4)
-    assert got.item() == pytest.approx(base.item() + 2.5 * want, rel=1e-4)
-
-
 def run(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, **kw)
