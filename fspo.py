@@ -3,6 +3,7 @@ Few-Shot Preference Optimization (FSPO): the loss, the training loop and the mai
 
     python fspo.py                                    # main job: data, tokenizer, SFT, FSPO,
                                                       # baselines, evaluation, report
+    python fspo.py --preset cpu                       # the same on easy users, in minutes
     python fspo.py --preset tiny --out runs/tiny      # the same pipeline in about a minute
     python fspo.py --method sft  --out runs/x/sft     # one training stage ...
     python fspo.py --method fspo --init runs/x/sft --out runs/x/fspo   # ... and the next
@@ -494,8 +495,9 @@ def main_job(args):
 # ----------------------------------------------------------------------------------------
 # Flags and presets
 
-# Presets are overrides of the flag defaults. cpu: the default on a 2-core machine (the
-# main job must finish in 20 minutes); gpu: the reduced-scale reproduction on one GPU.
+# Presets are overrides of the flag defaults. annotated: the default without CUDA, the
+# generator's default users (the paper's structure) on the cpu model; cpu: easy users, the
+# teaching and smoke setting; gpu: the default with CUDA, the reduced-scale reproduction.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1024, block_size=1024, shots=2,
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
@@ -606,7 +608,7 @@ def stage_flags(a):
 
 
 def main_job_flags(a):
-    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: gpu if CUDA)")
+    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: gpu if CUDA, else annotated)")
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
     a("--sft-shots", type=int, default=None,
       help="main job: the SFT stage's episodes hold 0..this many shots (default N), so the "
@@ -636,7 +638,7 @@ def get_args(argv=None):
     stage_flags(p.add_argument)
     args = p.parse_args(argv)
     if args.preset is None:
-        args.preset = "gpu" if torch.cuda.is_available() else "cpu"
+        args.preset = "gpu" if torch.cuda.is_available() else "annotated"
     if args.method not in (None, "sft") and args.lr is None:  # one stage-2 run, as the main job
         args.lr = PRESETS[args.preset]["pref_lr"]
     for k, v in PRESETS[args.preset].items():
@@ -657,8 +659,9 @@ def main(argv=None):
         if args.fspo_init == "oracle" and "oracle" not in args.methods.split(","):
             raise SystemExit("fspo.py: --fspo-init oracle needs oracle in --methods")
         if args.annotate and args.prefs and not args.users:
-            raise SystemExit("fspo.py: --annotate needs the users file (--users): the judge writes "
-                             "the training annotations from the users' domain")
+            raise SystemExit("fspo.py: --annotate (the annotated preset's, the default without CUDA) needs "
+                             "the users file (--users): the judge writes the training annotations from "
+                             "the users' domain; for pairs without one, --preset cpu or tiny")
         return main_job(args)
     if args.out is None:
         raise SystemExit("fspo.py: --out is required with --method")

@@ -318,12 +318,21 @@ def test_describe_without_a_users_file_is_refused(mine):
     assert not (mine / "described").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the default preset is gpu")
+def test_the_default_preset_without_cuda_is_the_annotated_recipe():
+    args = fspo.get_args([])
+    assert (args.preset, args.annotate, args.fspo_init, args.shots, args.synth) == ("annotated", "tally", "oracle", 8, "")
+
+
 def test_annotate_without_users_and_a_warm_start_without_oracle_are_refused(mine):
     r = run(mine_args(mine, mine / "annotated", "--method", "sft", "--steps", "2", "--annotate"))
     assert r.returncode != 0 and "--annotate needs the users file" in r.stderr
     assert not (mine / "annotated").exists()
     r = run(mine_args(mine, mine / "job", "--annotate"))  # the main job, before it writes anything
-    assert r.returncode != 0 and "--annotate needs the users file (--users)" in r.stderr
+    assert r.returncode != 0 and "needs the users file (--users)" in r.stderr
+    # the annotated preset (the default without CUDA): pairs without users are pointed to cpu
+    r = run(["fspo.py", "--preset", "annotated", "--prefs", str(mine / "mine.jsonl"), "--out", str(mine / "job")])
+    assert r.returncode != 0 and "needs the users file (--users)" in r.stderr and "--preset cpu" in r.stderr
     r = run(mine_args(mine, mine / "job", "--fspo-init", "oracle", "--methods", "fspo,pooled"))
     assert r.returncode != 0 and "--fspo-init oracle needs oracle in --methods" in r.stderr
     assert not (mine / "job").exists()
