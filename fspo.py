@@ -598,7 +598,8 @@ def stage_flags(a):
     a("--ckpt-every", type=int, default=None)
     a("--log-every", type=int, default=10)
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
-    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (the gpu preset does; --no-compile turns it off)")
     a("--device", default=None, help="cpu | cuda (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
       help="matmul dtype under autocast; auto = bf16 on CUDA, and on a CPU where a timed bf16 "

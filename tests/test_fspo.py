@@ -324,6 +324,11 @@ def test_the_default_preset_without_cuda_is_the_annotated_recipe():
     assert (args.preset, args.annotate, args.fspo_init, args.shots, args.synth) == ("annotated", "tally", "oracle", 8, "")
 
 
+def test_no_compile_overrides_the_gpu_presets_compile():
+    assert fspo.get_args(["--preset", "gpu"]).compile is True
+    assert fspo.get_args(["--preset", "gpu", "--no-compile"]).compile is False
+
+
 def test_annotate_without_users_and_a_warm_start_without_oracle_are_refused(mine):
     r = run(mine_args(mine, mine / "annotated", "--method", "sft", "--steps", "2", "--annotate"))
     assert r.returncode != 0 and "--annotate needs the users file" in r.stderr
