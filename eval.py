@@ -2,13 +2,13 @@
 Evaluation: held-out pair accuracy vs shots, win rates judged with each user's reward, the
 report; and answers for one person from their own labelled pairs.
 
-    python eval.py --base runs/cpu/roleplay-4shot/sft --ckpt runs/cpu/roleplay-4shot/fspo \
-                   --ckpt runs/cpu/roleplay-4shot/pooled --data runs/cpu/data --domain roleplay
+    python eval.py --base runs/annotated/roleplay-8shot/sft --ckpt runs/annotated/roleplay-8shot/fspo \
+                   --ckpt runs/annotated/roleplay-8shot/pooled --data runs/annotated/data   # python fspo.py's
     python eval.py --base SFT_DIR --ckpt DIR --prefs my/prefs.jsonl --users my/users.jsonl
     python eval.py --base SFT_DIR --ckpt DIR --data D --split val   # the same report on val users, to tune
     python eval.py --ckpt RUN --data D --split val --notes   # does RUN read fspo.py --describe's notes?
     python eval.py --ckpt runs/cpu/roleplay-4shot/fspo --personalize tests/data/me.jsonl \
-                   --question "How can I enjoy chess more?" [--temperature 0.8 --top-k 20]
+                   --question "How can I enjoy chess more?" [--temperature 0.8 --top-k 20]   # --preset cpu's
 
 Owns the evaluation: pair accuracy (also the training loop's running metric), generation,
 win rates, the report (report.md, metrics.json, one SVG curve per domain), personalize.

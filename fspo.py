@@ -5,7 +5,7 @@ Few-Shot Preference Optimization (FSPO): the loss, the training loop and the mai
                                                       # baselines, evaluation, report
     python fspo.py --preset cpu                       # the same on easy users, in minutes
     python fspo.py --preset tiny --out runs/tiny      # the same pipeline in about a minute
-    python fspo.py --method sft  --out runs/x/sft     # one training stage ...
+    python fspo.py --method sft  --out runs/x/sft     # one stage (cpu preset's flags) ...
     python fspo.py --method fspo --init runs/x/sft --out runs/x/fspo   # ... and the next
     torchrun --nproc_per_node=2 fspo.py --method fspo --init runs/x/sft --out runs/x/fspo
 
@@ -609,7 +609,8 @@ def stage_flags(a):
 
 
 def main_job_flags(a):
-    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: gpu if CUDA, else annotated)")
+    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: gpu if CUDA, else annotated for the main job, "
+                                                      "cpu for one stage)")
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
     a("--sft-shots", type=int, default=None,
       help="main job: the SFT stage's episodes hold 0..this many shots (default N), so the "
@@ -638,8 +639,8 @@ def get_args(argv=None):
     main_job_flags(p.add_argument)
     stage_flags(p.add_argument)
     args = p.parse_args(argv)
-    if args.preset is None:
-        args.preset = "gpu" if torch.cuda.is_available() else "annotated"
+    if args.preset is None:  # annotated is a chain of stages (README): a lone stage takes cpu's flags
+        args.preset = "gpu" if torch.cuda.is_available() else "annotated" if args.method is None else "cpu"
     if args.method not in (None, "sft") and args.lr is None:  # one stage-2 run, as the main job
         args.lr = PRESETS[args.preset]["pref_lr"]
     for k, v in PRESETS[args.preset].items():

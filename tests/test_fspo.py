@@ -319,9 +319,12 @@ def test_describe_without_a_users_file_is_refused(mine):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the default preset is gpu")
-def test_the_default_preset_without_cuda_is_the_annotated_recipe():
+def test_the_default_preset_without_cuda_is_annotated_for_the_main_job_and_cpu_for_one_stage():
     args = fspo.get_args([])
     assert (args.preset, args.annotate, args.fspo_init, args.shots, args.synth) == ("annotated", "tally", "oracle", 8, "")
+    # one stage alone takes the cpu preset's plain flags: annotated is a chain of stages
+    args = fspo.get_args(["--method", "fspo", "--out", "x"])
+    assert (args.preset, args.annotate, args.shots, args.lr) == ("cpu", None, 4, 5e-5)
 
 
 def test_no_compile_overrides_the_gpu_presets_compile():
