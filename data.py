@@ -502,7 +502,7 @@ class EpisodeStream:
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0,
-                 describe=False, annotate=False):
+                 describe=False, annotate=False, group=1):
         self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
         learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
@@ -527,6 +527,7 @@ class EpisodeStream:
                 f"{enough} of them with the {n_shots + 1} rows an episode of {n_shots} shots + a query "
                 f"needs; add users or rows, or lower --batch-size or --shots")
         self.epoch, self.episodes = None, None
+        self.group, self.pool = max(1, group), (None, None)  # pool: (its key, its batches)
 
     def encode(self, shots, query, rng):
         flip = self.mirror and rng.random() < self.mirror
@@ -563,8 +564,31 @@ class EpisodeStream:
             self.episodes = make_episodes(self.prefs_by_user, self.n, rng, report=False)
             rng.shuffle(self.episodes)
             self.epoch = epoch
+        if self.group == 1:
+            return self.pack(self.encoded(epoch * self.per_epoch + j))
+        # --group K: the K batches of a pool hold the same episodes as without grouping, sorted
+        # by length and cut again, so a batch of short episodes is not padded to a long one's
+        # length (the padding cost 40% of the annotated SFT's tokens, and attention grows with T)
+        j0 = j - j % self.group
+        if self.pool[0] != (epoch, j0):
+            ids = range(epoch * self.per_epoch + j0, epoch * self.per_epoch + min(j0 + self.group, self.per_epoch))
+            eps = sorted((e for k in ids for e in self.encoded(k)),
+                         key=lambda e: (len(e.ctx) + len(e.chosen), len(e.rejected)))
+            batches = [self.pack(eps[s:s + self.B]) for s in range(0, len(eps), self.B)]
+            random.Random(self.seed * 15485863 + ids[0]).shuffle(batches)  # long and short interleaved
+            # SFT's token-mean over the pool: each token weighs what it would without grouping
+            # (a batch of short episodes would otherwise give its few tokens a whole step)
+            n = sum(int(labelled(b).sum()) for b in batches) / len(batches)
+            self.pool = ((epoch, j0), [dict(b, n_labelled=torch.tensor(float(n))) for b in batches])
+        return self.pool[1][j - j0]
+
+    def encoded(self, i):
+        """The episodes of batch i, encoded (their shot counts and mirror images drawn per i)."""
+        j = i % self.per_epoch
         rng = random.Random(self.seed * 7919 + i)
-        eps = [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
+        return [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
+
+    def pack(self, eps):
         return pack_sft(eps, self.tok.eot_id, which=self.which, multiple=self.multiple,
                         context=self.context)
 
@@ -654,6 +678,10 @@ def pack_sft(episodes, pad_id, which="both", multiple=1, context=False) -> dict[
         inside = (seg[:, :-1] == 0) & (seg[:, 1:] <= 1)
         targets[:, :-1] = torch.where(inside, idx[:, 1:], targets[:, :-1])
     return batch
+
+def labelled(b):
+    """(B, T) True where a token is SFT's to predict: every label but --describe's notes."""
+    return (b["targets"] != -1) & (b["seg"] != DESCRIBE)
 
 def sequence_logps(token_lp, seg):
     """(B, T) token log-probs -> summed log p(chosen), log p(rejected), each (B,) float32."""

@@ -92,7 +92,8 @@ def score_batch(scorer, ref_scorer, b, args):
                    "rewards/margins": (rew_w - rew_l).mean()}
     else:
         pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
-        loss = -lp.sum() / ((b["targets"] != -1) & ~desc).sum()
+        # token-mean NLL; under --group over the pool's tokens per batch (data.EpisodeStream)
+        loss = -lp.sum() / b.get("n_labelled", data.labelled(b).sum())
     if has_notes:
         loss = loss + args.describe * describe_nll
         metrics["describe/nll"] = describe_nll.detach()
@@ -160,7 +161,8 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
-                                    describe=bool(args.describe), annotate=args.annotate)
+                                    describe=bool(args.describe), annotate=args.annotate,
+                                    group=args.group or 1)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -389,7 +391,7 @@ def stage_order(args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed", "dtype", "describe", "annotate", "ref")
+          "block_size", "seed", "dtype", "describe", "annotate", "ref", "group")
 PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
 
 
@@ -524,7 +526,7 @@ PRESETS = {
     # at 1500 steps, 93% at 4000), FSPO starts from it and reads the shots' counted tally alone
     # (README, "Annotated shots": the tally with signs only and the shots in the prompt read less)
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
-                      batch_size=8, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=5000,
+                      batch_size=8, group=16, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=5000,
                       oracle_steps=4000, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=250, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
@@ -582,6 +584,9 @@ def stage_flags(a):
       help="IPO target margin is 1/(2 beta) nats of summed log-prob (paper: 0.01 at 3B)")
     a("--steps", type=int, default=None, help="optimizer steps (default: preset's)")
     a("--batch-size", type=int, default=None, help="episodes per micro-batch")
+    a("--group", type=int, default=None,
+      help="sort each K batches' episodes by length and cut them again: less padding, the same "
+           "episodes, SFT's tokens weighted as without (unset: off)")
     a("--grad-accum", type=int, default=None, help="micro-batches per step, over all ranks")
     a("--lr", type=float, default=None)
     a("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of lr")

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import regex
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data
 import judge
+from model import GPT, GPTConfig
 from data import (COMPLETION_HEADER, COT_HEADER, Episode, Pref, Tokenizer, by_user, encode_episode,
                   format_prompt, load_prefs, make_episodes, pack_batch,
                   pack_naive, pack_sft, sequence_logps, train_bpe)
@@ -611,3 +613,44 @@ def test_tally_only_prompt_counts_the_shots_and_training_draws_one_to_n():
     assert t.decode(at(2).encode(mixed, q, random.Random(0)).ctx) == "# User Description\nPrefers: nothing.\n" + task
     assert t.decode(at(3).encode(mixed, q, random.Random(0)).ctx) == \
         "# User Description\nPrefers: formal, serious.\n" + task
+
+def test_grouped_batches_hold_the_same_episodes_less_padded():
+    """--group K: the K batches of a pool hold the episodes the K ungrouped batches hold (the
+    same shot counts drawn), each batch sorted by length, none longer than the pool's longest;
+    batch i is still a pure function of (seed, i), whatever was asked before it."""
+    t = byte_tok()
+    rows = {f"u{u}": [Pref(f"u{u}", f"q{u}{i}?" + "x" * (7 * i), f"yes {u}{i}", f"no {u}{i}")
+                      for i in range(9)] for u in range(48)}
+    make = lambda g: data.EpisodeStream(t, rows, None, "sft", 8, 4, 10_000, 3, group=g)
+    plain, grouped = make(1), make(4)
+    assert plain.per_epoch == 12  # three pools of 4 batches per epoch
+    rowset = lambda bs: sorted(tuple(b["idx"][r][b["seg"][r] != data.PAD].tolist())
+                               for b in bs for r in range(len(b["idx"])))
+    for pool in (0, 4, 12):  # the first pool, a later one, the next epoch's first
+        ids = range(pool, pool + 4)
+        assert rowset([grouped.batch(i) for i in ids]) == rowset([plain.batch(i) for i in ids])
+        assert sum(grouped.batch(i)["idx"].numel() for i in ids) < sum(plain.batch(i)["idx"].numel() for i in ids)
+    fresh = make(4)
+    for i in (13, 2, 12):
+        assert all(torch.equal(v, grouped.batch(i)[k]) for k, v in fresh.batch(i).items())
+
+
+def test_grouped_sft_loss_weighs_every_token_as_ungrouped():
+    """Under --group the SFT's per-batch token-mean is taken over the pool's tokens per batch,
+    so the K steps' losses sum to K times the token-mean NLL over all the pool's tokens,
+    computed here from the ungrouped batches' summed log-probs."""
+    import fspo
+    t = byte_tok()
+    rows = {f"u{u}": [Pref(f"u{u}", f"q{u}{i}?" + "x" * (5 * i), f"yes {u}{i}", f"no {u}{i}")
+                      for i in range(9)] for u in range(24)}
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=1024, vocab_size=t.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+    scorer = lambda idx, tg, pos, mask: m.token_logprobs(idx, tg, pos=pos, mask=mask)
+    args = SimpleNamespace(method="sft", describe=0.0)
+    make = lambda g: data.EpisodeStream(t, rows, None, "sft", 8, 2, 10_000, 0, context=True, group=g)
+    with torch.no_grad():
+        plain = [make(1).batch(i) for i in range(3)]
+        nll = -sum(float(scorer(b["idx"], b["targets"], b["pos"], b["mask"]).sum()) for b in plain)
+        n = sum(int((b["targets"] != -1).sum()) for b in plain)
+        grouped = sum(float(fspo.score_batch(scorer, None, make(3).batch(i), args)[0]) for i in range(3))
+    assert grouped == pytest.approx(3 * nll / n, rel=1e-5)
