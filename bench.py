@@ -21,6 +21,8 @@ generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whol
              the KV cache in bf16 vs float32 with how many rows keep the same greedy tokens.
 logps        summed log-probs of one batch under bf16 autocast vs float32, and old vs new layout.
 data         the time pack_batch takes to build a batch (mask included) against a step.
+group        SFT steps over one pool of 16 batches, as drawn and grouped by length (--group):
+             the same episodes, less padding.
 sdpa, mfu    which SDPA kernel each layout runs; on CUDA the step's share of the GPU's
              bf16 peak from its datasheet, eager and --compile.
 Nothing here asserts a speed: the figures are for reading. On a shared machine, check the
@@ -409,6 +411,35 @@ def bench_data(m, eps, n, step_s):
           f"(mask included, median of 5) = {100 * s / step_s:.1f}% of a step", flush=True)
 
 
+def bench_group(m, rows, n, B, K=16):
+    """An SFT step over one pool of K batches, as the sampler draws them and grouped by length
+    (fspo.py --group K): the same episodes, 0..n shots each as SFT draws them."""
+    by = data.by_user(rows)
+    pools = {g: [data.EpisodeStream(m.tok, by, None, "sft", n, B, m.cfg.block_size, 0, context=True,
+                                    group=g).batch(i) for i in range(K)] for g in (1, K)}
+    pools = {g: [to_device(b, m.dev) for b in bs] for g, bs in pools.items()}
+    args = argparse.Namespace(method="sft", describe=0.0)
+
+    def steps(bs):
+        for b in bs:
+            with M.autocast(m.dev):
+                loss, _ = fspo.score_batch(m.scorer, None, b, args)
+            loss.backward()
+            m.opt.step()
+            m.opt.zero_grad(set_to_none=True)
+
+    fns = {g: (lambda bs=bs: steps(bs)) for g, bs in pools.items()}
+    for fn in fns.values():
+        fn()
+    t = medians(fns, m.reps, m.dev)
+    tokens = {g: sum(b["idx"].numel() for b in bs) for g, bs in pools.items()}
+    real = sum(int((b["seg"] != data.PAD).sum()) for b in pools[1])
+    print(f"group sft N={n} B={B} K={K} {m.where}: {K} steps as drawn {t[1]:.2f} s ({tokens[1]} "
+          f"tokens, {100 * (1 - real / tokens[1]):.0f}% padding), grouped by length {t[K]:.2f} s "
+          f"({tokens[K]} tokens, {100 * (1 - real / tokens[K]):.0f}% padding) -> {t[1] / t[K]:.2f}x",
+          flush=True)
+
+
 def bench_cuda(m, new, old, n, args):
     ran = {k: sdpa_ran(m.scorer, b, M.autocast(m.dev)) for k, b in (("old", old), ("new", new))}
     print(f"sdpa kernel N={n} {m.where}: old layout (full mask) runs {ran['old']}; new layout "
@@ -492,6 +523,7 @@ def main(argv=None):
     t = medians({"s": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new,
                                         M.autocast(m.dev))}, 1, m.dev)["s"]
     bench_data(m, eps[:B], n, t)
+    bench_group(m, rows, n, B)
     bench_cuda(m, new, to_device(pack_full_mask(eps[:B], m.pad), m.dev), n, args)
 
 
