@@ -211,50 +211,6 @@ def test_ddp_two_processes_same_gradients_as_one(tiny):
     assert final_row(one)["loss"] == pytest.approx(final_row(two)["loss"], rel=1e-5)
 
 
-# Measured on 2026-11-29: whether this recipe learns to read the shots is a knife-edge of training,
-# not a defect of the attention layout. From one SFT checkpoint the code before the tail-mask layout
-# (2868b98~1) and the current code log the same step-10 metrics to four digits and part near step
-# 130: the old run reads the shots (val 92.5%), the current one fits the training users (train loss
-# 0.2, rewards/accuracies 1.0) yet scores 48.8% on val users, and 100% on those same users when they
-# ask training questions instead of held-out ones. Seeds 1337, 1, 2 of the current code end at
-# 0.475-0.525 (the old code's own metric: 0.906, 0.75, 0.594).
-@pytest.mark.xfail(reason="knife-edge recipe: FSPO reads held-out users' shots in some runs only "
-                   "(measured 0.475-0.925 across seeds and code versions); see the comment above",
-                   strict=False)
-def test_tiny_fspo_learns_held_out_users_from_context(tmp_path):
-    """Users who each prefer one word over another, in the generator's row format. Only the
-    shots say which: FSPO must read them, so held-out pair accuracy far above chance is
-    in-context personalization, while pooled IPO (no context) stays near chance. Held-out
-    users ask questions no training user asks, and no answer repeats within a user, so the
-    query's chosen string is never in its shots: only the preferred WORD carries over.
-    What it measures now: see the comment above."""
-    rng = random.Random(0)
-    words, fillers = ["alpha", "bravo", "charlie", "delta"], ["kilo", "lima", "mike", "oscar", "papa", "romeo"]
-    with open(tmp_path / "prefs.jsonl", "w") as f:
-        for u in range(260):
-            a, b = rng.sample(words, 2)
-            split = "train" if u < 200 else "val" if u < 240 else "test"
-            qs = range(40) if split == "train" else range(40, 60)
-            for x in rng.sample(fillers, 6):
-                f.write(json.dumps({"user_id": f"u{u}", "prompt": f"question {rng.choice(qs)}?",
-                                    "chosen": f"{a} {x}.", "rejected": f"{b} {x}.",
-                                    "split": split}) + "\n")
-    common = ["fspo.py", "--preset", "tiny", "--prefs", str(tmp_path / "prefs.jsonl"), "--shots", "2",
-              "--n-embd", "64", "--batch-size", "16", "--eval-episodes", "80", "--no-progress"]
-    r = run([*common, "--method", "sft", "--out", str(tmp_path / "sft"), "--steps", "60"])
-    assert r.returncode == 0, r.stderr
-    accs = {}
-    for m in ("fspo", "pooled"):
-        r = run([*common, "--method", m, "--init", str(tmp_path / "sft"), "--out", str(tmp_path / m),
-                 "--steps", "400", "--lr", "1e-3", "--eval-every", "400"])
-        assert r.returncode == 0, r.stderr
-        accs[m] = final_row(tmp_path / m)["eval/pair_accuracy"]
-    assert accs["fspo"] >= 0.7 and accs["pooled"] <= 0.6, accs
-    # with no shot nothing tells the word: the same queries bare are near chance
-    assert final_row(tmp_path / "fspo")["eval/pair_accuracy_0shot"] <= 0.6
-    assert "eval/pair_accuracy_0shot" not in final_row(tmp_path / "pooled")  # reads no shots
-
-
 def test_running_metric_sets_same_queries_bare_and_the_left_out_family(tiny):
     """The val sets of the running metric: the bare set holds the N-shot set's query pairs token
     for token with a context of the question alone, and left_out marks exactly the episodes of
