@@ -92,8 +92,10 @@ def score_batch(scorer, ref_scorer, b, args):
                    "rewards/margins": (rew_w - rew_l).mean()}
     else:
         pw, pl = data.sequence_logps(lp, b["seg"])  # (B,), (B,) summed completion log-probs
+        n = data.labelled(b).sum()
         # token-mean NLL; under --group over the pool's tokens per batch (data.EpisodeStream)
-        loss = -lp.sum() / b.get("n_labelled", data.labelled(b).sum())
+        loss = -lp.sum() / b.get("n_labelled", n)
+        metrics["nll"] = -lp.detach().sum() / n  # this batch's own token mean, grouped or not
     if has_notes:
         loss = loss + args.describe * describe_nll
         metrics["describe/nll"] = describe_nll.detach()
