@@ -164,7 +164,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
                                     describe=bool(args.describe), annotate=args.annotate,
-                                    group=args.group or 1)
+                                    group=(args.group or 1) if m.learns != "preference" else 1)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -393,8 +393,9 @@ def stage_order(args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed", "dtype", "describe", "annotate", "ref", "group")
+          "block_size", "seed", "dtype", "describe", "annotate", "ref")
 PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
+SFT_RECIPE = ("group",)  # and only the others this
 
 
 def changed_settings(saved, now):
@@ -407,7 +408,7 @@ def check_recipe(saved, args, inputs, where):
     preset's step count) or on other inputs (data, tokenizer, init checkpoint): its
     results would be reported under the new flags."""
     pref = data.method(saved["args"].get("method", "sft")).learns == "preference"
-    keys = RECIPE + (PREF_RECIPE if pref else ())
+    keys = RECIPE + (PREF_RECIPE if pref else SFT_RECIPE)
     diff = changed_settings(saved["args"], {k: getattr(args, k, None) for k in keys})
     diff += changed_settings(saved.get("inputs", {}), inputs)
     if diff:
@@ -526,7 +527,8 @@ PRESETS = {
     # contrast (4000 steps: at 2000 its contrasts agree with the judge's on 68% of differing
     # axes, 91% at 4000), oracle learns to apply a stated description (its val pair accuracy 78%
     # at 1500 steps, 93% at 4000), FSPO starts from it and reads the shots' counted tally alone
-    # (README, "Annotated shots": the tally with signs only and the shots in the prompt read less)
+    # (README, "Annotated shots": the tally with signs only and the shots in the prompt read less).
+    # group: SFT's 0-8 shot episodes padded to their batch's longest were 40% padding
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=8, group=16, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=5000,
                       oracle_steps=4000, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
@@ -587,8 +589,9 @@ def stage_flags(a):
     a("--steps", type=int, default=None, help="optimizer steps (default: preset's)")
     a("--batch-size", type=int, default=None, help="episodes per micro-batch")
     a("--group", type=int, default=None,
-      help="sort each K batches' episodes by length and cut them again: less padding, the same "
-           "episodes, SFT's tokens weighted as without (unset: off)")
+      help="SFT methods: sort each K batches' episodes by length and cut them again: less "
+           "padding, the same episodes, each token weighted as without (unset: off; stage 2's "
+           "short prompts have little padding to save)")
     a("--grad-accum", type=int, default=None, help="micro-batches per step, over all ranks")
     a("--lr", type=float, default=None)
     a("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of lr")
