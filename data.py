@@ -576,8 +576,9 @@ class EpisodeStream:
                          key=lambda e: (len(e.ctx) + len(e.chosen), len(e.rejected)))
             batches = [self.pack(eps[s:s + self.B]) for s in range(0, len(eps), self.B)]
             random.Random(self.seed * 15485863 + ids[0]).shuffle(batches)  # long and short interleaved
-            # SFT's token-mean over the pool: each token weighs what it would without grouping
-            # (a batch of short episodes would otherwise give its few tokens a whole step)
+            # SFT's token-mean over the pool's mean tokens per batch: the pool's tokens share its
+            # K steps evenly, as K ungrouped batches of the mean size would (a batch of short
+            # episodes would otherwise give its few tokens a whole step)
             n = sum(int(labelled(b).sum()) for b in batches) / len(batches)
             self.pool = ((epoch, j0), [dict(b, n_labelled=torch.tensor(float(n))) for b in batches])
         return self.pool[1][j - j0]

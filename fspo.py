@@ -151,6 +151,9 @@ def make_streams(args, tok, prefs_path, users_path, device):
         why = ("--describe" if args.describe else "--annotate" if args.annotate
                else f"--method {args.method}")
         raise ValueError(f"{why} needs the users file (--users or --data)")
+    if args.group and args.describe and not m.learns == "preference":
+        raise ValueError("--group goes without --describe: the notes' token-mean is per batch, and a "
+                         "grouped batch of short episodes holds none")
     if args.annotate and (args.describe or args.shot_pairs or not annotates(args.method, args)):
         raise ValueError("--annotate needs a method whose prompt holds shots, and goes with neither "
                          "--describe, --shot-pairs nor a cot method")
@@ -590,7 +593,7 @@ def stage_flags(a):
     a("--batch-size", type=int, default=None, help="episodes per micro-batch")
     a("--group", type=int, default=None,
       help="SFT methods: sort each K batches' episodes by length and cut them again: less "
-           "padding, the same episodes, each token weighted as without (unset: off; stage 2's "
+           "padding, the same episodes, the pool's tokens sharing K steps' weight evenly (unset: off; stage 2's "
            "short prompts have little padding to save)")
     a("--grad-accum", type=int, default=None, help="micro-batches per step, over all ranks")
     a("--lr", type=float, default=None)
@@ -659,6 +662,7 @@ def get_args(argv=None):
     args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
     args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
     args.annotate = args.annotate or None
+    args.group = args.group if (args.group or 0) > 1 else None  # 0 and 1 = off = unset, as describe
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

@@ -616,29 +616,29 @@ def test_tally_only_prompt_counts_the_shots_and_training_draws_one_to_n():
 
 def test_grouped_batches_hold_the_same_episodes_less_padded():
     """--group K: the K batches of a pool hold the episodes the K ungrouped batches hold (the
-    same shot counts drawn), each batch sorted by length, none longer than the pool's longest;
-    batch i is still a pure function of (seed, i), whatever was asked before it."""
+    same shot counts drawn), in fewer tokens, the last pool of an epoch short when K does not
+    divide it; batch i is still a pure function of (seed, i), whatever was asked before it."""
     t = byte_tok()
     rows = {f"u{u}": [Pref(f"u{u}", f"q{u}{i}?" + "x" * (7 * i), f"yes {u}{i}", f"no {u}{i}")
                       for i in range(9)] for u in range(48)}
     make = lambda g: data.EpisodeStream(t, rows, None, "sft", 8, 4, 10_000, 3, group=g)
-    plain, grouped = make(1), make(4)
-    assert plain.per_epoch == 12  # three pools of 4 batches per epoch
+    plain, grouped = make(1), make(5)
+    assert plain.per_epoch == 12  # pools of 5, 5 and 2 batches per epoch
     rowset = lambda bs: sorted(tuple(b["idx"][r][b["seg"][r] != data.PAD].tolist())
                                for b in bs for r in range(len(b["idx"])))
-    for pool in (0, 4, 12):  # the first pool, a later one, the next epoch's first
-        ids = range(pool, pool + 4)
+    for ids in (range(0, 5), range(5, 10), range(10, 12), range(12, 17)):  # the next epoch's first
         assert rowset([grouped.batch(i) for i in ids]) == rowset([plain.batch(i) for i in ids])
         assert sum(grouped.batch(i)["idx"].numel() for i in ids) < sum(plain.batch(i)["idx"].numel() for i in ids)
-    fresh = make(4)
-    for i in (13, 2, 12):
-        assert all(torch.equal(v, grouped.batch(i)[k]) for k, v in fresh.batch(i).items())
+    asked = make(5)
+    for i in (13, 2, 11, 12, 0, 24):  # across pools and epochs, back and forth
+        alone = make(5).batch(i)  # a fresh stream asked for i first
+        assert all(torch.equal(v, asked.batch(i)[k]) for k, v in alone.items())
 
 
-def test_grouped_sft_loss_weighs_every_token_as_ungrouped():
-    """Under --group the SFT's per-batch token-mean is taken over the pool's tokens per batch,
-    so the K steps' losses sum to K times the token-mean NLL over all the pool's tokens,
-    computed here from the ungrouped batches' summed log-probs."""
+def test_grouped_sft_loss_shares_the_pool_evenly():
+    """Under --group the SFT's per-batch token-mean is taken over the pool's mean tokens per
+    batch, so the K steps' losses sum to K times the token-mean NLL over all the pool's
+    tokens, computed here from the ungrouped batches' summed log-probs."""
     import fspo
     t = byte_tok()
     rows = {f"u{u}": [Pref(f"u{u}", f"q{u}{i}?" + "x" * (5 * i), f"yes {u}{i}", f"no {u}{i}")
