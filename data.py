@@ -571,7 +571,8 @@ class EpisodeStream:
         # length (the padding cost 40% of the annotated SFT's tokens, and attention grows with T)
         j0 = j - j % self.group
         if self.pool[0] != (epoch, j0):
-            ids = range(epoch * self.per_epoch + j0, epoch * self.per_epoch + min(j0 + self.group, self.per_epoch))
+            first = epoch * self.per_epoch + j0  # the pool's batches; an epoch's last pool may be short
+            ids = range(first, first + min(self.group, self.per_epoch - j0))
             eps = sorted((e for k in ids for e in self.encoded(k)),
                          key=lambda e: (len(e.ctx) + len(e.chosen), len(e.rejected)))
             batches = [self.pack(eps[s:s + self.B]) for s in range(0, len(eps), self.B)]

@@ -151,7 +151,8 @@ def make_streams(args, tok, prefs_path, users_path, device):
         why = ("--describe" if args.describe else "--annotate" if args.annotate
                else f"--method {args.method}")
         raise ValueError(f"{why} needs the users file (--users or --data)")
-    if args.group and args.describe and not m.learns == "preference":
+    group = (args.group or 1) if m.learns != "preference" else 1  # stage 2 never groups (README)
+    if group > 1 and args.describe:
         raise ValueError("--group goes without --describe: the notes' token-mean is per batch, and a "
                          "grouped batch of short episodes holds none")
     if args.annotate and (args.describe or args.shot_pairs or not annotates(args.method, args)):
@@ -167,7 +168,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
                                     describe=bool(args.describe), annotate=args.annotate,
-                                    group=(args.group or 1) if m.learns != "preference" else 1)
+                                    group=group)
     except ValueError as e:
         raise ValueError(f"{prefs_path}: split 'train': {e}") from None
     try:
@@ -593,8 +594,8 @@ def stage_flags(a):
     a("--batch-size", type=int, default=None, help="episodes per micro-batch")
     a("--group", type=int, default=None,
       help="SFT methods: sort each K batches' episodes by length and cut them again: less "
-           "padding, the same episodes, the pool's tokens sharing K steps' weight evenly (unset: off; stage 2's "
-           "short prompts have little padding to save)")
+           "padding, the same episodes, the pool's tokens sharing K steps' weight evenly "
+           "(unset: off; stage 2's short prompts have little padding to save)")
     a("--grad-accum", type=int, default=None, help="micro-batches per step, over all ranks")
     a("--lr", type=float, default=None)
     a("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of lr")
