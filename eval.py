@@ -188,6 +188,11 @@ def written_prompts(writer, tok, items, rooms, args):
     return out
 
 
+def line_cue(shot):
+    """The text a shot's contrast line is written after under --annotate tally: the shot alone."""
+    return data.format_shot(1, shot) + data.SHOT_HEADER
+
+
 @torch.no_grad()
 def tally_prompts(writer, tok, items, rooms, args, domain, cache=None):
     """Context ids of each (shots, question) of items for a policy trained with --annotate
@@ -198,12 +203,11 @@ def tally_prompts(writer, tok, items, rooms, args, domain, cache=None):
     those written for fewer)."""
     writer.eval()
     cache = {} if cache is None else cache
-    text = lambda s: data.format_shot(1, s) + data.SHOT_HEADER
-    todo = sorted({text(s) for shots, _ in items for s in shots} - set(cache))
+    todo = sorted({line_cue(s) for shots, _ in items for s in shots} - set(cache))
     cache.update(zip(todo, write_lines(writer, tok, todo, args)))
     out = []
     for (shots, question), room in zip(items, rooms):
-        counts = judge.summed([judge.parse_line(domain, cache[text(s)] or "") for s in shots])
+        counts = judge.summed([judge.parse_line(domain, cache[line_cue(s)] or "") for s in shots])
         out.append(data.tally_prompt(tok, counts, domain, question, room) if shots else
                    data.prompt_tokens(tok, "fspo", [], question, room)[0])
     return out
@@ -450,6 +454,11 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
     keep = {}
     res["pair_accuracy"] = curve_rows(models, held_rows, ref, tok, args, device, curve_shots(held_rows, args),
                                       reference, f"pair accuracy {domain}", keep, writers, users)
+    writer = (writers or {}).get("fspo")
+    if writer is not None and writer.tally_domain and keep.get("episodes"):  # the lines FSPO's tally counted
+        shots = {line_cue(s): s for s_k, _ in keep["episodes"] for s in s_k[:keep["shots"]]}
+        res["line_agreement"] = {"shots": len(shots), "axes": judge.line_agreement(
+            writer.tally_domain, list(shots.values()), [writer.lines.get(t) for t in shots])}
     # which axes FSPO reads, where there are pairs enough to fit two coefficients per axis
     if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
         res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
@@ -628,6 +637,21 @@ def axis_table(r):
     return lines
 
 
+def line_table(r):
+    """The base's contrast lines against the judge's, per axis (line_agreement)."""
+    a = r["line_agreement"]
+    lines = [f"\n### {r['domain']}: the base's contrast lines against the judge's, per style axis "
+             f"(n = {a['shots']} held-out shots, those of the curve's last column)\n",
+             "| axis | shots whose answers differ on it | the line names it, the judge's sign | "
+             "named where the answers are alike |", "|---|---|---|---|"]
+    for axis, c in a["axes"].items():
+        hit = f"{100 * c['named'] / c['differs']:.0f}%" if c["differs"] else "-"
+        lines.append(f"| {axis} | {c['differs']} | {hit} | {c['false']} |")
+    lines.append("\nAn axis the base does not name is missing from the tally FSPO reads, whatever the "
+                 "shots show.")
+    return lines
+
+
 def format_tables(results):
     """Markdown tables in the shape of the paper's."""
     lines = []
@@ -649,6 +673,8 @@ def format_tables(results):
             lines += curve_table(r, label)
         if r.get("axis_reading"):
             lines += axis_table(r)
+        if r.get("line_agreement"):
+            lines += line_table(r)
         if r.get("pair_accuracy_unseen"):
             lines += curve_table(r, label, "pair_accuracy_unseen", ", users of a family no training "
                                  f"user belongs to ({', '.join(r['unseen_family'])})")

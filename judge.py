@@ -476,6 +476,24 @@ def parse_line(domain, line):
     return dict(terms[t.strip()] for t in body.split(",") if t.strip() in terms)
 
 
+def line_agreement(domain, shots, lines):
+    """How a writer's contrast lines (lines[i] written for shots[i]) match the judge's, per axis:
+    {axis: {"differs": shots whose answers the judge reads apart on it, "named": of those, shots
+    whose line names it with the judge's sign, "false": shots the judge reads alike on it whose
+    line names it anyway}}. A line that was not written (None) names nothing."""
+    out = {a: {"differs": 0, "named": 0, "false": 0} for a in JUDGES[domain].axes}
+    for s, line in zip(shots, lines):
+        truth = contrast(domain, s.prompt, s.chosen, s.rejected)
+        said = parse_line(domain, line or "")
+        for a, c in out.items():
+            if sign(truth.get(a, 0)):
+                c["differs"] += 1
+                c["named"] += said.get(a) == sign(truth[a])
+            else:
+                c["false"] += a in said
+    return out
+
+
 def summed(contrasts):
     """Per-axis sum of contrast dicts."""
     total = defaultdict(int)

@@ -166,6 +166,22 @@ def test_counted_tally_names_each_axis_once_per_shot_and_reads_back():
     assert judge.tally_pair_credit("roleplay", [a, b, b], half) == 1.0  # by signs: -1 + 2 > 0
 
 
+def test_line_agreement_counts_named_missed_and_false_axes():
+    """The report's table of the base's lines against the judge's, per axis. Contrasts read by
+    hand as above: a = {formality +2, humor -2}, casual = {formality -2}."""
+    pair = lambda c, r: SimpleNamespace(prompt="Tell me about q?", chosen=c, rejected=r)
+    a = pair("Certainly, fine.", "Hey, fine. Ha!")
+    casual = pair("Hey, fine.", "Certainly, fine.")
+    lines = ["Prefers: formal, humorous.",  # formality right, humor the wrong sign
+             "Prefers: casual, lists."]      # formality right, format named where alike
+    got = judge.line_agreement("roleplay", [a, casual, a], lines + [None])  # None: not written
+    assert got["formality"] == {"differs": 3, "named": 2, "false": 0}
+    assert got["humor"] == {"differs": 2, "named": 0, "false": 0}
+    assert got["format"] == {"differs": 0, "named": 0, "false": 1}
+    assert got["technical"] == {"differs": 0, "named": 0, "false": 0}
+    assert set(got) == set(judge.JUDGES["roleplay"].axes)
+
+
 def test_reference_sees_only_the_axes_it_is_given():
     """A user who jokes: shots whose pairs differ on humor and two other axes. On a query that
     differs on humor alone, the learner given every axis but humor has nothing to go on (a tie,

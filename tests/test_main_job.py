@@ -6,6 +6,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import judge
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -151,6 +153,12 @@ def test_tally_only_main_job_annotates_the_sft_with_lines_and_fspo_with_the_tall
     report = (out / "report.md").read_text()
     assert "| FSPO (IPO), the shots' tally | 2 | " in report and "`fspo.py --annotate tally`" in report
     assert res["pair_accuracy"]["tally"]["0"]["rate"] == 0.5 and "fspo-judge" in res["pair_accuracy"]
+    # the base's lines against the judge's, per axis, over the curve's held-out shots
+    la = res["line_agreement"]
+    assert la["shots"] > 0 and list(la["axes"]) == list(judge.JUDGES["roleplay"].axes)
+    assert all(0 <= c["named"] <= c["differs"] <= la["shots"] and c["false"] <= la["shots"] - c["differs"]
+               for c in la["axes"].values())
+    assert "the base's contrast lines against the judge's" in report
     # without the users file there is no judge to count the lines with: refused, not read as shots
     alone = tmp_path / "own" / "prefs.jsonl"
     alone.parent.mkdir()
