@@ -506,7 +506,7 @@ def main_job(args):
 
 # Presets are overrides of the flag defaults. annotated: the default without CUDA, the
 # generator's default users (the paper's structure) on the cpu model; cpu: easy users, the
-# teaching and smoke setting; gpu: the default with CUDA, the reduced-scale reproduction.
+# teaching and smoke setting; gpu: the default with CUDA, the annotated design scaled up.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1024, block_size=1024, shots=2,
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
@@ -540,12 +540,15 @@ PRESETS = {
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
                       eval_questions=2),
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
-                batch_size=32, grad_accum=1, sft_steps=4000, pref_steps=1500, warmup=150,
-                lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500, eval_episodes=512,
-                curve_episodes=0, scale="default",
-                domains="roleplay,elix,reviews", compile=True,
-                methods="fspo,fspo-dpo,pooled,pref-ft,cot-sft,cot,oracle",
+    # gpu: the annotated design on the larger model, roleplay (the tally names style axes, not
+    # an ELIX user's level). Not yet run on a GPU: at batch 32 each stage sees at least the
+    # annotated preset's episodes; its step counts are not measured (README, "The gpu preset")
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048, shots=8,
+                batch_size=32, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=2000,
+                oracle_steps=1500, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
+                warmup=150, lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500,
+                eval_episodes=512, curve_episodes=0, scale="default", synth="",
+                domains="roleplay", compile=True, methods="oracle,fspo,pooled",
                 eval_users=300, eval_questions=4),
 }
 SHOTS = {"roleplay": [8], "elix": [4], "reviews": [4, 8]}  # the paper's N per domain
@@ -623,8 +626,8 @@ def stage_flags(a):
 
 
 def main_job_flags(a):
-    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: gpu if CUDA, else annotated for the main job, "
-                                                      "cpu for one stage)")
+    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: the main job gpu with CUDA, "
+                                                      "else annotated; one stage cpu)")
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
     a("--sft-shots", type=int, default=None,
       help="main job: the SFT stage's episodes hold 0..this many shots (default N), so the "
@@ -653,8 +656,8 @@ def get_args(argv=None):
     main_job_flags(p.add_argument)
     stage_flags(p.add_argument)
     args = p.parse_args(argv)
-    if args.preset is None:  # annotated is a chain of stages (README): a lone stage takes cpu's flags
-        args.preset = "gpu" if torch.cuda.is_available() else "annotated" if args.method is None else "cpu"
+    if args.preset is None:  # annotated and gpu are chains of stages (README): a lone stage takes cpu's flags
+        args.preset = ("gpu" if torch.cuda.is_available() else "annotated") if args.method is None else "cpu"
     if args.method not in (None, "sft") and args.lr is None:  # one stage-2 run, as the main job
         args.lr = PRESETS[args.preset]["pref_lr"]
     for k, v in PRESETS[args.preset].items():

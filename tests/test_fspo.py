@@ -274,7 +274,7 @@ def test_describe_without_a_users_file_is_refused(mine):
     assert not (mine / "described").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the default preset is gpu")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the main job's default preset is gpu")
 def test_the_default_preset_without_cuda_is_annotated_for_the_main_job_and_cpu_for_one_stage():
     args = fspo.get_args([])
     assert (args.preset, args.annotate, args.fspo_init, args.shots, args.synth) == ("annotated", "tally", "oracle", 8, "")
@@ -286,6 +286,24 @@ def test_the_default_preset_without_cuda_is_annotated_for_the_main_job_and_cpu_f
 def test_no_compile_overrides_the_gpu_presets_compile():
     assert fspo.get_args(["--preset", "gpu"]).compile is True
     assert fspo.get_args(["--preset", "gpu", "--no-compile"]).compile is False
+
+
+def test_the_gpu_presets_chain_runs_at_tiny_shapes(tmp_path):
+    """The gpu preset's recipe (the annotated design: SFT with lines, oracle, FSPO from the
+    oracle reading the tally, pooled) end to end on CPU with the model and steps shrunk: its
+    flags go together. What it reaches is for a GPU to measure."""
+    shrink = ["--device", "cpu", "--no-compile", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+              "--vocab-size", "1024", "--block-size", "1024", "--batch-size", "2", "--sft-steps", "4",
+              "--pref-steps", "2", "--oracle-steps", "2", "--scale", "tiny", "--eval-users", "4",
+              "--eval-questions", "1", "--curve-episodes", "8", "--no-progress"]
+    r = subprocess.run([sys.executable, "fspo.py", "--preset", "gpu", "--out", str(tmp_path / "g"), *shrink],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert (res["domain"], res["shots"], res["tally_only"]) == ("roleplay", 8, ["fspo"])
+    assert set(res["win_rate"]) == {"base", "prompted", "oracle", "fspo", "pooled"}
+    fspo_args = json.loads((tmp_path / "g" / "roleplay-8shot" / "fspo" / "ckpt" / "config.json").read_text())["args"]
+    assert fspo_args["init"].endswith("oracle") and fspo_args["ref"].endswith("sft")
 
 
 def test_annotate_without_users_and_a_warm_start_without_oracle_are_refused(mine):
