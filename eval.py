@@ -643,10 +643,10 @@ def line_table(r):
     lines = [f"\n### {r['domain']}: the base's contrast lines against the judge's, per style axis "
              f"(n = {a['shots']} held-out shots, those of the curve's last column)\n",
              "| axis | shots whose answers differ on it | the line names it, the judge's sign | "
-             "named where the answers are alike |", "|---|---|---|---|"]
+             "the other sign | named where the judge reads them alike |", "|---|---|---|---|---|"]
+    share = lambda c, k: f"{100 * c[k] / c['differs']:.0f}%" if c["differs"] else "-"
     for axis, c in a["axes"].items():
-        hit = f"{100 * c['named'] / c['differs']:.0f}%" if c["differs"] else "-"
-        lines.append(f"| {axis} | {c['differs']} | {hit} | {c['false']} |")
+        lines.append(f"| {axis} | {c['differs']} | {share(c, 'named')} | {share(c, 'flipped')} | {c['false']} |")
     lines.append("\nAn axis the base does not name is missing from the tally FSPO reads, whatever the "
                  "shots show.")
     return lines

@@ -479,9 +479,10 @@ def parse_line(domain, line):
 def line_agreement(domain, shots, lines):
     """How a writer's contrast lines (lines[i] written for shots[i]) match the judge's, per axis:
     {axis: {"differs": shots whose answers the judge reads apart on it, "named": of those, shots
-    whose line names it with the judge's sign, "false": shots the judge reads alike on it whose
-    line names it anyway}}. A line that was not written (None) names nothing."""
-    out = {a: {"differs": 0, "named": 0, "false": 0} for a in JUDGES[domain].axes}
+    whose line names it with the judge's sign, "flipped": with the other sign, "false": shots the
+    judge does not read apart on it whose line names it anyway}}. A line that was not written
+    (None) names nothing."""
+    out = {a: {"differs": 0, "named": 0, "flipped": 0, "false": 0} for a in JUDGES[domain].axes}
     for s, line in zip(shots, lines):
         truth = contrast(domain, s.prompt, s.chosen, s.rejected)
         said = parse_line(domain, line or "")
@@ -489,6 +490,7 @@ def line_agreement(domain, shots, lines):
             if sign(truth.get(a, 0)):
                 c["differs"] += 1
                 c["named"] += said.get(a) == sign(truth[a])
+                c["flipped"] += said.get(a) == -sign(truth[a])
             else:
                 c["false"] += a in said
     return out

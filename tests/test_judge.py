@@ -175,10 +175,10 @@ def test_line_agreement_counts_named_missed_and_false_axes():
     lines = ["Prefers: formal, humorous.",  # formality right, humor the wrong sign
              "Prefers: casual, lists."]      # formality right, format named where alike
     got = judge.line_agreement("roleplay", [a, casual, a], lines + [None])  # None: not written
-    assert got["formality"] == {"differs": 3, "named": 2, "false": 0}
-    assert got["humor"] == {"differs": 2, "named": 0, "false": 0}
-    assert got["format"] == {"differs": 0, "named": 0, "false": 1}
-    assert got["technical"] == {"differs": 0, "named": 0, "false": 0}
+    assert got["formality"] == {"differs": 3, "named": 2, "flipped": 0, "false": 0}
+    assert got["humor"] == {"differs": 2, "named": 0, "flipped": 1, "false": 0}
+    assert got["format"] == {"differs": 0, "named": 0, "flipped": 0, "false": 1}
+    assert got["technical"] == {"differs": 0, "named": 0, "flipped": 0, "false": 0}
     assert set(got) == set(judge.JUDGES["roleplay"].axes)
 
 

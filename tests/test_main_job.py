@@ -156,8 +156,8 @@ def test_tally_only_main_job_annotates_the_sft_with_lines_and_fspo_with_the_tall
     # the base's lines against the judge's, per axis, over the curve's held-out shots
     la = res["line_agreement"]
     assert la["shots"] > 0 and list(la["axes"]) == list(judge.JUDGES["roleplay"].axes)
-    assert all(0 <= c["named"] <= c["differs"] <= la["shots"] and c["false"] <= la["shots"] - c["differs"]
-               for c in la["axes"].values())
+    assert all(0 <= c["named"] + c["flipped"] <= c["differs"] <= la["shots"]
+               and c["false"] <= la["shots"] - c["differs"] for c in la["axes"].values())
     assert "the base's contrast lines against the judge's" in report
     # without the users file there is no judge to count the lines with: refused, not read as shots
     alone = tmp_path / "own" / "prefs.jsonl"
