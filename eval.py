@@ -98,6 +98,15 @@ def axis_reading(axes, d, w, margins, user_ids, n_boot=500, seed=0):
                 "lo": float(lo[n + i]), "hi": float(hi[n + i])} for i, a in enumerate(axes)}
 
 
+def line_agreement_of(writer, episodes, k):
+    """judge.line_agreement of the lines a tally writer wrote for the first k shots of these
+    episodes (each shot once): an axis its lines miss is one FSPO's tally cannot carry."""
+    shots = {line_cue(s): s for s_k, _ in episodes for s in s_k[:k]}
+    lines = [writer.lines.get(t) for t in shots]
+    return {"shots": len(shots), "written": sum(line is not None for line in lines),
+            "axes": judge.line_agreement(writer.tally_domain, list(shots.values()), lines)}
+
+
 def axis_reading_of(domain, episodes, margins, users):
     """axis_reading on held-out episodes: the judge's features, the users' true weights."""
     axes = judge.JUDGES[domain].axes
@@ -455,10 +464,8 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
     res["pair_accuracy"] = curve_rows(models, held_rows, ref, tok, args, device, curve_shots(held_rows, args),
                                       reference, f"pair accuracy {domain}", keep, writers, users)
     writer = (writers or {}).get("fspo")
-    if writer is not None and writer.tally_domain and keep.get("episodes"):  # the lines FSPO's tally counted
-        shots = {line_cue(s): s for s_k, _ in keep["episodes"] for s in s_k[:keep["shots"]]}
-        res["line_agreement"] = {"shots": len(shots), "axes": judge.line_agreement(
-            writer.tally_domain, list(shots.values()), [writer.lines.get(t) for t in shots])}
+    if writer is not None and writer.tally_domain and keep.get("episodes"):
+        res["line_agreement"] = line_agreement_of(writer, keep["episodes"], keep["shots"])
     # which axes FSPO reads, where there are pairs enough to fit two coefficients per axis
     if reference and len(keep.get("margins", ())) >= 10 * len(judge.JUDGES[reference[0]].axes):
         res["axis_reading"] = {"shots": keep["shots"], "n": len(keep["margins"]),
@@ -643,10 +650,11 @@ def line_table(r):
     lines = [f"\n### {r['domain']}: the base's contrast lines against the judge's, per style axis "
              f"(n = {a['shots']} held-out shots, those of the curve's last column)\n",
              "| axis | shots whose answers differ on it | the line names it, the judge's sign | "
-             "the other sign | named where the judge reads them alike |", "|---|---|---|---|---|"]
-    share = lambda c, k: f"{100 * c[k] / c['differs']:.0f}%" if c["differs"] else "-"
+             "the other sign | of the other shots, the line names it |", "|---|---|---|---|---|"]
+    pct = lambda x, n: f"{100 * x / n:.0f}%" if n else "-"
     for axis, c in a["axes"].items():
-        lines.append(f"| {axis} | {c['differs']} | {share(c, 'named')} | {share(c, 'flipped')} | {c['false']} |")
+        lines.append(f"| {axis} | {c['differs']} | {pct(c['named'], c['differs'])} | "
+                     f"{pct(c['flipped'], c['differs'])} | {pct(c['false'], a['shots'] - c['differs'])} |")
     lines.append("\nAn axis the base does not name is missing from the tally FSPO reads, whatever the "
                  "shots show.")
     return lines

@@ -504,9 +504,10 @@ def main_job(args):
 # ----------------------------------------------------------------------------------------
 # Flags and presets
 
-# Presets are overrides of the flag defaults. annotated: the default without CUDA, the
-# generator's default users (the paper's structure) on the cpu model; cpu: easy users, the
-# teaching and smoke setting; gpu: the default with CUDA, the annotated design scaled up.
+# Presets are overrides of the flag defaults. annotated: the main job's default without CUDA,
+# the generator's default users (the paper's structure) on the cpu model; cpu: easy users, the
+# teaching and smoke setting, and a lone stage's default; gpu: the main job's default with
+# CUDA, the annotated design scaled up.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=1024, block_size=1024, shots=2,
                  batch_size=4, grad_accum=1, sft_steps=30, pref_steps=20, warmup=5,
@@ -543,7 +544,7 @@ PRESETS = {
     # gpu: the annotated design on the larger model, roleplay (the tally names style axes, not
     # an ELIX user's level). Not yet run on a GPU: at batch 32 each stage sees at least the
     # annotated preset's episodes; its step counts are not measured (README, "The gpu preset")
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048, shots=8,
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=2000,
                 oracle_steps=1500, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
                 warmup=150, lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500,

@@ -283,6 +283,15 @@ def test_the_default_preset_without_cuda_is_annotated_for_the_main_job_and_cpu_f
     assert (args.preset, args.annotate, args.shots, args.lr) == ("cpu", None, 4, 5e-5)
 
 
+def test_with_cuda_the_main_job_takes_gpu_and_a_lone_stage_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = fspo.get_args([])
+    assert (args.preset, args.annotate, args.fspo_init, args.n_embd, args.device) == ("gpu", "tally", "oracle", 512, "cuda")
+    args = fspo.get_args(["--method", "fspo", "--out", "x"])  # gpu too is a chain of stages
+    assert (args.preset, args.annotate, args.n_embd) == ("cpu", None, 128)
+    assert fspo.get_args(["--method", "fspo", "--out", "x", "--preset", "gpu"]).annotate == "tally"
+
+
 def test_no_compile_overrides_the_gpu_presets_compile():
     assert fspo.get_args(["--preset", "gpu"]).compile is True
     assert fspo.get_args(["--preset", "gpu", "--no-compile"]).compile is False
