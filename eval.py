@@ -203,17 +203,17 @@ def line_cue(shot):
 
 
 @torch.no_grad()
-def tally_prompts(writer, tok, items, rooms, args, domain, cache=None):
+def tally_prompts(lines_of, tok, items, rooms, domain, cache=None):
     """Context ids of each (shots, question) of items for a policy trained with --annotate
-    tally: `writer` writes each shot's contrast line with that shot alone before it, the lines
-    are read back (judge.parse_line) and counted into the tally (data.tally_prompt), as the
-    judge's contrasts are counted in training. No shots: the bare question. cache: {text the
-    line is written after: line}, kept across calls (greedy lines: the curve's k shots reuse
-    those written for fewer)."""
-    writer.eval()
+    tally: each shot's contrast line (lines_of(shots) -> a line or None per shot, the writer
+    seeing each shot alone) is read back (judge.parse_line) and counted into the tally
+    (data.tally_prompt), as the judge's contrasts are counted in training. No shots: the bare
+    question. cache: {line_cue(shot): line}, kept across calls (the curve's k shots reuse the
+    lines of fewer)."""
     cache = {} if cache is None else cache
-    todo = sorted({line_cue(s) for shots, _ in items for s in shots} - set(cache))
-    cache.update(zip(todo, write_lines(writer, tok, todo, args)))
+    todo = {line_cue(s): s for shots, _ in items for s in shots if line_cue(s) not in cache}
+    todo = dict(sorted(todo.items()))
+    cache.update(zip(todo, lines_of(list(todo.values()))))
     out = []
     for (shots, question), room in zip(items, rooms):
         counts = judge.summed([judge.parse_line(domain, cache[line_cue(s)] or "") for s in shots])
@@ -232,9 +232,82 @@ class Writer:
     lines: dict = field(default_factory=dict)  # tally_prompts' cache
 
     def prompts(self, tok, items, rooms, args):
-        if self.tally_domain:
-            return tally_prompts(self.model, tok, items, rooms, args, self.tally_domain, self.lines)
-        return written_prompts(self.model, tok, items, rooms, args)
+        if not self.tally_domain:
+            return written_prompts(self.model, tok, items, rooms, args)
+        self.model.eval()
+        return tally_prompts(lambda shots: self.write(tok, shots, args), tok, items, rooms,
+                             self.tally_domain, self.lines)
+
+    def write(self, tok, shots, args):
+        """Each shot's contrast line, written greedily with that shot alone before it."""
+        return write_lines(self.model, tok, [line_cue(s) for s in shots], args)
+
+
+READ_FIT_SHOTS = 300  # training shots a Reader fits its thresholds on
+
+
+@torch.no_grad()
+def shot_readings(policy, ref, tok, domain, shots, args):
+    """(shots, axes) float: how a policy trained with --annotate tally reads each shot, axis by
+    axis: its implicit reward margin, log(pi/ref)(chosen) - log(pi/ref)(rejected), under a
+    one-term tally naming the axis's + side, minus that under one naming its - side. Large and
+    positive: the shot's chosen answer leans to the + side, as far as the policy can tell."""
+    axes = judge.JUDGES[domain].axes
+    if not shots:
+        return torch.zeros(0, len(axes))
+    eps = []
+    for s in shots:
+        c, r = (data.completion_tokens(tok, "fspo", t) for t in (s.chosen, s.rejected))
+        room = policy.config.block_size - max(len(c), len(r)) - 1
+        eps += [data.Episode(data.tally_prompt(tok, {a: v}, domain, s.prompt, room), c, r)
+                for a in axes for v in (1, -1)]
+    multiple = 8 if str(args.device).startswith("cuda") else 1  # aligned masks, as EpisodeStream's
+    batches = (data.to_device(data.pack_batch(eps[i:i + args.gen_batch], tok.eot_id, multiple), args.device)
+               for i in range(0, len(eps), args.gen_batch))
+    m = pair_margins(policy.token_logprobs, ref.token_logprobs, batches, autocast(args.device, args.dtype))
+    m = m.view(len(shots), len(axes), 2)
+    return m[..., 0] - m[..., 1]
+
+
+def fit_thresholds(readings, truth):
+    """Per axis, the dead zone t that makes sign(reading), zeroed where |reading| <= t, agree
+    best with the judge's signs (truth, {-1, 0, 1}), t among the quantiles of |reading|.
+    readings, truth: (shots, axes)."""
+    taus = []
+    for x, y in zip(readings.T, truth.T):
+        grid = np.quantile(np.abs(x), np.linspace(0, 0.95, 20))
+        hits = [np.mean(np.where(np.abs(x) > t, np.sign(x), 0) == y) for t in grid]
+        taus.append(float(grid[int(np.argmax(hits))]))
+    return np.array(taus)
+
+
+@dataclass
+class Reader(Writer):
+    """For a policy trained with --annotate tally whose base learned no lines: the policy reads
+    each shot itself (shot_readings) and the axes whose reading clears its threshold make the
+    shot's line, fitted once on READ_FIT_SHOTS training shots against the judge's contrasts
+    (training data, as the judge's tallies FSPO trained on)."""
+    ref: torch.nn.Module | None = None
+    fit_rows: list = field(default_factory=list)
+    taus: np.ndarray | None = None
+
+    def write(self, tok, shots, args):
+        axes = judge.JUDGES[self.tally_domain].axes
+        if self.taus is None:
+            if not self.fit_rows:
+                raise ValueError("a Reader fits its thresholds on training rows: none were given")
+            fit = random.Random(0).sample(self.fit_rows, min(READ_FIT_SHOTS, len(self.fit_rows)))
+            truth = np.array([[judge.sign(judge.contrast(self.tally_domain, s.prompt, s.chosen, s.rejected)
+                                          .get(a, 0)) for a in axes] for s in fit])
+            self.taus = fit_thresholds(self.read(tok, fit, args), truth)
+        x = self.read(tok, shots, args)
+        said = np.where(np.abs(x) > self.taus, np.sign(x), 0).astype(int)
+        return [judge.contrast_line(self.tally_domain, {a: int(v) for a, v in zip(axes, row) if v})
+                for row in said]
+
+    def read(self, tok, shots, args):
+        self.ref.eval()
+        return shot_readings(self.model, self.ref, tok, self.tally_domain, shots, args).numpy()
 
 
 def split_response(method, text):
@@ -367,10 +440,11 @@ def running_metrics(model, ref_scorer, held, autocast):
 # ----------------------------------------------------------------------------------------
 # Whole evaluation of one domain / shot count
 
-def load_models(ckpts, tok, tok_path, device, domain=None):
+def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
     """-> ({name: GPT}, {name: NLL anchor weight}, {name: shots it was trained with},
     {name: the Writer of its annotations, for those trained with --annotate}). domain: the
-    judge's, which reads back the lines of a policy trained with --annotate tally."""
+    judge's, which reads back the lines of a policy trained with --annotate tally. A tally
+    policy whose base learned no lines reads the shots itself (Reader, fitted on fit_rows)."""
     models, anchors, shots, annotated, tally = {}, {}, {}, [], set()
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
@@ -385,12 +459,16 @@ def load_models(ckpts, tok, tok_path, device, domain=None):
                                  f"with the judge's terms: pass the users file (--users)")
             if meta["args"]["annotate"] == "tally":
                 tally.add(m)
-    if annotated and "sft" not in annotated:
-        raise ValueError(f"{ckpts[annotated[0]]} reads annotated shots, which its base {ckpts['sft']} "
-                         f"cannot write: pass the --annotate SFT checkpoint as --base")
+    lines = "sft" in annotated  # the base learned to write each shot's contrast
+    if not lines and set(annotated) - tally:
+        raise ValueError(f"{ckpts[sorted(set(annotated) - tally)[0]]} reads annotated shots, which its base "
+                         f"{ckpts['sft']} cannot write: pass the --annotate SFT checkpoint as --base")
     # the base writes the annotations; prompted (the base given shots) reads them as it learned
-    writers = {m: Writer(models["sft"], domain if m in tally else None)
-               for m in annotated + ["prompted"] * bool(annotated)}
+    writers = {m: Writer(models["sft"], domain if m in tally else None) if lines else
+               Reader(models[m], domain, ref=models["sft"], fit_rows=list(fit_rows))
+               for m in annotated if m != "sft"}
+    if lines:
+        writers.update({m: Writer(models["sft"]) for m in ("sft", "prompted")})
     return models, anchors, shots, writers
 
 
@@ -540,11 +618,13 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     if users and (unknown := sorted(set(held_rows) - set(users))):
         raise ValueError(f"{users_path}: no user row for held-out user {unknown[0]!r}")
     jdomain = users[next(iter(held_rows))]["domain"] if users else None
-    models, anchors, trained, writers = load_models(ckpts, tok, tok_path, device, jdomain)
+    fit_rows = [r for r in prefs if r.split == "train"]  # a Reader's thresholds (load_models)
+    models, anchors, trained, writers = load_models(ckpts, tok, tok_path, device, jdomain, fit_rows)
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
            "sft_shots": trained["sft"], "trained_shots": trained, "split": split,
            "annotated": sorted(m for m in writers if m != "sft"),
-           "tally_only": sorted(m for m, w in writers.items() if w.tally_domain)}
+           "tally_only": sorted(m for m, w in writers.items() if w.tally_domain),
+           "self_read": sorted(m for m, w in writers.items() if isinstance(w, Reader))}
     try:
         shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, writers)
     except ValueError as e:
@@ -645,9 +725,9 @@ def axis_table(r):
 
 
 def line_table(r):
-    """The base's contrast lines against the judge's, per axis (line_agreement)."""
-    a = r["line_agreement"]
-    lines = [f"\n### {r['domain']}: the base's contrast lines against the judge's, per style axis "
+    """The base's contrast lines (or the policy's readings) against the judge's, per axis (line_agreement)."""
+    a, who = r["line_agreement"], "FSPO's readings of the shots" if r.get("self_read") else "the base's contrast lines"
+    lines = [f"\n### {r['domain']}: {who} against the judge's, per style axis "
              f"(n = {a['shots']} held-out shots, those of the curve's last column)\n",
              "| axis | shots whose answers differ on it | the line names it, the judge's sign | "
              "the other sign | of the other shots, the line names it |", "|---|---|---|---|---|"]
@@ -655,8 +735,8 @@ def line_table(r):
     for axis, c in a["axes"].items():
         lines.append(f"| {axis} | {c['differs']} | {pct(c['named'], c['differs'])} | "
                      f"{pct(c['flipped'], c['differs'])} | {pct(c['false'], a['shots'] - c['differs'])} |")
-    lines.append("\nAn axis the base does not name is missing from the tally FSPO reads, whatever the "
-                 "shots show.")
+    lines.append(f"\nAn axis {'FSPO' if r.get('self_read') else 'the base'} does not name is missing from "
+                 "the tally FSPO reads, whatever the shots show.")
     return lines
 
 
@@ -666,6 +746,8 @@ def format_tables(results):
     for r in results:
         def label(m):
             w = r.get("nll", {}).get(m)
+            if m == "fspo-judge" and r.get("self_read"):
+                return "FSPO (IPO), the judge's counts in place of its own reading"
             return (LABELS.get(m, m) + (f" + {w:g} x NLL(chosen)" if w else "")
                     + (", the shots' tally" if m in r.get("tally_only", ()) else
                        ", annotated shots" if m in r.get("annotated", ()) else ""))
@@ -690,7 +772,20 @@ def format_tables(results):
             lines.append(f"\n![{r['domain']}: pair accuracy vs shots]({r['curve_svg']})")
         if r.get("no_win_rate"):
             lines.append(f"\n{r['domain']}: {r['no_win_rate']}.")
-        if r.get("tally_only"):
+        if r.get("self_read"):
+            lines.append(f"\nThe shots' tally (`fspo.py --annotate tally`): {', '.join(r['self_read'])} read each "
+                         "shot itself, by its implicit reward for the shot's two answers under a tally naming "
+                         "one side of one axis against one naming the other side, an axis named where the "
+                         "difference clears a threshold fitted on training shots against the judge's "
+                         "contrasts; the shots' named axes, counted, are the tally its prompt holds in place "
+                         "of the shots (each axis once per shot that leaned to it, net of those leaning the "
+                         "other way); few-shot prompted reads the plain shots"
+                         + ("; the row of the judge's annotations scores FSPO with the judge's counts "
+                            "(training's), so the gap to FSPO's row is what its reading loses; the tally "
+                            "applied by rule (each axis's count times the query's contrast, summed) is what "
+                            "the tally tells a reader that weighs it exactly."
+                            if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
+        elif r.get("tally_only"):
             lines.append(f"\nAnnotated shots (`fspo.py --annotate tally`): the base model wrote each shot's "
                          f"contrast, that shot alone before it, and the lines, counted per axis, are the "
                          f"tally that the prompts of {', '.join(r['tally_only'])} hold in place of the shots "

@@ -156,8 +156,9 @@ def make_streams(args, tok, prefs_path, users_path, device):
         raise ValueError("--group goes without --describe: the notes' token-mean is per batch, and a "
                          "grouped batch of short episodes holds none")
     if args.annotate and (args.describe or args.shot_pairs or not annotates(args.method, args)):
-        raise ValueError("--annotate needs a method whose prompt holds shots, and goes with neither "
-                         "--describe, --shot-pairs nor a cot method")
+        raise ValueError("--annotate needs a method whose prompt holds shots (with tally, a stage-2 "
+                         "one: the SFT learns no lines), and goes with neither --describe, --shot-pairs "
+                         "nor a cot method")
     data.check_lengths(tok, prefs, args.block_size, args.method, users)
     rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
     if not rows["val"]:
@@ -381,12 +382,15 @@ def stage_steps(method, args):
 def annotates(name, args):
     """How stage `name` trains with --annotate: None where it is off or the prompt holds no
     shots (or is cot's, whose completion opens with its own description); True: the shots with
-    their lines and tally; "tally" (--annotate tally): the tally alone, for the stage-2 methods;
-    the SFT learns to write the lines either way, as the base that writes them at evaluation."""
+    their lines and tally, the SFT learning to write the lines, as the base that writes them at
+    evaluation; "tally" (--annotate tally): the judge's tally alone, for the stage-2 methods,
+    and no lines for the SFT: at evaluation each policy reads the shots itself (eval.Reader)."""
     m = data.method(name.removesuffix("-dpo"))
     if not (args.annotate and m.reads_shots and not m.cot):
         return None
-    return "tally" if args.annotate == "tally" and m.prompt == "shots" else True
+    if args.annotate == "tally":
+        return "tally" if m.prompt == "shots" else None
+    return True
 
 
 def stage_order(args):
@@ -528,14 +532,15 @@ PRESETS = {
                       "--traits 2,3,4",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     # annotated: the generator's default users, the paper's structure, which the cpu recipe does
-    # not learn, read through annotated shots on the cpu model: SFT learns to write each shot's
-    # contrast (4000 steps: at 2000 its contrasts agree with the judge's on 68% of differing
-    # axes, 91% at 4000), oracle learns to apply a stated description (its val pair accuracy 78%
-    # at 1500 steps, 93% at 4000), FSPO starts from it and reads the shots' counted tally alone
+    # not learn, read through the shots' tally on the cpu model: a short SFT on 0-2 shot episodes
+    # (no lines to learn: the policy reads each shot itself at evaluation, README "The policy
+    # reads the shots itself"; the 4000-step SFT on 0-8 shots that wrote them took 46 of the
+    # run's 81 minutes), oracle learns to apply a stated description (its val pair accuracy 78%
+    # at 1500 steps, 88% at 4000), FSPO starts from it and reads the shots' counted tally alone
     # (README, "Annotated shots": the tally with signs only and the shots in the prompt read less).
-    # group: SFT's 0-8 shot episodes padded to their batch's longest were 40% padding
+    # group: SFT episodes padded to their batch's longest were 40% padding at 0-8 shots
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
-                      batch_size=8, group=16, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=5000,
+                      batch_size=8, group=16, grad_accum=1, sft_steps=1500, sft_shots=2, pref_steps=5000,
                       oracle_steps=4000, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=250, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
@@ -586,7 +591,8 @@ def stage_flags(a):
       help="prompts that hold shots follow each shot with how its two answers differ and end "
            "the shots with their tally as the user description (the judge's, from the shots "
            "alone; users file); eval.py has the base model write them (README). '--annotate "
-           "tally': stage 2 reads the tally alone, each axis named once per shot, no shot")
+           "tally': stage 2 reads the tally alone, each axis named once per shot, no shot; at "
+           "evaluation the policy counts it from its own reading of each shot")
     a("--context-loss", type=int, default=1,
       help="sft: 1 = also learn to predict the shots (the in-context reading a pretrained LLM brings)")
     a("--nll", type=float, default=None,

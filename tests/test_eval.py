@@ -208,7 +208,7 @@ def test_written_annotations_follow_each_shot_and_drop_the_oldest_to_fit():
 
 
 def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
-    """eval.tally_prompts (--annotate tally): the writer sees each shot alone, as "Example 1",
+    """eval.Writer.prompts, tally_prompts (--annotate tally): the writer sees each shot alone, as "Example 1",
     once however many items hold it, and its lines, read back, are counted into the tally; a
     term it does not know counts nothing; no shots: the bare question."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})
@@ -223,8 +223,8 @@ def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
 
     shots = [Pref("u", f"q{i}?", f"yes {i}", f"no {i}") for i in range(3)]
     args = Namespace(gen_batch=2, device="cpu", dtype="fp32")
-    got = evaluation.tally_prompts(LinesWriter(tok, 4096), tok, [(shots, "why?"), (shots[2:], "how?"), ([], "what?")],
-                                   [10_000] * 3, args, "roleplay")
+    writer = evaluation.Writer(LinesWriter(tok, 4096), "roleplay")
+    got = writer.prompts(tok, [(shots, "why?"), (shots[2:], "how?"), ([], "what?")], [10_000] * 3, args)
     task = lambda q: f"# Task\n{data.INSTRUCTION}\n## Question\n{q}\n"
     # formal +1 +1 -1 = 1, lists +1: a tie, in the judge's axis order; "jokes" is no term
     assert [tok.decode(ids) for ids in got] == [
@@ -232,6 +232,49 @@ def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
         "# User Description\nPrefers: casual.\n" + task("how?"), task("what?")]
     # each shot written once, alone: the second item's shot is the first's third, read from the cache
     assert sorted(seen) == sorted(data.format_shot(1, s) + "## Example Contrast\n" for s in shots)
+
+
+def test_fit_thresholds_picks_the_dead_zone_that_matches_the_judge():
+    """Readings whose true sign is 0 lie within 0.3 of 0 and the others beyond 1: the fitted
+    dead zone puts every one on its side (checked by hand, axis by axis); an axis whose
+    readings all differ in sign from the truth cannot agree better than its share of zeros."""
+    x = np.array([[2.0, 1.5], [-1.2, -2.0], [0.1, 0.3], [-0.3, 2.5], [1.1, -0.2]])
+    truth = np.array([[1, -1], [-1, 1], [0, 0], [0, -1], [1, 0]])
+    taus = evaluation.fit_thresholds(x, truth)
+    said = np.where(np.abs(x) > taus, np.sign(x), 0)
+    assert (said[:, 0] == truth[:, 0]).all() and 0.3 <= taus[0] < 1.1
+    assert (said[:, 1] == truth[:, 1]).mean() <= 0.4  # only its one zero can match
+
+
+def test_a_reader_counts_what_the_policy_reads_off_each_shot():
+    """eval.Reader: each shot read under two one-term tallies per axis (the prompts written out
+    by hand, each pair scored alone), the axes whose reading clears the fitted threshold named
+    in the shot's line, and the lines counted into the tally."""
+    import judge
+    tok, rows, users, policy, ref, args = judge_curve_setup(3)
+    args.gen_batch = 5
+    axes = judge.JUDGES["roleplay"].axes
+    with torch.no_grad():  # readings of order 1 rather than 1e-3: thresholds well clear of float noise
+        for p in policy.parameters():
+            p.mul_(4)
+
+    def by_hand(s):
+        one = lambda a, v: tok.encode(f"# User Description\n{judge.count_line('roleplay', {a: v})}\n"
+                                      f"# Task\n{data.INSTRUCTION}\n## Question\n{s.prompt}\n")
+        return np.array([brute_margin(policy, ref, tok, one(a, 1), s) - brute_margin(policy, ref, tok, one(a, -1), s)
+                         for a in axes])
+
+    got = evaluation.shot_readings(policy, ref, tok, "roleplay", rows[:2], args).numpy()
+    assert np.allclose(got, [by_hand(s) for s in rows[:2]], atol=1e-3)
+    reader = evaluation.Reader(policy, "roleplay", ref=ref, fit_rows=rows[2:])
+    prompts = reader.prompts(tok, [(rows[:2], "why?")], [10_000], args)
+    truth = np.array([[judge.sign(judge.contrast("roleplay", s.prompt, s.chosen, s.rejected).get(a, 0))
+                       for a in axes] for s in rows[2:]])
+    taus = evaluation.fit_thresholds(np.array([by_hand(s) for s in rows[2:]]), truth)
+    assert np.allclose(reader.taus, taus, atol=1e-3)
+    said = [{a: int(np.sign(v)) for a, v, t in zip(axes, by_hand(s), taus) if abs(v) > t} for s in rows[:2]]
+    assert tok.decode(prompts[0]) == (f"# User Description\n{judge.count_line('roleplay', judge.summed(said))}\n"
+                                      f"# Task\n{data.INSTRUCTION}\n## Question\nwhy?\n")
 
 
 def test_annotated_curve_scores_the_written_prompts():

@@ -298,7 +298,7 @@ def test_no_compile_overrides_the_gpu_presets_compile():
 
 
 def test_the_gpu_presets_chain_runs_at_tiny_shapes(tmp_path):
-    """The gpu preset's recipe (the annotated design: SFT with lines, oracle, FSPO from the
+    """The gpu preset's recipe (the annotated design: SFT, oracle, FSPO from the
     oracle reading the tally, pooled) end to end on CPU with the model and steps shrunk: its
     flags go together. What it reaches is for a GPU to measure."""
     shrink = ["--device", "cpu", "--no-compile", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",

@@ -136,10 +136,10 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
     assert report.count("| the judge's tally applied by rule (no model) | ") == 2
 
 
-def test_tally_only_main_job_annotates_the_sft_with_lines_and_fspo_with_the_tally(tmp_path):
-    """--annotate tally on the tiny preset: the SFT learns the shots' lines (it writes them at
-    evaluation), FSPO reads the counted tally alone, and the report names it so, with the
-    judge's counts and the counted rule as rows (no shots: no tally, a tie)."""
+def test_tally_only_main_job_trains_fspo_on_the_tally_and_lets_it_read_the_shots(tmp_path):
+    """--annotate tally on the tiny preset: the SFT learns no lines, FSPO reads the counted tally
+    alone, counted at evaluation from its own reading of each shot (eval.Reader), and the report
+    names it so, with the judge's counts and the counted rule as rows (no shots: no tally, a tie)."""
     out = tmp_path / "tal"
     cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--annotate", "tally", "--methods", "fspo",
            "--out", str(out), "--no-progress"]
@@ -147,18 +147,18 @@ def test_tally_only_main_job_annotates_the_sft_with_lines_and_fspo_with_the_tall
     assert r.returncode == 0, r.stderr[-3000:]
     base = out / "roleplay-2shot"
     args = {m: json.loads((base / m / "ckpt" / "config.json").read_text())["args"] for m in ("sft", "fspo")}
-    assert (args["sft"]["annotate"], args["fspo"]["annotate"]) == (True, "tally")
+    assert (args["sft"]["annotate"], args["fspo"]["annotate"]) == (None, "tally")
     (res,) = json.loads((out / "metrics.json").read_text())
-    assert (res["annotated"], res["tally_only"]) == (["fspo", "prompted"], ["fspo"])
+    assert (res["annotated"], res["tally_only"], res["self_read"]) == (["fspo"], ["fspo"], ["fspo"])
     report = (out / "report.md").read_text()
     assert "| FSPO (IPO), the shots' tally | 2 | " in report and "`fspo.py --annotate tally`" in report
     assert res["pair_accuracy"]["tally"]["0"]["rate"] == 0.5 and "fspo-judge" in res["pair_accuracy"]
-    # the base's lines against the judge's, per axis, over the curve's held-out shots
-    la = res["line_agreement"]  # every shot's line found in the writer's cache, however garbled
+    # FSPO's readings against the judge's lines, per axis, over the curve's held-out shots
+    la = res["line_agreement"]  # every shot's reading found in the reader's cache
     assert la["shots"] > 0 and la["written"] == la["shots"] and list(la["axes"]) == list(judge.JUDGES["roleplay"].axes)
     assert all(0 <= c["named"] + c["flipped"] <= c["differs"] <= la["shots"]
                and c["false"] <= la["shots"] - c["differs"] for c in la["axes"].values())
-    assert "the base's contrast lines against the judge's" in report
+    assert "FSPO's readings of the shots against the judge's" in report and "read each shot itself" in report
     # without the users file there is no judge to count the lines with: refused, not read as shots
     alone = tmp_path / "own" / "prefs.jsonl"
     alone.parent.mkdir()
