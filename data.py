@@ -378,7 +378,8 @@ def prompt_tokens(tok, name, shots, question, room, user=None, annotate=False) -
 def tally_prompt(tok, counts, domain, question, room) -> list[int]:
     """--annotate tally: the prompt of a policy that reads the shots through their tally alone,
     judge.count_line(counts) in the description slot (where the oracle reads the user's), then
-    the question. Counts come from the judge in training, from the base's lines at evaluation."""
+    the question. Counts come from the judge in training; at evaluation from the policy's own
+    reading of each shot (eval.Reader), or from the base's lines if it learned them."""
     ids = tok.encode(format_prompt([], question, judge.count_line(domain, counts)))
     if len(ids) > room:
         raise ValueError(f"the tally and question do not fit in {room} tokens ({len(ids)}): {question[:60]!r}")

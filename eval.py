@@ -42,7 +42,7 @@ LABELS = {"reference": "reference learner (judge's features)", "base": "base (SF
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
           "cot": "FSPO + user-description CoT", "oracle": "oracle description",
-          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's",
+          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's",  # or of its own reading
           "tally": "the judge's tally applied by rule (no model)"}
 
 
@@ -269,39 +269,45 @@ def shot_readings(policy, ref, tok, domain, shots, args):
     return m[..., 0] - m[..., 1]
 
 
+def named(readings, taus):
+    """sign(reading), 0 where |reading| <= its axis's threshold: the side each axis is named by."""
+    return np.where(np.abs(readings) > taus, np.sign(readings), 0).astype(int)
+
+
 def fit_thresholds(readings, truth):
-    """Per axis, the dead zone t that makes sign(reading), zeroed where |reading| <= t, agree
-    best with the judge's signs (truth, {-1, 0, 1}), t among the quantiles of |reading|.
-    readings, truth: (shots, axes)."""
+    """Per axis, the dead zone t that makes named() agree best with the judge's signs (truth,
+    {-1, 0, 1}), t among 0 (every nonzero reading names the axis), the 5%..95% quantiles of
+    |reading| and infinity (the axis is never named). readings, truth: (shots, axes)."""
     taus = []
     for x, y in zip(readings.T, truth.T):
-        grid = np.quantile(np.abs(x), np.linspace(0, 0.95, 20))
-        hits = [np.mean(np.where(np.abs(x) > t, np.sign(x), 0) == y) for t in grid]
+        grid = [0.0, *np.quantile(np.abs(x), np.linspace(0.05, 0.95, 19)), np.inf]
+        hits = [np.mean(named(x, t) == y) for t in grid]
         taus.append(float(grid[int(np.argmax(hits))]))
     return np.array(taus)
 
 
 @dataclass
 class Reader(Writer):
-    """For a policy trained with --annotate tally whose base learned no lines: the policy reads
-    each shot itself (shot_readings) and the axes whose reading clears its threshold make the
-    shot's line, fitted once on READ_FIT_SHOTS training shots against the judge's contrasts
-    (training data, as the judge's tallies FSPO trained on)."""
+    """For a policy trained with --annotate tally whose base learned no lines: the policy (model;
+    a Writer's model is the base) reads each shot itself (shot_readings), and the axes whose
+    reading clears its threshold make the shot's line, the thresholds fitted once on
+    READ_FIT_SHOTS training shots against the judge's contrasts (training data, as the judge's
+    tallies FSPO trained on)."""
     ref: torch.nn.Module | None = None
     fit_rows: list = field(default_factory=list)
     taus: np.ndarray | None = None
 
     def write(self, tok, shots, args):
         axes = judge.JUDGES[self.tally_domain].axes
+        if not shots:
+            return []
         if self.taus is None:
             if not self.fit_rows:
                 raise ValueError("a Reader fits its thresholds on training rows: none were given")
             fit = random.Random(0).sample(self.fit_rows, min(READ_FIT_SHOTS, len(self.fit_rows)))
-            truth = np.array([[judge.sign(judge.contrast(self.tally_domain, s.prompt, s.chosen, s.rejected)
-                                          .get(a, 0)) for a in axes] for s in fit])
+            truth = np.array([[judge.shot_counts(self.tally_domain, [s]).get(a, 0) for a in axes] for s in fit])
             self.taus = fit_thresholds(self.read(tok, fit, args), truth)
-        x = self.read(tok, shots, args)
-        said = np.where(np.abs(x) > self.taus, np.sign(x), 0).astype(int)
+        said = named(self.read(tok, shots, args), self.taus)
         return [judge.contrast_line(self.tally_domain, {a: int(v) for a, v in zip(axes, row) if v})
                 for row in said]
 
@@ -486,8 +492,9 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
     """{method: {k: interval}} for FSPO (IPO and DPO) and pooled, plus the reference learner's
     row. keep, a dict, receives FSPO's (margins, episodes) at the most shots. writers: see
     load_models. users: with an annotated FSPO, also the row "fspo-judge", the same model read
-    with the judge's annotations (training's), which tells what the base's writing loses, and
-    the row "tally", the judge's tally applied by rule: what the annotations carry."""
+    with the judge's annotations (training's), which tells what the base's writing (or the
+    policy's own reading) loses, and the row "tally", the judge's tally applied by rule: what
+    the annotations carry."""
     out, block = {}, models["sft"].config.block_size
     judged = ("fspo-judge",) if users and "fspo" in (writers or {}) else ()
     counted = bool(judged) and bool(writers["fspo"].tally_domain)  # --annotate tally
@@ -661,6 +668,8 @@ def win_table(r, label):
         trained = r.get("trained_shots", {}).get(m)
         note = f" (trained with {trained})" if trained not in (None, r["shots"]) and \
             data.method(m).prompt == "shots" else ""
+        if m == "prompted" and r.get("sft_shots") is not None and r["sft_shots"] < r["shots"]:
+            note = f" (its SFT trained with 0-{r['sft_shots']})"  # the base, past its longest context
         cells = [f"{cell(wr[g])} (n={wr[g]['n']})" if g in wr else "-" for g in groups]
         lines.append(f"| {label(m)} | {prompt_shots(m, r)}{note} | " + " | ".join(cells) + " |")
     if r.get("well_formed"):
@@ -698,9 +707,10 @@ def curve_table(r, label, key="pair_accuracy", title=""):
                      "differences, fitted on each user's k shots (k = 0: on the training users "
                      "pooled): what the shots reveal to a learner that knows the features. It is "
                      "not a ceiling: a model can use text the features miss.")
-    n, seen = r["shots"], max(r["shots"], r.get("sft_shots") or 0)
+    n, sft = r["shots"], r.get("sft_shots") or 0
+    seen = max(n, sft)
     if max(ks) > n:  # name the longest contexts each stage was trained on
-        lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{seen}" + (
+        lines.append(f"\nStage 2 trained with {n} shots, SFT with 0-{sft}" + (
             f": the columns past {seen} shots are longer contexts than any training "
             f"episode." if max(ks) > seen else "."))
     return lines

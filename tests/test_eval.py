@@ -235,15 +235,15 @@ def test_tally_prompts_count_the_lines_written_after_each_shot_alone():
 
 
 def test_fit_thresholds_picks_the_dead_zone_that_matches_the_judge():
-    """Readings whose true sign is 0 lie within 0.3 of 0 and the others beyond 1: the fitted
-    dead zone puts every one on its side (checked by hand, axis by axis); an axis whose
-    readings all differ in sign from the truth cannot agree better than its share of zeros."""
-    x = np.array([[2.0, 1.5], [-1.2, -2.0], [0.1, 0.3], [-0.3, 2.5], [1.1, -0.2]])
-    truth = np.array([[1, -1], [-1, 1], [0, 0], [0, -1], [1, 0]])
+    """Three axes, each with one dead zone that agrees with the judge on every shot (checked by
+    hand): readings whose true sign is 0 within 0.3 of 0 and the others beyond 1; every sign
+    true, the smallest reading 0.01 (no dead zone at all); the judge never separating the
+    answers (the axis never named)."""
+    x = np.array([[2.0, 0.01, 0.4], [-1.2, -0.5, -2.0], [0.1, 2.0, 0.3], [-0.3, -1.0, 2.5], [1.1, 0.2, -0.2]])
+    truth = np.array([[1, 1, 0], [-1, -1, 0], [0, 1, 0], [0, -1, 0], [1, 1, 0]])
     taus = evaluation.fit_thresholds(x, truth)
-    said = np.where(np.abs(x) > taus, np.sign(x), 0)
-    assert (said[:, 0] == truth[:, 0]).all() and 0.3 <= taus[0] < 1.1
-    assert (said[:, 1] == truth[:, 1]).mean() <= 0.4  # only its one zero can match
+    assert (evaluation.named(x, taus) == truth).all()
+    assert 0.3 <= taus[0] < 1.1 and taus[1] == 0.0 and taus[2] == np.inf
 
 
 def test_a_reader_counts_what_the_policy_reads_off_each_shot():
@@ -268,11 +268,11 @@ def test_a_reader_counts_what_the_policy_reads_off_each_shot():
     assert np.allclose(got, [by_hand(s) for s in rows[:2]], atol=1e-3)
     reader = evaluation.Reader(policy, "roleplay", ref=ref, fit_rows=rows[2:])
     prompts = reader.prompts(tok, [(rows[:2], "why?")], [10_000], args)
-    truth = np.array([[judge.sign(judge.contrast("roleplay", s.prompt, s.chosen, s.rejected).get(a, 0))
-                       for a in axes] for s in rows[2:]])
+    truth = np.array([[judge.shot_counts("roleplay", [s]).get(a, 0) for a in axes] for s in rows[2:]])
     taus = evaluation.fit_thresholds(np.array([by_hand(s) for s in rows[2:]]), truth)
     assert np.allclose(reader.taus, taus, atol=1e-3)
     said = [{a: int(np.sign(v)) for a, v, t in zip(axes, by_hand(s), taus) if abs(v) > t} for s in rows[:2]]
+    assert any(said)  # some axis named: a reader that ignored its readings would say nothing
     assert tok.decode(prompts[0]) == (f"# User Description\n{judge.count_line('roleplay', judge.summed(said))}\n"
                                       f"# Task\n{data.INSTRUCTION}\n## Question\nwhy?\n")
 

@@ -335,6 +335,22 @@ def test_annotate_on_a_method_without_shots_is_refused(tiny):
     assert not (tiny / "annotated-pooled").exists()
 
 
+def test_annotate_tally_gives_the_sft_no_lines_and_stage_2_the_tally():
+    """Under --annotate tally the policy reads the shots itself at evaluation, so the SFT has no
+    lines to learn (a lone SFT asked for them is refused); under --annotate it learns them."""
+    args = fspo.get_args([])  # the annotated preset
+    assert [fspo.annotates(m, args) for m in ("sft", "oracle", "pooled", "fspo", "fspo-dpo", "pref-ft")] == \
+        [None, None, None, "tally", "tally", "tally"]
+    args.annotate = True
+    assert [fspo.annotates(m, args) for m in ("sft", "pooled", "fspo")] == [True, None, True]
+
+
+def test_a_lone_sft_with_annotate_tally_is_refused(tiny):
+    r = run(stage_args(tiny, tiny / "tally-sft", "--method", "sft", "--steps", "2", "--annotate", "tally"))
+    assert r.returncode != 0 and "the SFT learns no lines" in r.stderr
+    assert not (tiny / "tally-sft").exists()
+
+
 def test_a_stage_on_a_retrained_init_is_refused(mine):
     common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
     assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
