@@ -750,6 +750,28 @@ def line_table(r):
     return lines
 
 
+def tally_note(r):
+    """The report's note on a policy that reads the shots' tally: who counted it, and how."""
+    if r.get("self_read"):
+        how = (f"{', '.join(r['self_read'])} read each shot itself, by its implicit reward for the shot's "
+               "two answers under a tally naming one side of one axis against one naming the other side, "
+               "an axis named where the difference clears a threshold fitted on training shots against "
+               "the judge's contrasts; the shots' named axes, counted, are the tally its prompt holds")
+        prompted, loses = "the plain shots", "its reading"
+    else:
+        how = (f"the base model wrote each shot's contrast, that shot alone before it, and the lines, "
+               f"counted per axis, are the tally that the prompts of {', '.join(r['tally_only'])} hold")
+        prompted = "the shots with the base's lines and their tally of signs (`--annotate`), as the SFT learned"
+        loses = "the base's writing"
+    judged = (f"; the row of the judge's annotations scores FSPO with the judge's counts (training's), so "
+              f"the gap to FSPO's row is what {loses} loses; the tally applied by rule (each axis's count "
+              "times the query's contrast, summed) is what the tally tells a reader that weighs it exactly."
+              if "fspo-judge" in r.get("pair_accuracy", {}) else ".")
+    return (f"\nThe shots' tally (`fspo.py --annotate tally`): {how} in place of the shots (each axis "
+            f"named once per shot that leaned to it, net of those leaning the other way); few-shot "
+            f"prompted reads {prompted}{judged}")
+
+
 def format_tables(results):
     """Markdown tables in the shape of the paper's."""
     lines = []
@@ -782,31 +804,8 @@ def format_tables(results):
             lines.append(f"\n![{r['domain']}: pair accuracy vs shots]({r['curve_svg']})")
         if r.get("no_win_rate"):
             lines.append(f"\n{r['domain']}: {r['no_win_rate']}.")
-        if r.get("self_read"):
-            lines.append(f"\nThe shots' tally (`fspo.py --annotate tally`): {', '.join(r['self_read'])} read each "
-                         "shot itself, by its implicit reward for the shot's two answers under a tally naming "
-                         "one side of one axis against one naming the other side, an axis named where the "
-                         "difference clears a threshold fitted on training shots against the judge's "
-                         "contrasts; the shots' named axes, counted, are the tally its prompt holds in place "
-                         "of the shots (each axis once per shot that leaned to it, net of those leaning the "
-                         "other way); few-shot prompted reads the plain shots"
-                         + ("; the row of the judge's annotations scores FSPO with the judge's counts "
-                            "(training's), so the gap to FSPO's row is what its reading loses; the tally "
-                            "applied by rule (each axis's count times the query's contrast, summed) is what "
-                            "the tally tells a reader that weighs it exactly."
-                            if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
-        elif r.get("tally_only"):
-            lines.append(f"\nAnnotated shots (`fspo.py --annotate tally`): the base model wrote each shot's "
-                         f"contrast, that shot alone before it, and the lines, counted per axis, are the "
-                         f"tally that the prompts of {', '.join(r['tally_only'])} hold in place of the shots "
-                         "(each axis named once per shot that leaned to it, net of those leaning "
-                         "the other way); few-shot prompted reads the shots with the base's lines "
-                         "and their tally of signs (`--annotate`), as the SFT learned"
-                         + ("; the row of the judge's annotations scores FSPO with the judge's counts "
-                            "(training's), so the gap to FSPO's row is what the base's writing loses; the "
-                            "tally applied by rule (each axis's count times the query's contrast, summed) "
-                            "is what the tally tells a reader that weighs it exactly."
-                            if "fspo-judge" in r.get("pair_accuracy", {}) else "."))
+        if r.get("tally_only"):
+            lines.append(tally_note(r))
         elif r.get("annotated"):
             lines.append(f"\nAnnotated shots (`fspo.py --annotate`): the base model wrote each shot's "
                          f"contrast and their tally into the prompts of {', '.join(r['annotated'])}"
