@@ -42,7 +42,7 @@ LABELS = {"reference": "reference learner (judge's features)", "base": "base (SF
           "prompted": "few-shot prompted (SFT)", "pref-ft": "few-shot Pref-FT",
           "fspo-dpo": "FSPO (DPO)", "fspo": "FSPO (IPO)", "cot-sft": "FSPO + CoT (SFT only)",
           "cot": "FSPO + user-description CoT", "oracle": "oracle description",
-          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's",  # or of its own reading
+          "fspo-judge": "FSPO (IPO), the judge's annotations in place of the base's",
           "tally": "the judge's tally applied by rule (no model)"}
 
 
@@ -474,7 +474,7 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
                Reader(models[m], domain, ref=models["sft"], fit_rows=list(fit_rows))
                for m in annotated if m != "sft"}
     if lines:
-        writers.update({m: Writer(models["sft"]) for m in ("sft", "prompted")})
+        writers["prompted"] = Writer(models["sft"])
     return models, anchors, shots, writers
 
 
@@ -629,7 +629,7 @@ def evaluate(ckpts, prefs_path, users_path, tok, tok_path, args, device, domain,
     models, anchors, trained, writers = load_models(ckpts, tok, tok_path, device, jdomain, fit_rows)
     res = {"domain": domain, "shots": n_shots, "pair_accuracy": {}, "win_rate": {}, "nll": anchors,
            "sft_shots": trained["sft"], "trained_shots": trained, "split": split,
-           "annotated": sorted(m for m in writers if m != "sft"),
+           "annotated": sorted(writers),
            "tally_only": sorted(m for m, w in writers.items() if w.tally_domain),
            "self_read": sorted(m for m, w in writers.items() if isinstance(w, Reader))}
     try:
