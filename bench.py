@@ -19,6 +19,7 @@ fspo memory  the peak memory such a step adds on top of model, reference, optimi
              and batch (CPU: resident memory of a fresh process; CUDA: allocated memory).
 generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whole prefix, and
              the KV cache in bf16 vs float32 with how many rows keep the same greedy tokens.
+attention    the bf16 step with SDPA run in float32 (model.attend, CPU) against SDPA in bf16.
 logps        summed log-probs of one batch under bf16 autocast vs float32, and old vs new layout.
 data         the time pack_batch takes to build a batch (mask included) against a step.
 group        SFT steps over one pool of 16 batches, as drawn and grouped by length (--group):
@@ -37,6 +38,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.nn import functional as F
 
 import data
 import fspo
@@ -313,6 +315,35 @@ def bench_fspo(m, eps, n, args, run):
     return new
 
 
+def sdpa_in_bf16(q, k, v, **kw):
+    # attention as it ran before model.attend: SDPA in autocast's bf16, the mask cast to it
+    if kw.get("attn_mask") is not None:
+        kw["attn_mask"] = kw["attn_mask"].to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def bench_attention(m, b, n):
+    """The bf16 step with model.attend's float32 SDPA (CPU) against SDPA in bf16."""
+    if m.dev != "cpu" or M.amp_dtype(m.dev) != torch.bfloat16:
+        print(f"attention {m.where}: skipped (attend() casts only on a CPU that trains in bf16)")
+        return
+    attend = M.attend
+
+    def step(fn):
+        M.attend = fn
+        try:
+            fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b, M.autocast(m.dev))
+        finally:
+            M.attend = attend
+    fns = {"fp32": lambda: step(attend), "bf16": lambda: step(sdpa_in_bf16)}
+    for fn in fns.values():
+        fn()
+    t = medians(fns, m.reps, m.dev)
+    print(f"attention N={n} B={b['idx'].size(0)} {m.where}: bf16 step with SDPA in bf16 "
+          f"{t['bf16'] * 1e3:.0f} ms, in float32 (model.attend) {t['fp32'] * 1e3:.0f} ms -> "
+          f"{t['bf16'] / t['fp32']:.2f}x", flush=True)
+
+
 def bench_bf16_step(m, eps, n):
     # where bf16 is emulated a step takes minutes: timed once, on fewer episodes
     b = to_device(data.pack_batch(eps, m.pad), m.dev)
@@ -518,6 +549,7 @@ def main(argv=None):
 
     bench_peak(m)
     new = bench_fspo(m, eps[:B], n, args, run)
+    bench_attention(m, new, n)
     bench_logps(m, eps[:B])
     bench_generate(m, eps, run)
     t = medians({"s": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new,

@@ -70,6 +70,16 @@ def rotate(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def attend(q, k, v, **kw):
+    # F.scaled_dot_product_attention, in float32 on CPU: there the bf16 kernels ran forward
+    # plus backward 1.4-3.7x slower than float32 at this project's head size 32 (bench.py,
+    # "attention"), a sixth of a bf16 training step. Autocast would cast the inputs back.
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer):
@@ -89,17 +99,16 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, nh, t+T, hs)
         p = self.dropout if self.training else 0.0
         if mask is None:  # plain causal: SDPA skips the keys above the diagonal
-            ys = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)]
+            ys = [attend(q, k, v, is_causal=True, dropout_p=p)]
         else:
             # mask (B, 1, TR, Tk), True = may attend, covers the last TR queries; the T-TR
             # before them attend causally among themselves (data.pack_batch puts the context
             # and chosen there, and rejected behind them). Two calls: the causal one skips
             # its upper triangle, the masked one is TR rows long instead of T.
             H = T - mask.size(-2)
-            ys = [F.scaled_dot_product_attention(q[:, :, H:], k, v, attn_mask=mask, dropout_p=p)]
+            ys = [attend(q[:, :, H:], k, v, attn_mask=mask, dropout_p=p)]
             if H:
-                ys.insert(0, F.scaled_dot_product_attention(
-                    q[:, :, :H], k[:, :, :H], v[:, :, :H], is_causal=True, dropout_p=p))
+                ys.insert(0, attend(q[:, :, :H], k[:, :, :H], v[:, :, :H], is_causal=True, dropout_p=p))
         # (B, nh, T, hs) in parts along T -> (B, T, C), joined and laid out in one copy
         y = torch.cat([t.transpose(1, 2) for t in ys], dim=1).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -173,7 +182,8 @@ class GPT(nn.Module):
         if mask is not None and mask.dtype == torch.bool:
             # SDPA would convert a bool mask to an additive one in every layer (and autograd
             # would keep each copy): convert once. It is (B, 1, TR, T), TR the masked tail.
-            mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, -math.inf)
+            att = torch.float32 if dev == "cpu" else dt  # the dtype attend() runs SDPA in
+            mask = torch.zeros(mask.shape, dtype=att, device=mask.device).masked_fill_(~mask, -math.inf)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:

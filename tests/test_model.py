@@ -84,6 +84,30 @@ def test_sdpa_matches_manual_attention():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_attend_runs_cpu_bf16_attention_in_float32():
+    # model.attend under CPU bf16 autocast: the result is the float64 attention of the bf16
+    # inputs rounded once to bf16 (a bf16 softmax would round inside), and gradients flow back
+    torch.manual_seed(0)
+    B, nh, T, hs = 2, 2, 64, 16
+    q, k, v = (torch.randn(B, nh, T, hs).bfloat16().requires_grad_() for _ in range(3))
+    keep = torch.rand(B, 1, 8, T) < 0.5
+    keep[..., -8:] |= torch.eye(8, dtype=torch.bool)  # the last 8 queries keep themselves
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))  # as GPT.hidden builds it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        causal = M.attend(q, k, v, is_causal=True)
+        tail = M.attend(q[:, :, -8:], k, v, attn_mask=additive)
+    att = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
+    want = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1) @ v.double()
+    want_tail = att[:, :, -8:].masked_fill(~keep, float("-inf")).softmax(-1) @ v.double()
+    for got, ref in ((causal, want), (tail, want_tail)):
+        assert got.dtype == torch.bfloat16
+        ulp = ref.abs().clamp_min(2 ** -8) * 2 ** -7  # bf16 keeps 8 significant bits
+        assert ((got.double() - ref).abs() <= ulp).all()
+    (causal.float().sum() + tail.float().sum()).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.isfinite().all()
+               for t in (q, k, v))
+
+
 @torch.no_grad()
 def test_rotary_matches_complex_rotation_and_sees_only_offsets():
     x = torch.randn(2, 3, 7, 16)  # (B, nh, T, hs)
