@@ -74,10 +74,11 @@ def attend(q, k, v, **kw):
     # F.scaled_dot_product_attention, in float32 on CPU: there the bf16 kernels ran forward
     # plus backward 1.4-3.7x slower than float32 at this project's head size 32 (bench.py,
     # "attention"), a sixth of a bf16 training step. Autocast would cast the inputs back.
-    if q.device.type != "cpu" or q.dtype == torch.float32:
+    # GPT.hidden rotates q and k in float32 there already; the result goes back to v's dtype.
+    if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, **kw)
     with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(q.dtype)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(v.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -175,15 +176,15 @@ class GPT(nn.Module):
             assert idx.size(1) <= self.config.block_size, "sequence longer than block_size"
             pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = self.drop(self.wte(idx))  # (B, T, C)
-        dev = x.device.type  # the dtype attention runs in: q and k are rotated in it
+        dev = x.device.type  # the dtype attention runs in (attend): q and k are rotated in it
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dt = torch.float32 if dev == "cpu" else dt
         pos = pos if pos.dim() == 2 else pos[None]  # (B or 1, T)
         rope = (self.cos[pos][:, None].to(dt), self.sin[pos][:, None].to(dt))  # (B|1, 1, T, hs/2)
         if mask is not None and mask.dtype == torch.bool:
             # SDPA would convert a bool mask to an additive one in every layer (and autograd
             # would keep each copy): convert once. It is (B, 1, TR, T), TR the masked tail.
-            att = torch.float32 if dev == "cpu" else dt  # the dtype attend() runs SDPA in
-            mask = torch.zeros(mask.shape, dtype=att, device=mask.device).masked_fill_(~mask, -math.inf)
+            mask = torch.zeros(mask.shape, dtype=dt, device=mask.device).masked_fill_(~mask, -math.inf)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:
