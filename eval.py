@@ -562,17 +562,25 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
         res["pair_accuracy_unseen"] = curve_rows(models, unseen, ref, tok, args, device,
                                                  curve_shots(unseen, args), reference, "left-out family",
                                                  writers=writers, users=users)
-    if domain != "elix":
-        return
-    block = models["sft"].config.block_size
-    for d in ("easy", "hard"):
-        rows_d = data.by_user([r for r in rows if r.tags.get("difficulty") == d])
-        rows_d = {u: v for u, v in rows_d.items() if len(v) > n_shots}
-        for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models and rows_d]:
-            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, rows_d, n_shots, n_shots,
-                                   args, block, device, m, (writers or {}).get(m))
-            res.setdefault("pair_accuracy_by_difficulty", {}).setdefault(m, {})[d] = \
-                interval(hits.tolist(), [q.user_id for _, q in eps])
+    if domain == "elix":
+        res["pair_accuracy_by_difficulty"] = by_difficulty(models, held_rows, ref, tok, args, device,
+                                                           n_shots, writers)
+
+
+def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=None):
+    """ELIX's easy / hard split, {method: {"easy": interval, "hard": interval}}: the held-out
+    episodes of n_shots shots, split by their query pair's difficulty tag. The split is a
+    property of the query pair alone: the shots are the user's ordinary ones either way (a hard
+    query given only hard shots would tell the user's level less, and mix the two effects)."""
+    out, block = {}, models["sft"].config.block_size
+    for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
+        hits, eps = curve_hits(models[m].token_logprobs, ref, tok, held_rows, n_shots, n_shots,
+                               args, block, device, m, (writers or {}).get(m))
+        for d in ("easy", "hard"):
+            idx = [i for i, (_, q) in enumerate(eps) if q.tags.get("difficulty") == d]
+            if idx:
+                out.setdefault(m, {})[d] = interval([bool(hits[i]) for i in idx], [eps[i][1].user_id for i in idx])
+    return out
 
 
 def win_rates(models, methods, items, users, tok, args, domain, res, writers=None):
@@ -786,8 +794,9 @@ def format_tables(results):
         if r["win_rate"]:
             lines += win_table(r, label)
         if r.get("pair_accuracy_by_difficulty"):
-            lines += [f"\n### {r['domain']}, {r['shots']} shots: held-out pair accuracy by query "
-                      "pair (%, 95% CI over users)\n", "| method | easy | hard |", "|---|---|---|"]
+            lines += [f"\n### {r['domain']}, {r['shots']} shots: held-out pair accuracy by the query "
+                      "pair's difficulty, the shots the user's ordinary ones (%, 95% CI over users)\n",
+                      "| method | easy | hard |", "|---|---|---|"]
             for m, acc in r["pair_accuracy_by_difficulty"].items():
                 lines.append(f"| {label(m)} | " + " | ".join(
                     cell(acc[g]) if g in acc else "-" for g in ("easy", "hard")) + " |")

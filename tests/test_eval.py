@@ -59,6 +59,15 @@ def brute_margin(policy, ref, tok, ctx, q):
     return (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
 
 
+def plain_prompt(shots, q):
+    """The FSPO prompt of a query after its shots, written out by hand (the paper's markdown),
+    as byte ids."""
+    text = "".join(f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
+                   f"## Dispreferred Response\n{s.rejected}\n" for i, s in enumerate(shots, 1))
+    return list(f"{text}# Task\nGiven the examples above, generate a preferred response to the "
+                f"following question.\n## Question\n{q.prompt}\n".encode())
+
+
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_pair_accuracy_counts_against_brute_force(k):
     """Curve hits over the held-out stream equal a loop that writes each episode's prompt by
@@ -79,10 +88,7 @@ def test_pair_accuracy_counts_against_brute_force(k):
     stream.batch(0)  # draws the epoch's episodes: which rows are shots is the stream's choice
     want = []
     for shots, q in stream.episodes[:12]:
-        text = "".join(f"# Example {i}\n## Question\n{s.prompt}\n## Preferred Response\n{s.chosen}\n"
-                       f"## Dispreferred Response\n{s.rejected}\n" for i, s in enumerate(shots[:k], 1))
-        ctx = list(f"{text}# Task\nGiven the examples above, generate a preferred response to the "
-                   f"following question.\n## Question\n{q.prompt}\n".encode())
+        ctx = plain_prompt(shots[:k], q)
         y_w, y_l = (list(f"## Preferred Response\n{y}".encode()) + [tok.eot_id] for y in (q.chosen, q.rejected))
         want.append(logp(policy, ctx, y_w) - logp(ref, ctx, y_w) > logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
         assert eps[len(want) - 1][1] is q  # the episodes scored are the ones brute-forced
@@ -90,6 +96,32 @@ def test_pair_accuracy_counts_against_brute_force(k):
     args.curve_episodes = 3  # rounded up to whole batches
     assert len(evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                      k, 2, args, 512, "cpu")[0]) == 4
+
+
+def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
+    """by_difficulty: each held-out episode's query pair scored after its N shots, whatever their
+    difficulty, the figures split by the query's tag; brute force over the same episodes."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test", {"difficulty": "easy" if i % 2 else "hard"})
+            for u in range(8) for i in range(6)]
+    torch.manual_seed(2)
+    sft, fspo = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+                 for _ in range(2))
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32")
+    got = evaluation.by_difficulty({"sft": sft, "fspo": fspo}, by_user(rows), sft.token_logprobs, tok, args, "cpu", 2)
+    stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 512, args.seed + 17)
+    stream.batch(0)
+    hits, users = {"easy": [], "hard": []}, {"easy": [], "hard": []}
+    for shots, q in stream.episodes:  # 8 users x 2 episodes of 2 shots + a query
+        d = q.tags["difficulty"]
+        hits[d].append(brute_margin(fspo, sft, tok, plain_prompt(shots, q), q) > 0)
+        users[d].append(q.user_id)
+    assert len(hits["easy"]) + len(hits["hard"]) == 16 and hits["easy"] and hits["hard"]
+    for d in ("easy", "hard"):
+        assert got["fspo"][d] == evaluation.interval(hits[d], users[d])
+    # the point of the split: a hard query may follow easy shots (the user's ordinary ones)
+    assert any(q.tags["difficulty"] == "hard" and any(s.tags["difficulty"] == "easy" for s in shots)
+               for shots, q in stream.episodes)
 
 
 def test_pooled_row_of_the_curve_is_scored_without_shots():
