@@ -252,7 +252,7 @@ def shot_readings(policy, ref, tok, domain, shots, args):
     axis: its implicit reward margin, log(pi/ref)(chosen) - log(pi/ref)(rejected), under a
     one-term tally naming the axis's + side, minus that under one naming its - side. Large and
     positive: the shot's chosen answer leans to the + side, as far as the policy can tell."""
-    axes = judge.JUDGES[domain].axes
+    axes = judge.JUDGES[domain].tally_axes
     if not shots:
         return torch.zeros(0, len(axes))
     eps = []
@@ -298,7 +298,7 @@ class Reader(Writer):
     taus: np.ndarray | None = None
 
     def write(self, tok, shots, args):
-        axes = judge.JUDGES[self.tally_domain].axes
+        axes = judge.JUDGES[self.tally_domain].tally_axes
         if not shots:
             return []
         if self.taus is None:

@@ -94,6 +94,14 @@ class Judge:
     """Reward and trait statements shared by the domains; subclasses read features from text."""
     group_traits = ()  # traits fixed by the user's group (reviews scorer type)
 
+    @property
+    def tally_axes(self):
+        """The axes a shot's contrast can name: the style axes (elix adds its levels)."""
+        return self.axes
+
+    def level_contrast(self, fc, fr):
+        return {}  # only elix's answers are written at a level
+
     def reward(self, user, f):
         # malformed text (unknown words, repeated sentences, nothing at all) loses W_REL per unit
         # of lost quality, so no style can make it beat a well-formed answer
@@ -104,7 +112,7 @@ class Judge:
 
     def summary(self, user):
         t = user["traits"]
-        items = [self.terms[a][0 if t[a] > 0 else 1] for a in self.axes if t.get(a)]
+        items = [self.terms[a][0 if t[a] > 0 else 1] for a in self.tally_axes if t.get(a)]
         return "Prefers: " + ", ".join(items) + "." if items else ""
 
 
@@ -238,7 +246,18 @@ EX_NEUTRAL = "a about action all as at day depends for from how in is it like lo
 class Elix(Judge):
     name = "elix"
     axes = ("example", "detail")
-    terms = {"example": ("examples", "no examples"), "detail": ("detailed", "brief")}
+    # a level is named as a term of its own: "teenager" for the side a shot's chosen answer is
+    # written at, "not child" for the rejected's (level_contrast)
+    terms = {"example": ("examples", "no examples"), "detail": ("detailed", "brief"),
+             **{lv: (lv, f"not {lv}") for lv in EX_LEVELS}}
+    tally_axes = axes + EX_LEVELS
+
+    def level_contrast(self, fc, fr):
+        # the levels the two answers are read at (their level words' mean, rounded), where they
+        # differ: the user's level is what a shot of ELIX tells most, and no style axis names it
+        if fc["level"] is None or fr["level"] is None or round(fc["level"]) == round(fr["level"]):
+            return {}
+        return {EX_LEVELS[round(fc["level"])]: 1, EX_LEVELS[round(fr["level"])]: -1}
 
     def __init__(self):
         self.fields, self.topic_of, self.concepts = [], {}, {}
@@ -408,10 +427,12 @@ def summary_for_response(user, prompt, response):
 
 
 def contrast(domain, prompt, chosen, rejected):
-    """{axis: sign(chosen) - sign(rejected)} over the axes the judge reads in both answers."""
+    """{axis: sign(chosen) - sign(rejected)} over the axes the judge reads in both answers; on
+    elix also +1 for the level the chosen answer is written at and -1 for the rejected's."""
     j = JUDGES[domain]
     fc, fr = j.read(str(prompt), chosen), j.read(str(prompt), rejected)
-    return {a: sign(fc[a]) - sign(fr[a]) for a in j.axes if fc.get(a) is not None and fr.get(a) is not None}
+    d = {a: sign(fc[a]) - sign(fr[a]) for a in j.axes if fc.get(a) is not None and fr.get(a) is not None}
+    return {**d, **j.level_contrast(fc, fr)}
 
 
 def contrast_line(domain, d):
@@ -462,7 +483,7 @@ def count_line(domain, counts):
     casual.' A reader weighs an axis by how often it is named, as it weighs a word it sees
     more often, with no numbers to learn."""
     j = JUDGES[domain]
-    axes = sorted((a for a in j.axes if counts.get(a)), key=lambda a: -abs(counts[a]))
+    axes = sorted((a for a in j.tally_axes if counts.get(a)), key=lambda a: -abs(counts[a]))
     items = [j.terms[a][counts[a] < 0] for a in axes for _ in range(abs(counts[a]))]
     return "Prefers: " + ", ".join(items) + "." if items else "Prefers: nothing."
 
@@ -471,7 +492,7 @@ def parse_line(domain, line):
     """contrast_line read back: {axis: +1 or -1} for each term the line names; anything else
     in it (a model's misspelling, a repeated term) is ignored."""
     j = JUDGES[domain]
-    terms = {j.terms[a][i]: (a, 1 - 2 * i) for a in j.axes for i in (0, 1)}
+    terms = {j.terms[a][i]: (a, 1 - 2 * i) for a in j.tally_axes for i in (0, 1)}
     body = line.strip().removeprefix("Prefers:").strip().removesuffix(".")
     return dict(terms[t.strip()] for t in body.split(",") if t.strip() in terms)
 
@@ -482,7 +503,7 @@ def line_agreement(domain, shots, lines):
     whose line names it with the judge's sign, "flipped": with the other sign, "false": shots the
     judge does not read apart on it whose line names it anyway}}. A line that was not written
     (None) names nothing."""
-    out = {a: {"differs": 0, "named": 0, "flipped": 0, "false": 0} for a in JUDGES[domain].axes}
+    out = {a: {"differs": 0, "named": 0, "flipped": 0, "false": 0} for a in JUDGES[domain].tally_axes}
     for s, line in zip(shots, lines):
         truth = contrast(domain, s.prompt, s.chosen, s.rejected)
         said = parse_line(domain, line or "")

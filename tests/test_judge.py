@@ -166,6 +166,28 @@ def test_counted_tally_names_each_axis_once_per_shot_and_reads_back():
     assert judge.tally_pair_credit("roleplay", [a, b, b], half) == 1.0  # by signs: -1 + 2 > 0
 
 
+def test_elix_contrast_names_the_levels_the_answers_are_written_at():
+    """ELIX: a shot's contrast also names the level its chosen answer is written at (+1) and the
+    rejected's (-1), each the mean of its level words rounded (levels 0..4 by hand from
+    EX_LEVEL_WORDS); the counted tally and its line carry them, and read back."""
+    pair = lambda c, r: SimpleNamespace(prompt="explain gravity", chosen=c, rejected=r)
+    kid = "Imagine gravity, a giant toy."                # imagine, giant, toy: 0, 0, 0 -> child
+    pro = "Gravity denotes coupling, formally."          # 4, 4, 4 -> expert
+    teen = "Imagine gravity denotes a toy coupling."     # 0, 4, 0, 4: mean 2 -> teenager
+    plain = "Gravity pulls."                             # no level word: no level read
+    contrast = lambda c, r: judge.contrast("elix", "explain gravity", c, r)
+    assert contrast(kid, pro) == {"example": 0, "detail": 0, "child": 1, "expert": -1}
+    assert contrast(teen, kid) == {"example": 0, "detail": 0, "teenager": 1, "child": -1}
+    assert contrast(kid, kid) == contrast(kid, plain) == {"example": 0, "detail": 0}
+    counts = judge.shot_counts("elix", [pair(kid, pro), pair(teen, pro), pair(kid, teen)])
+    assert {a: v for a, v in counts.items() if v} == {"child": 2, "expert": -2}  # teenager +1 -1
+    assert judge.count_line("elix", counts) == "Prefers: child, child, not expert, not expert."
+    assert judge.contrast_line("elix", contrast(teen, kid)) == "Prefers: not child, teenager."  # axis order
+    assert judge.parse_line("elix", "Prefers: young adult, not child, examples.") == \
+        {"young adult": 1, "child": -1, "example": 1}
+    assert judge.JUDGES["roleplay"].tally_axes == judge.JUDGES["roleplay"].axes  # levels are elix's
+
+
 def test_line_agreement_counts_named_missed_and_false_axes():
     """The report's table of the base's lines against the judge's, per axis. Contrasts read by
     hand as above: a = {formality +2, humor -2}, casual = {formality -2}."""
