@@ -547,9 +547,10 @@ PRESETS = {
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
                       eval_questions=2),
-    # gpu: the annotated design on the larger model, roleplay (the tally names style axes, not
-    # an ELIX user's level). Not yet run on a GPU: at batch 32 each stage sees at least the
-    # annotated preset's episodes; its step counts are not measured (README, "The gpu preset")
+    # gpu: the annotated design on the larger model, roleplay (the domain it was measured on;
+    # an ELIX tally names levels too, untried in training here). Not yet run on a GPU: at batch
+    # 32 each stage sees at least the annotated preset's episodes; its step counts are not
+    # measured (README, "The gpu preset")
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=2000,
                 oracle_steps=1500, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
