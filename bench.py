@@ -18,7 +18,8 @@ fspo step    one training step (policy forward+backward, reference forward, IPO 
 fspo memory  the peak memory such a step adds on top of model, reference, optimizer state
              and batch (CPU: resident memory of a fresh process; CUDA: allocated memory).
 generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whole prefix, and
-             the KV cache in bf16 vs float32 with how many rows keep the same greedy tokens.
+             generation under bf16 autocast vs float32 (on CPU the cached keys stay float32:
+             model.attend) with how many rows keep the same greedy tokens.
 attention    the bf16 step with SDPA run in float32 (model.attend, CPU) against SDPA in bf16.
 logps        summed log-probs of one batch under bf16 autocast vs float32, and old vs new layout.
 data         the time pack_batch takes to build a batch (mask included) against a step.
@@ -316,7 +317,7 @@ def bench_fspo(m, eps, n, args, run):
 
 
 def sdpa_in_bf16(q, k, v, **kw):
-    # attention as it ran before model.attend: SDPA in autocast's bf16, the mask cast to it
+    # SDPA left to autocast's bf16 (q and k are rotated in float32 and autocast casts them)
     if kw.get("attn_mask") is not None:
         kw["attn_mask"] = kw["attn_mask"].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kw)

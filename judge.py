@@ -437,8 +437,8 @@ def contrast(domain, prompt, chosen, rejected):
 
 def contrast_line(domain, d):
     """A contrast (or a sum of them) named from the side it leans to, e.g. 'Prefers: formal,
-    lists.' ('Prefers: nothing.' when even). The shared statement, not a subclass's: a
-    contrast names no elix level."""
+    lists.' ('Prefers: nothing.' when even). The shared statement, not a subclass's: an elix
+    contrast names its levels as terms ('not child, teenager'), not the user's 'Level:' line."""
     return Judge.summary(JUDGES[domain], {"traits": d}) or "Prefers: nothing."
 
 

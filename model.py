@@ -43,7 +43,7 @@ class KVCache:
 
     def update(self, layer, k, v):
         # k, v (B, nh, T, hs) of the new positions -> all keys, values so far (B, nh, t+T, hs)
-        if self.k[layer] is None:  # allocated on first use so it takes autocast's dtype
+        if self.k[layer] is None:  # allocated on first use with k's and v's dtypes (CPU bf16: keys float32)
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nh, self.length, hs)
             self.v[layer] = v.new_zeros(B, nh, self.length, hs)
@@ -70,13 +70,16 @@ def rotate(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def attend(q, k, v, **kw):
     # F.scaled_dot_product_attention, in float32 on CPU: there the bf16 kernels ran forward
     # plus backward 1.4-3.7x slower than float32 at this project's head size 32 (bench.py,
     # "attention"), a sixth of a bf16 training step. Autocast would cast the inputs back.
     # GPT.hidden rotates q and k in float32 there already; the result goes back to v's dtype.
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+    if q.device.type != "cpu" or not any(t.dtype in HALF for t in (q, k, v)):
+        return F.scaled_dot_product_attention(q, k, v, **kw)  # float32 and float64 as they are
     with torch.autocast("cpu", enabled=False):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(v.dtype)
 
@@ -178,7 +181,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx))  # (B, T, C)
         dev = x.device.type  # the dtype attention runs in (attend): q and k are rotated in it
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        dt = torch.float32 if dev == "cpu" else dt
+        dt = torch.float32 if dev == "cpu" and dt in HALF else dt
         pos = pos if pos.dim() == 2 else pos[None]  # (B or 1, T)
         rope = (self.cos[pos][:, None].to(dt), self.sin[pos][:, None].to(dt))  # (B|1, 1, T, hs/2)
         if mask is not None and mask.dtype == torch.bool:
