@@ -746,7 +746,6 @@ def line_table(r):
     """The base's contrast lines (or the policy's readings) against the judge's, per axis (line_agreement)."""
     a, who = r["line_agreement"], "FSPO's readings of the shots" if r.get("self_read") else "the base's contrast lines"
     lines = [f"\n### {r['domain']}: {who} against the judge's, per axis "
-             f"{'and level ' if r['domain'] == 'elix' else ''}"
              f"(n = {a['shots']} held-out shots, those of the curve's last column)\n",
              "| axis | shots whose answers differ on it | the line names it, the judge's sign | "
              "the other sign | of the other shots, the line names it |", "|---|---|---|---|---|"]
