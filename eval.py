@@ -247,11 +247,14 @@ READ_FIT_SHOTS = 300  # training shots a Reader fits its thresholds on
 
 
 @torch.no_grad()
-def shot_readings(policy, ref, tok, domain, shots, args):
+def shot_readings(policy, tok, domain, shots, args):
     """(shots, axes) float: how a policy trained with --annotate tally reads each shot, axis by
-    axis: its implicit reward margin, log(pi/ref)(chosen) - log(pi/ref)(rejected), under a
-    one-term tally naming the axis's + side, minus that under one naming its - side. Large and
-    positive: the shot's chosen answer leans to the + side, as far as the policy can tell."""
+    axis: its log-prob margin, log pi(chosen) - log pi(rejected), under a one-term tally naming
+    the axis's + side, minus that under one naming its - side. Large and positive: the shot's
+    chosen answer leans to the + side, as far as the policy can tell. The reference's margins
+    would enter this difference only through how the SFT, which never read a tally, reacts to
+    one: scoring them too doubled the reading's cost for 0.1 points of agreement with the
+    judge (92.3 against 92.2% of 600 val shots' axes, README)."""
     axes = judge.JUDGES[domain].tally_axes
     if not shots:
         return torch.zeros(0, len(axes))
@@ -264,7 +267,7 @@ def shot_readings(policy, ref, tok, domain, shots, args):
     multiple = 8 if str(args.device).startswith("cuda") else 1  # aligned masks, as EpisodeStream's
     batches = (data.to_device(data.pack_batch(eps[i:i + args.gen_batch], tok.eot_id, multiple), args.device)
                for i in range(0, len(eps), args.gen_batch))
-    m = pair_margins(policy.token_logprobs, ref.token_logprobs, batches, autocast(args.device, args.dtype))
+    m = pair_margins(policy.token_logprobs, None, batches, autocast(args.device, args.dtype))
     m = m.view(len(shots), len(axes), 2)
     return m[..., 0] - m[..., 1]
 
@@ -293,7 +296,6 @@ class Reader(Writer):
     reading clears its threshold make the shot's line, the thresholds fitted once on
     READ_FIT_SHOTS training shots against the judge's contrasts (training data, as the judge's
     tallies FSPO trained on)."""
-    ref: torch.nn.Module | None = None
     fit_rows: list = field(default_factory=list)
     taus: np.ndarray | None = None
 
@@ -312,8 +314,7 @@ class Reader(Writer):
                 for row in said]
 
     def read(self, tok, shots, args):
-        self.ref.eval()
-        return shot_readings(self.model, self.ref, tok, self.tally_domain, shots, args).numpy()
+        return shot_readings(self.model, tok, self.tally_domain, shots, args).numpy()
 
 
 def split_response(method, text):
@@ -471,7 +472,7 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
                          f"{ckpts['sft']} cannot write: pass the --annotate SFT checkpoint as --base")
     # the base writes the annotations; prompted (the base given shots) reads them as it learned
     writers = {m: Writer(models["sft"], domain if m in tally else None) if lines else
-               Reader(models[m], domain, ref=models["sft"], fit_rows=list(fit_rows))
+               Reader(models[m], domain, fit_rows=list(fit_rows))
                for m in annotated if m != "sft"}
     if lines:
         writers["prompted"] = Writer(models["sft"])

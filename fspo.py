@@ -151,7 +151,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
         why = ("--describe" if args.describe else "--annotate" if args.annotate
                else f"--method {args.method}")
         raise ValueError(f"{why} needs the users file (--users or --data)")
-    group = (args.group or 1) if m.learns != "preference" else 1  # stage 2 never groups (README)
+    group = args.group or 1
     if group > 1 and args.describe:
         raise ValueError("--group goes without --describe: the notes' token-mean is per batch, and a "
                          "grouped batch of short episodes holds none")
@@ -373,10 +373,10 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
 
 def stage_steps(method, args):
     """Optimizer steps of a stage: the SFT count for stage 1, a quarter of it for cot-sft
-    (a format warm-up before cot's IPO), --oracle-steps for oracle if set, the stage-2 count
-    for everything else."""
-    return {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4,
-            "oracle": args.oracle_steps or args.pref_steps}.get(method, args.pref_steps)
+    (a format warm-up before cot's IPO), --oracle-steps for oracle and --pooled-steps for
+    pooled if set, the stage-2 count for everything else."""
+    return {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4, "oracle": args.oracle_steps or args.pref_steps,
+            "pooled": args.pooled_steps or args.pref_steps}.get(method, args.pref_steps)
 
 
 def annotates(name, args):
@@ -401,9 +401,8 @@ def stage_order(args):
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
-          "block_size", "seed", "dtype", "describe", "annotate", "ref")
+          "block_size", "seed", "dtype", "describe", "annotate", "ref", "group")
 PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
-SFT_RECIPE = ("group",)  # and only the others this
 
 
 def changed_settings(saved, now):
@@ -416,7 +415,7 @@ def check_recipe(saved, args, inputs, where):
     preset's step count) or on other inputs (data, tokenizer, init checkpoint): its
     results would be reported under the new flags."""
     pref = data.method(saved["args"].get("method", "sft")).learns == "preference"
-    keys = RECIPE + (PREF_RECIPE if pref else SFT_RECIPE)
+    keys = RECIPE + (PREF_RECIPE if pref else ())
     diff = changed_settings(saved["args"], {k: getattr(args, k, None) for k in keys})
     diff += changed_settings(saved.get("inputs", {}), inputs)
     if diff:
@@ -536,13 +535,16 @@ PRESETS = {
     # (no lines to learn: the policy reads each shot itself at evaluation, README "The policy
     # reads the shots itself"; the 4000-step SFT on 0-8 shots that wrote them took 46 of the
     # run's 81 minutes), oracle learns to apply a stated description (its val pair accuracy 78%
-    # at 1500 steps, 88% at 4000), FSPO starts from it and reads the shots' counted tally alone
-    # (README, "Annotated shots": the tally with signs only and the shots in the prompt read less).
-    # group: SFT episodes padded to their batch's longest were 40% padding at 0-8 shots
+    # at 1500 steps, 81% at 2000, 88% at 4000; FSPO from the 2000-step oracle read val users
+    # within the 4000-step recipe's spread, README "Twenty minutes"), FSPO starts from it and
+    # reads the shots' counted tally alone (README, "Annotated shots": the tally with signs only
+    # and the shots in the prompt read less); pooled's running metric is flat from 1000 steps.
+    # group: batches padded to their longest episode were 40% padding in the SFT at 0-8 shots,
+    # 22% in FSPO's tally episodes
     # eval_every: the running metric (256 val episodes) takes 2.6 s; every 250 steps it was 50 s a stage
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=8, group=16, grad_accum=1, sft_steps=1500, sft_shots=2, pref_steps=5000,
-                      oracle_steps=4000, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
+                      oracle_steps=2000, pooled_steps=1500, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=500, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
@@ -605,9 +607,9 @@ def stage_flags(a):
     a("--steps", type=int, default=None, help="optimizer steps (default: preset's)")
     a("--batch-size", type=int, default=None, help="episodes per micro-batch")
     a("--group", type=int, default=None,
-      help="SFT methods: sort each K batches' episodes by length and cut them again: less "
-           "padding, the same episodes, the pool's tokens sharing K steps' weight evenly "
-           "(unset: off; stage 2's short prompts have little padding to save)")
+      help="sort each K batches' episodes by length and cut them again: less padding, the "
+           "same episodes (SFT methods: the pool's tokens share K steps' weight evenly; "
+           "unset: off)")
     a("--grad-accum", type=int, default=None, help="micro-batches per step, over all ranks")
     a("--lr", type=float, default=None)
     a("--min-lr-frac", type=float, default=0.1, help="cosine floor as a fraction of lr")
@@ -644,6 +646,7 @@ def main_job_flags(a):
     a("--pref-lr", type=float, default=None, help="main job: peak lr of stage-2 methods")
     a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
     a("--oracle-steps", type=int, default=None, help="main job: steps of oracle (default --pref-steps)")
+    a("--pooled-steps", type=int, default=None, help="main job: steps of pooled (default --pref-steps)")
     a("--fspo-init", choices=("sft", "oracle"), default=None,
       help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "
            "the user's description in its prompt (README, 'Annotated shots')")

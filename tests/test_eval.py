@@ -54,9 +54,11 @@ def logp(model, ctx, y):
 
 
 def brute_margin(policy, ref, tok, ctx, q):
-    """The pair's margin log(pi/ref)(y_w) - log(pi/ref)(y_l) after the context ids ctx."""
+    """The pair's margin log(pi/ref)(y_w) - log(pi/ref)(y_l) after the context ids ctx (ref
+    None: the raw log-prob margin)."""
     y_w, y_l = (tok.encode(f"## Preferred Response\n{y}") + [tok.eot_id] for y in (q.chosen, q.rejected))
-    return (logp(policy, ctx, y_w) - logp(ref, ctx, y_w)) - (logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
+    ref_margin = 0.0 if ref is None else logp(ref, ctx, y_w) - logp(ref, ctx, y_l)
+    return logp(policy, ctx, y_w) - logp(policy, ctx, y_l) - ref_margin
 
 
 def plain_prompt(shots, q):
@@ -279,11 +281,12 @@ def test_fit_thresholds_picks_the_dead_zone_that_matches_the_judge():
 
 
 def test_a_reader_counts_what_the_policy_reads_off_each_shot():
-    """eval.Reader: each shot read under two one-term tallies per axis (the prompts written out
-    by hand, each pair scored alone), the axes whose reading clears the fitted threshold named
-    in the shot's line, and the lines counted into the tally."""
+    """eval.Reader: each shot read under two one-term tallies per axis by the policy's own
+    log-prob margins (the prompts written out by hand, each pair scored alone), the axes whose
+    reading clears the fitted threshold named in the shot's line, and the lines counted into
+    the tally."""
     import judge
-    tok, rows, users, policy, ref, args = judge_curve_setup(3)
+    tok, rows, users, policy, _, args = judge_curve_setup(3)
     args.gen_batch = 5
     axes = judge.JUDGES["roleplay"].axes
     with torch.no_grad():  # readings of order 1 rather than 1e-3: thresholds well clear of float noise
@@ -293,12 +296,12 @@ def test_a_reader_counts_what_the_policy_reads_off_each_shot():
     def by_hand(s):
         one = lambda a, v: tok.encode(f"# User Description\n{judge.count_line('roleplay', {a: v})}\n"
                                       f"# Task\n{data.INSTRUCTION}\n## Question\n{s.prompt}\n")
-        return np.array([brute_margin(policy, ref, tok, one(a, 1), s) - brute_margin(policy, ref, tok, one(a, -1), s)
+        return np.array([brute_margin(policy, None, tok, one(a, 1), s) - brute_margin(policy, None, tok, one(a, -1), s)
                          for a in axes])
 
-    got = evaluation.shot_readings(policy, ref, tok, "roleplay", rows[:2], args).numpy()
+    got = evaluation.shot_readings(policy, tok, "roleplay", rows[:2], args).numpy()
     assert np.allclose(got, [by_hand(s) for s in rows[:2]], atol=1e-3)
-    reader = evaluation.Reader(policy, "roleplay", ref=ref, fit_rows=rows[2:])
+    reader = evaluation.Reader(policy, "roleplay", fit_rows=rows[2:])
     prompts = reader.prompts(tok, [(rows[:2], "why?")], [10_000], args)
     truth = np.array([[judge.shot_counts("roleplay", [s]).get(a, 0) for a in axes] for s in rows[2:]])
     taus = evaluation.fit_thresholds(np.array([by_hand(s) for s in rows[2:]]), truth)
