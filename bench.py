@@ -23,8 +23,8 @@ generate     greedy tokens/s with GPT.generate's KV cache vs re-running the whol
 attention    the bf16 step with SDPA run in float32 (model.attend, CPU) against SDPA in bf16.
 logps        summed log-probs of one batch under bf16 autocast vs float32, and old vs new layout.
 data         the time pack_batch takes to build a batch (mask included) against a step.
-group        SFT steps over one pool of 16 batches, as drawn and grouped by length (--group):
-             the same episodes, less padding.
+group        SFT steps, then FSPO steps, over one pool of 16 batches, as drawn and grouped
+             by length (--group): the same episodes, less padding.
 sdpa, mfu    which SDPA kernel each layout runs; on CUDA the step's share of the GPU's
              bf16 peak from its datasheet, eager and --compile.
 Nothing here asserts a speed: the figures are for reading. On a shared machine, check the
@@ -437,17 +437,22 @@ def bench_data(m, eps, n, step_s):
           f"(mask included, median of 5) = {100 * s / step_s:.1f}% of a step", flush=True)
 
 
-def bench_group(m, rows, n, B, K=16):
-    """An SFT step over one pool of K batches, as the sampler draws them and grouped by length
-    (fspo.py --group K): the same episodes, 0..n shots each as SFT draws them."""
+def bench_group(m, rows, n, B, method, K=16):
+    """K steps over one pool of K batches, as the sampler draws them and grouped by length
+    (fspo.py --group K): the same episodes. sft: 0..n shots each as SFT draws them; fspo: n
+    shots each, the preference step (fspo_step)."""
     by = data.by_user(rows)
-    pools = {g: [data.EpisodeStream(m.tok, by, None, "sft", n, B, m.cfg.block_size, 0, context=True,
-                                    group=g).batch(i) for i in range(K)] for g in (1, K)}
+    pools = {g: [data.EpisodeStream(m.tok, by, None, method, n, B, m.cfg.block_size, 0,
+                                    context=method == "sft", group=g).batch(i) for i in range(K)]
+             for g in (1, K)}
     pools = {g: [to_device(b, m.dev) for b in bs] for g, bs in pools.items()}
     args = argparse.Namespace(method="sft", describe=0.0)
 
     def steps(bs):
         for b in bs:
+            if method != "sft":
+                fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b, M.autocast(m.dev))
+                continue
             with M.autocast(m.dev):
                 loss, _ = fspo.score_batch(m.scorer, None, b, args)
             loss.backward()
@@ -460,7 +465,7 @@ def bench_group(m, rows, n, B, K=16):
     t = medians(fns, m.reps, m.dev)
     tokens = {g: sum(b["idx"].numel() for b in bs) for g, bs in pools.items()}
     real = sum(int((b["seg"] != data.PAD).sum()) for b in pools[1])
-    print(f"group sft N={n} B={B} K={K} {m.where}: {K} steps as drawn {t[1]:.2f} s ({tokens[1]} "
+    print(f"group {method} N={n} B={B} K={K} {m.where}: {K} steps as drawn {t[1]:.2f} s ({tokens[1]} "
           f"tokens, {100 * (1 - real / tokens[1]):.0f}% padding), grouped by length {t[K]:.2f} s "
           f"({tokens[K]} tokens, {100 * (1 - real / tokens[K]):.0f}% padding) -> {t[1] / t[K]:.2f}x",
           flush=True)
@@ -550,7 +555,8 @@ def main(argv=None):
     t = medians({"s": lambda: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, new,
                                         M.autocast(m.dev))}, 1, m.dev)["s"]
     bench_data(m, eps[:B], n, t)
-    bench_group(m, rows, n, B)
+    bench_group(m, rows, n, B, "sft")
+    bench_group(m, rows, n, B, "fspo")
     bench_cuda(m, new, to_device(pack_full_mask(eps[:B], m.pad), m.dev), n, args)
 
 

@@ -497,7 +497,8 @@ def main_job(args):
                 if args.fspo_init == "oracle" and m.removesuffix("-dpo") == "fspo":
                     init, ref = ckpts["oracle"], ckpts["sft"]  # warm start; the SFT stays the reference
                 run_stage(args, tok, tok_path, m, ckpts[m], prefs, users, init=init, ref=ref, shots=n,
-                          steps=stage_steps(m.removesuffix("-dpo"), args), lr=args.pref_lr)
+                          steps=stage_steps(m.removesuffix("-dpo"), args),
+                          lr=args.oracle_lr if m == "oracle" and args.oracle_lr else args.pref_lr)
             runs[(d, n)] = (ckpts, prefs, users)
     report = evaluation.evaluate_runs(runs, tok, tok_path, args, out)
     print(report)
@@ -646,6 +647,7 @@ def main_job_flags(a):
     a("--pref-lr", type=float, default=None, help="main job: peak lr of stage-2 methods")
     a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
     a("--oracle-steps", type=int, default=None, help="main job: steps of oracle (default --pref-steps)")
+    a("--oracle-lr", type=float, default=None, help="main job: peak lr of oracle (default --pref-lr)")
     a("--pooled-steps", type=int, default=None, help="main job: steps of pooled (default --pref-steps)")
     a("--fspo-init", choices=("sft", "oracle"), default=None,
       help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "

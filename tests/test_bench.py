@@ -118,9 +118,10 @@ def test_data_line(lines):
     assert m and float(m[1]) > 0
 
 
-def test_group_line(lines):
+@pytest.mark.parametrize("method", ["sft", "fspo"])
+def test_group_line(lines, method):
     m = re.search(rf"16 steps as drawn {NUM} s \((\d+) tokens, (\d+)% padding\), grouped by length "
-                  rf"{NUM} s \((\d+) tokens, (\d+)% padding\) -> {NUM}x", one(lines, "group sft N=8 B=4 K=16"))
+                  rf"{NUM} s \((\d+) tokens, (\d+)% padding\) -> {NUM}x", one(lines, f"group {method} N=8 B=4 K=16"))
     assert m and quotient_ok(m[7], m[1], m[4])
     assert int(m[5]) < int(m[2]) and int(m[6]) < int(m[3])  # the same episodes in fewer padded tokens
 

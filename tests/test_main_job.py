@@ -112,8 +112,8 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
     base wrote the annotations."""
     out = tmp_path / "ann"
     cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--annotate", "--fspo-init", "oracle",
-           "--methods", "fspo,pooled,oracle", "--oracle-steps", "7", "--pooled-steps", "9", "--out", str(out),
-           "--no-progress"]
+           "--methods", "fspo,pooled,oracle", "--oracle-steps", "7", "--pooled-steps", "9", "--oracle-lr", "2e-3",
+           "--out", str(out), "--no-progress"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     base = out / "roleplay-2shot"
@@ -123,6 +123,7 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
         (None, None, True), (str(base / "sft"), None, None),
         (str(base / "oracle"), str(base / "sft"), True), (str(base / "sft"), None, None)]
     assert (args["oracle"]["steps"], args["fspo"]["steps"], args["pooled"]["steps"]) == (7, 20, 9)
+    assert (args["oracle"]["lr"], args["fspo"]["lr"], args["pooled"]["lr"]) == (2e-3, 1e-3, 1e-3)  # tiny's pref_lr
     assert r.stdout.index("[oracle]") < r.stdout.index("[fspo]") < r.stdout.index("[pooled]")
     (res,) = json.loads((out / "metrics.json").read_text())
     assert res["annotated"] == ["fspo", "prompted"]
