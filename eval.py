@@ -762,7 +762,7 @@ def line_table(r):
 def tally_note(r):
     """The report's note on a policy that reads the shots' tally: who counted it, and how."""
     if r.get("self_read"):
-        how = (f"{', '.join(r['self_read'])} read each shot itself, by its implicit reward for the shot's "
+        how = (f"{', '.join(r['self_read'])} read each shot itself, by its log-prob margin between the shot's "
                "two answers under a tally naming one side of one axis against one naming the other side, "
                "an axis named where the difference clears a threshold fitted on training shots against "
                "the judge's contrasts; the shots' named axes, counted, are the tally its prompt holds")
