@@ -542,12 +542,13 @@ PRESETS = {
     # Steps cut to 20 minutes: README "Twenty minutes".
     # group: batches padded to their longest episode were 40% padding in the SFT at 0-8 shots,
     # 22% in FSPO's tally episodes
-    # eval_every: the running metric (256 val episodes) takes 2.6 s; every 250 steps it was 50 s a stage
+    # eval_every: the running metric (256 val episodes) takes 2.6 s; every 250 steps it was 50 s a
+    # stage; it is read for monitoring only (the checkpoint is the last step's)
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=8, group=16, grad_accum=1, sft_steps=1500, sft_shots=2, pref_steps=5000,
                       oracle_steps=2000, oracle_lr=6e-4, pooled_steps=1500, fspo_init="oracle",
                       annotate="tally", mirror=0.5, nll=10.0,
-                      warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=500, ckpt_every=100,
+                      warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=1000, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
                       eval_questions=2),
