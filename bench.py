@@ -440,7 +440,8 @@ def bench_data(m, eps, n, step_s):
 def bench_group(m, rows, n, B, method, K=16):
     """K steps over one pool of K batches, as the sampler draws them and grouped by length
     (fspo.py --group K): the same episodes. sft: 0..n shots each as SFT draws them; fspo: n
-    shots each, the preference step (fspo_step)."""
+    plain shots each, the preference step (fspo_step). Episodes of one length pad little: the
+    annotated preset's tallies of 1..n shots vary more (README, "Performance")."""
     by = data.by_user(rows)
     pools = {g: [data.EpisodeStream(m.tok, by, None, method, n, B, m.cfg.block_size, 0,
                                     context=method == "sft", group=g).batch(i) for i in range(K)]

@@ -349,7 +349,7 @@ def generate(model, tok, prompts, max_new_tokens, batch_size, desc=None, tempera
 def pair_margins(policy, ref, batches, amp=nullcontext()):
     """-> (pairs,) float: the implicit reward's margin, log(pi/ref)(y_w) - log(pi/ref)(y_l), in
     nats. policy, ref: per-token log-prob functions (GPT.token_logprobs); ref None compares raw
-    log-probs (stage 1 has no reference)."""
+    log-probs (stage 1 has no reference; a Reader reads the policy's own margins)."""
     margins = []
     for b in batches:
         with amp:

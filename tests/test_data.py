@@ -659,7 +659,8 @@ def test_grouped_sft_loss_shares_the_pool_evenly():
 def test_grouped_preference_batches_score_every_pair_as_ungrouped():
     """--group K on a stage-2 stream (FSPO, the query's pair after its shots): each pair's
     preference loss is the one it gets ungrouped (its row packed with other, shorter padding),
-    so the K steps' mean losses sum to the K ungrouped batches' (every batch holds B pairs)."""
+    so the K steps' mean losses sum to the K ungrouped batches' (each batch holds B episodes of one
+    pair each here; with --shot-pairs the pairs per episode vary)."""
     import fspo
     t = byte_tok()
     rows = {f"u{u}": [Pref(f"u{u}", f"q{u}{i}?" + "x" * (5 * i), f"yes {u}{i}" + "y" * (u % 4), f"no {u}{i}")

@@ -362,6 +362,24 @@ def test_a_stage_on_a_retrained_init_is_refused(mine):
     assert r.returncode != 0 and "pref was trained with other settings or inputs (init:" in r.stderr
 
 
+def test_a_preference_stage_groups_and_an_ungrouped_one_is_not_resumed_as_grouped(mine):
+    """--group on a stage-2 method groups its stream (the checkpoint records the grouping its
+    batches had); a stage-2 checkpoint from before stage 2 grouped (no record: its batches were
+    as drawn whatever --group said) is refused under --group, not resumed as if grouped."""
+    common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "g_init"), "--group", "4"]
+    assert run(mine_args(mine, mine / "g_init", "--method", "sft", "--steps", "2")).returncode == 0
+    r = run(mine_args(mine, mine / "g_pref", *common))
+    assert r.returncode == 0, r.stderr
+    cfg = mine / "g_pref" / "ckpt" / "config.json"
+    meta = json.loads(cfg.read_text())
+    assert meta["batch_group"] == 4 and meta["args"]["group"] == 4
+    del meta["batch_group"]  # as an older stage-2 checkpoint was written
+    meta["done"] = False
+    cfg.write_text(json.dumps(meta))
+    r = run(mine_args(mine, mine / "g_pref", *common, "--resume"))
+    assert r.returncode != 0 and "group: None there, 4 now" in r.stderr, r.stderr[-2000:]
+
+
 def test_resume_after_a_crash_between_renames_and_a_cut_metrics_line(mine, monkeypatch):
     """A save that crashed after moving ckpt to ckpt.old leaves only ckpt.old: resume from
     it, not from step 0; a metrics line cut short by the crash is dropped, not fatal."""
@@ -411,3 +429,13 @@ def test_tokenizer_is_retrained_when_its_data_changes(tmp_path):
     p.write_text(p.read_text().replace("zebra", "quokka"))
     again = data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
     assert again.sha256 != first.sha256 and len(again.encode(" quokka")) == 1
+
+
+def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
+    """--method oracle without --lr runs at the preset's oracle lr, as the main job's oracle;
+    other stage-2 methods at its pref_lr; --lr and --oracle-lr override."""
+    lr = lambda *a: fspo.get_args(["--preset", "annotated", *a]).lr
+    p = fspo.PRESETS["annotated"]
+    assert p["oracle_lr"] != p["pref_lr"]
+    assert lr("--method", "oracle") == p["oracle_lr"] and lr("--method", "fspo") == p["pref_lr"]
+    assert lr("--method", "oracle", "--oracle-lr", "1e-5") == 1e-5 and lr("--method", "oracle", "--lr", "2e-5") == 2e-5
