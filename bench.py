@@ -451,14 +451,14 @@ def bench_group(m, rows, n, B, method, K=16):
 
     def steps(bs):
         for b in bs:
-            if method != "sft":
+            if method == "sft":
+                with M.autocast(m.dev):
+                    loss, _ = fspo.score_batch(m.scorer, None, b, args)
+                loss.backward()
+                m.opt.step()
+                m.opt.zero_grad(set_to_none=True)
+            else:
                 fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b, M.autocast(m.dev))
-                continue
-            with M.autocast(m.dev):
-                loss, _ = fspo.score_batch(m.scorer, None, b, args)
-            loss.backward()
-            m.opt.step()
-            m.opt.zero_grad(set_to_none=True)
 
     fns = {g: (lambda bs=bs: steps(bs)) for g, bs in pools.items()}
     for fn in fns.values():

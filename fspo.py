@@ -379,6 +379,12 @@ def stage_steps(method, args):
             "pooled": args.pooled_steps or args.pref_steps}.get(method, args.pref_steps)
 
 
+def stage_lr(name, args):
+    """Peak lr of a stage-2 stage (name may end in "-dpo"): --oracle-lr for oracle if set, else
+    --pref-lr."""
+    return args.oracle_lr if name.removesuffix("-dpo") == "oracle" and args.oracle_lr else args.pref_lr
+
+
 def annotates(name, args):
     """How stage `name` trains with --annotate: None where it is off or the prompt holds no
     shots (or is cot's, whose completion opens with its own description); True: the shots with
@@ -499,10 +505,8 @@ def main_job(args):
                 init, ref = ckpts[data.method(m).init], None
                 if args.fspo_init == "oracle" and m.removesuffix("-dpo") == "fspo":
                     init, ref = ckpts["oracle"], ckpts["sft"]  # warm start; the SFT stays the reference
-                oracle = m.removesuffix("-dpo") == "oracle"
                 run_stage(args, tok, tok_path, m, ckpts[m], prefs, users, init=init, ref=ref, shots=n,
-                          steps=stage_steps(m.removesuffix("-dpo"), args),
-                          lr=args.oracle_lr if oracle and args.oracle_lr else args.pref_lr)
+                          steps=stage_steps(m.removesuffix("-dpo"), args), lr=stage_lr(m, args))
             runs[(d, n)] = (ckpts, prefs, users)
     report = evaluation.evaluate_runs(runs, tok, tok_path, args, out)
     print(report)
@@ -679,12 +683,12 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.preset is None:  # annotated and gpu are chains of stages (README): a lone stage takes cpu's flags
         args.preset = ("gpu" if torch.cuda.is_available() else "annotated") if args.method is None else "cpu"
-    if args.method not in (None, "sft") and args.lr is None:  # one stage-2 run, as the main job
-        oracle_lr = args.oracle_lr or PRESETS[args.preset].get("oracle_lr")
-        args.lr = oracle_lr if args.method == "oracle" and oracle_lr else PRESETS[args.preset]["pref_lr"]
+    lone_pref = args.method not in (None, "sft") and args.lr is None  # one stage-2 run, as the main job
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if lone_pref:  # the preset's lr is the SFT's
+        args.lr = stage_lr(args.method, args)
     args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
     args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
     args.annotate = args.annotate or None

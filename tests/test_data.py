@@ -668,12 +668,11 @@ def test_grouped_preference_batches_score_every_pair_as_ungrouped():
     torch.manual_seed(0)
     pol, ref = (GPT(GPTConfig(block_size=1024, vocab_size=t.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
                 for _ in range(2))
-    score = lambda m: lambda idx, tg, pos, mask: m.token_logprobs(idx, tg, pos=pos, mask=mask)
     args = SimpleNamespace(method="fspo", describe=0.0, beta=0.1, loss="ipo", nll=1.0)
     make = lambda g: data.EpisodeStream(t, rows, None, "fspo", 2, 2, 10_000, 0, group=g)
     with torch.no_grad():
         plain, grouped = [make(1).batch(i) for i in range(3)], [make(3).batch(i) for i in range(3)]
-        losses = [sum(float(fspo.score_batch(score(pol), score(ref), b, args)[0]) for b in bs)
+        losses = [sum(float(fspo.score_batch(fspo.LogProbs(pol), fspo.LogProbs(ref), b, args)[0]) for b in bs)
                   for bs in (plain, grouped)]
     assert sum(b["idx"].numel() for b in grouped) < sum(b["idx"].numel() for b in plain)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
