@@ -361,11 +361,6 @@ def pair_margins(policy, ref, batches, amp=nullcontext()):
     return torch.cat(margins)
 
 
-def pair_hits(policy, ref, batches, amp=nullcontext()):
-    """-> (pairs,) bool: does the implicit reward rank chosen first? (see pair_margins)"""
-    return pair_margins(policy, ref, batches, amp) > 0
-
-
 def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
                   writer=None, judge_users=None, annotate=True):
     """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
@@ -434,14 +429,26 @@ def held_out_sets(args, tok, rows, users, device):
 def running_metrics(model, ref_scorer, held, autocast):
     """Pair accuracy of beta*log(pi/ref) on the held_out_sets: at N shots (eval/pair_accuracy), on
     the left-out family's users, and with no shots on the same queries."""
-    hits = pair_hits(model.token_logprobs, ref_scorer, held["batches"], autocast).float()
+    hits = (held_margins(model, ref_scorer, held, "batches", autocast) > 0).float()
     row = {"eval/pair_accuracy": hits.mean().item(), "eval/episodes": len(hits)}
     if held["left_out"] is not None:
         row["eval/pair_accuracy_left_out"] = hits[held["left_out"]].mean().item()
     if held["bare"] is not None:
-        bare = pair_hits(model.token_logprobs, ref_scorer, held["bare"], autocast).float()
+        bare = (held_margins(model, ref_scorer, held, "bare", autocast) > 0).float()
         row["eval/pair_accuracy_0shot"] = bare.mean().item()
     return row
+
+
+def held_margins(model, ref_scorer, held, key, autocast):
+    """pair_margins on the fixed batches held[key]: the policy's margin minus the reference's,
+    which is frozen, so scored at the first call and kept in `held` (half the metric's cost)."""
+    margins = pair_margins(model.token_logprobs, None, held[key], autocast)
+    if ref_scorer is None:
+        return margins
+    kept = held.setdefault("ref_margins", {})
+    if key not in kept:
+        kept[key] = pair_margins(ref_scorer, None, held[key], autocast)
+    return margins - kept[key]
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,42 @@ def test_running_metric_sets_same_queries_bare_and_the_left_out_family(tiny):
     stream.batch(0)
     queries = [q.user_id for _, q in stream.episodes[:len(held["left_out"])]]
     assert held["left_out"].tolist() == [users[u]["family"] not in families for u in queries]
+
+
+def test_running_metric_scores_the_frozen_reference_once_and_matches_naive_margins(tiny):
+    """running_metrics keeps the reference's margins on its fixed batches after the first call:
+    each call's accuracies equal those of log(pi/ref) margins scored pair by pair on the
+    unshared layout (pack_naive), also after the policy has changed."""
+    rp = tiny / "data" / "roleplay"
+    tok = data.Tokenizer.load(str(tiny / "tokenizer.txt"))
+    users = {u["user_id"]: u for u in map(json.loads, open(rp / "users.jsonl"))}
+    rows = {s: data.by_user([r for r in data.load_prefs(str(rp / "prefs.jsonl")) if r.split == s])
+            for s in data.SPLITS}
+    args = fspo.get_args(["--preset", "tiny", "--method", "fspo", "--shots", "2", "--eval-episodes", "16"])
+    held = evaluation.held_out_sets(args, tok, rows, users, "cpu")
+    policy, ref = (GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32)).eval() for _ in "ab")
+    calls = []
+    ref_scorer = lambda *a: calls.append(1) or ref.token_logprobs(*a)
+
+    def naive_accuracy(key):  # pair by pair: chosen and rejected each with its context, no sharing
+        hits = []
+        for b in held[key]:
+            for i in range(len(b["idx"])):
+                ids = lambda s: b["idx"][i][b["seg"][i] == s].tolist()  # pack_batch's segments
+                ep = data.Episode(ids(0) + ids(1)[:1], ids(1)[1:], ids(2)[1:])
+                nb = data.pack_naive([ep], tok.eot_id)
+                lp = [m.token_logprobs(nb["idx"], nb["targets"]).sum(1) for m in (policy, ref)]
+                hits.append(float((lp[0][0] - lp[1][0]) - (lp[0][1] - lp[1][1]) > 0))
+        return sum(hits) / len(hits)
+
+    for _ in range(2):
+        with torch.no_grad():
+            row = evaluation.running_metrics(policy, ref_scorer, held, nullcontext())
+            assert row["eval/pair_accuracy"] == pytest.approx(naive_accuracy("batches"))
+            assert row["eval/pair_accuracy_0shot"] == pytest.approx(naive_accuracy("bare"))
+            for p in policy.parameters():  # the policy moves on; the reference does not
+                p.add_(0.05 * torch.randn_like(p))
+    assert len(calls) == len(held["batches"]) + len(held["bare"])  # scored once, then kept
 
 
 @pytest.fixture(scope="module")
