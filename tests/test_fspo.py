@@ -212,17 +212,23 @@ def test_ddp_two_processes_same_gradients_as_one(tiny):
     assert final_row(one)["loss"] == pytest.approx(final_row(two)["loss"], rel=1e-5)
 
 
-def test_running_metric_sets_same_queries_bare_and_the_left_out_family(tiny):
-    """The val sets of the running metric: the bare set holds the N-shot set's query pairs token
-    for token with a context of the question alone, and left_out marks exactly the episodes of
-    users whose family has no training user (read from users.jsonl here)."""
+def running_metric_sets(tiny):
+    """The tiny data's tokenizer, users, rows by split, a 2-shot fspo stage's args and its
+    running metric's val sets (eval.held_out_sets)."""
     rp = tiny / "data" / "roleplay"
     tok = data.Tokenizer.load(str(tiny / "tokenizer.txt"))
     users = {u["user_id"]: u for u in map(json.loads, open(rp / "users.jsonl"))}
     rows = {s: data.by_user([r for r in data.load_prefs(str(rp / "prefs.jsonl")) if r.split == s])
             for s in data.SPLITS}
     args = fspo.get_args(["--preset", "tiny", "--method", "fspo", "--shots", "2", "--eval-episodes", "16"])
-    held = evaluation.held_out_sets(args, tok, rows, users, "cpu")
+    return tok, users, rows, args, evaluation.held_out_sets(args, tok, rows, users, "cpu")
+
+
+def test_running_metric_sets_same_queries_bare_and_the_left_out_family(tiny):
+    """The val sets of the running metric: the bare set holds the N-shot set's query pairs token
+    for token with a context of the question alone, and left_out marks exactly the episodes of
+    users whose family has no training user (read from users.jsonl here)."""
+    tok, users, rows, args, held = running_metric_sets(tiny)
     example = tok.encode("# Example")
     for full, bare in zip(held["batches"], held["bare"]):
         for b in range(len(full["idx"])):
@@ -245,13 +251,7 @@ def test_running_metric_scores_the_frozen_reference_once_and_matches_naive_margi
     """running_metrics keeps the reference's margins on its fixed batches after the first call:
     each call's accuracies equal those of log(pi/ref) margins scored pair by pair on the
     unshared layout (pack_naive), also after the policy has changed."""
-    rp = tiny / "data" / "roleplay"
-    tok = data.Tokenizer.load(str(tiny / "tokenizer.txt"))
-    users = {u["user_id"]: u for u in map(json.loads, open(rp / "users.jsonl"))}
-    rows = {s: data.by_user([r for r in data.load_prefs(str(rp / "prefs.jsonl")) if r.split == s])
-            for s in data.SPLITS}
-    args = fspo.get_args(["--preset", "tiny", "--method", "fspo", "--shots", "2", "--eval-episodes", "16"])
-    held = evaluation.held_out_sets(args, tok, rows, users, "cpu")
+    tok, *_, held = running_metric_sets(tiny)
     policy, ref = (GPT(GPTConfig(vocab_size=tok.n_vocab, n_layer=2, n_head=2, n_embd=32)).eval() for _ in "ab")
     calls = []
     ref_scorer = lambda *a: calls.append(1) or ref.token_logprobs(*a)
