@@ -399,9 +399,20 @@ def annotates(name, args):
     return True
 
 
-def stage_order(args):
+def domain_methods(args, domain):
+    """One domain's stage-2 methods: --methods is one comma list for every domain, or lists per
+    domain, 'roleplay:oracle,fspo,pooled elix:fspo,pref-ft' (the paper's tables differ per domain)."""
+    if ":" not in args.methods:
+        return args.methods.split(",")
+    lists = dict(entry.split(":", 1) for entry in args.methods.split())
+    if domain not in lists:
+        raise SystemExit(f"fspo.py: --methods {args.methods!r} names no methods for domain {domain!r}")
+    return lists[domain].split(",")
+
+
+def stage_order(args, methods):
     """The stage-2 methods in training order: with --fspo-init oracle, oracle comes first."""
-    return sorted(args.methods.split(","), key=lambda m: not (args.fspo_init == "oracle" and m == "oracle"))
+    return sorted(methods, key=lambda m: not (args.fspo_init == "oracle" and m == "oracle"))
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
@@ -500,7 +511,7 @@ def main_job(args):
             ckpts = {"sft": os.path.join(base, "sft")}
             run_stage(args, tok, tok_path, "sft", ckpts["sft"], prefs, users,
                       shots=args.sft_shots or n, steps=stage_steps("sft", args))
-            for m in stage_order(args):
+            for m in stage_order(args, domain_methods(args, d)):
                 ckpts[m] = os.path.join(base, m)
                 init, ref = ckpts[data.method(m).init], None
                 if args.fspo_init == "oracle" and m.removesuffix("-dpo") == "fspo":
@@ -664,7 +675,8 @@ def main_job_flags(a):
     a("--fspo-init", choices=("sft", "oracle"), default=None,
       help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "
            "the user's description in its prompt (README, 'Annotated shots')")
-    a("--methods", default=None, help="main job: comma list of stage-2 methods to train")
+    a("--methods", default=None, help="main job: comma list of stage-2 methods to train, or one "
+                                      "per domain: 'roleplay:oracle,fspo elix:fspo,pref-ft'")
     a("--domains", default=None, help="main job: comma list of domains")
     a("--scale", default=None, help="main job: generate_synthetic.py --scale")
     a("--synth", default=None, help="main job: more generate_synthetic.py flags, one string")
@@ -703,8 +715,12 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     if args.method is None:
-        if args.fspo_init == "oracle" and "oracle" not in args.methods.split(","):
-            raise SystemExit("fspo.py: --fspo-init oracle needs oracle in --methods")
+        domains = [os.path.splitext(os.path.basename(args.prefs))[0]] if args.prefs else args.domains.split(",")
+        for d in domains:
+            methods = domain_methods(args, d)
+            if args.fspo_init == "oracle" and "fspo" in {m.removesuffix("-dpo") for m in methods} \
+                    and "oracle" not in methods:
+                raise SystemExit(f"fspo.py: --fspo-init oracle needs oracle in --methods (domain {d})")
         if args.annotate and args.prefs and not args.users:
             raise SystemExit("fspo.py: --annotate (the annotated preset's, the default without CUDA) needs "
                              "the users file (--users): the judge writes the training annotations from "

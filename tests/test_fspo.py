@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -476,3 +477,22 @@ def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
     assert p["oracle_lr"] != p["pref_lr"]
     assert lr("--method", "oracle") == p["oracle_lr"] and lr("--method", "fspo") == p["pref_lr"]
     assert lr("--method", "oracle", "--oracle-lr", "1e-5") == 1e-5 and lr("--method", "oracle", "--lr", "2e-5") == 2e-5
+
+
+def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
+    """--methods as one list serves every domain; as 'domain:list' entries each domain gets its
+    own, in training order (oracle first under --fspo-init oracle); a domain without an entry,
+    or one that trains fspo from an oracle it lacks, is refused before anything is written."""
+    get = lambda m, *a: fspo.get_args(["--preset", "annotated", "--methods", m, *a])
+    one = get("fspo,pooled,oracle")
+    assert [fspo.stage_order(one, fspo.domain_methods(one, d)) for d in ("roleplay", "elix")] == \
+        [["oracle", "fspo", "pooled"]] * 2
+    per = get("roleplay:fspo-dpo,pooled,oracle elix:pref-ft,fspo,oracle reviews:pooled")
+    assert [fspo.stage_order(per, fspo.domain_methods(per, d)) for d in ("roleplay", "elix", "reviews")] == \
+        [["oracle", "fspo-dpo", "pooled"], ["oracle", "pref-ft", "fspo"], ["pooled"]]
+    for argv, says in [(["--methods", "roleplay:oracle,fspo", "--domains", "roleplay,elix"], "domain 'elix'"),
+                       (["--methods", "roleplay:oracle,fspo elix:fspo", "--domains", "roleplay,elix"],
+                        "needs oracle in --methods (domain elix)")]:
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            fspo.main(["--preset", "annotated", "--out", str(tmp_path / "x"), *argv])
+    assert not (tmp_path / "x").exists()
