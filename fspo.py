@@ -410,6 +410,11 @@ def domain_methods(args, domain):
     return lists[domain].split(",")
 
 
+def job_domains(args):
+    """The main job's domains: --domains, or with --prefs the one named after the user's file."""
+    return [os.path.splitext(os.path.basename(args.prefs))[0]] if args.prefs else args.domains.split(",")
+
+
 def stage_order(args, methods):
     """The stage-2 methods in training order: with --fspo-init oracle, oracle comes first."""
     return sorted(methods, key=lambda m: not (args.fspo_init == "oracle" and m == "oracle"))
@@ -494,8 +499,7 @@ def main_job(args):
     out = args.out or os.path.join("runs", args.preset)
     t0 = time.time()
     if args.prefs:
-        name = os.path.splitext(os.path.basename(args.prefs))[0]
-        sources = {name: (args.prefs, args.users)}
+        sources = {job_domains(args)[0]: (args.prefs, args.users)}
         data.write_splits(args.prefs, out)
     else:
         data_dir = args.data or os.path.join(out, "data")
@@ -715,8 +719,7 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     if args.method is None:
-        domains = [os.path.splitext(os.path.basename(args.prefs))[0]] if args.prefs else args.domains.split(",")
-        for d in domains:
+        for d in job_domains(args):
             methods = domain_methods(args, d)
             if args.fspo_init == "oracle" and "fspo" in {m.removesuffix("-dpo") for m in methods} \
                     and "oracle" not in methods:
