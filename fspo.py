@@ -404,7 +404,10 @@ def domain_methods(args, domain):
     domain, 'roleplay:oracle,fspo,pooled elix:fspo,pref-ft' (the paper's tables differ per domain)."""
     if ":" not in args.methods:
         return args.methods.split(",")
-    lists = dict(entry.split(":", 1) for entry in args.methods.split())
+    entries = args.methods.split()
+    if bad := [e for e in entries if ":" not in e]:
+        raise SystemExit(f"fspo.py: --methods {args.methods!r}: {bad[0]!r} names no domain (domain:m1,m2)")
+    lists = dict(e.split(":", 1) for e in entries)
     if domain not in lists:
         raise SystemExit(f"fspo.py: --methods {args.methods!r} names no methods for domain {domain!r}")
     return lists[domain].split(",")
@@ -503,9 +506,9 @@ def main_job(args):
         data.write_splits(args.prefs, out)
     else:
         data_dir = args.data or os.path.join(out, "data")
-        ensure_data(args, data_dir, args.domains.split(","))
+        ensure_data(args, data_dir, job_domains(args))
         sources = {d: (os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
-                   for d in args.domains.split(",")}
+                   for d in job_domains(args)}
     tok_path = os.path.join(out, "tokenizer.txt")
     tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path)
     runs = {}

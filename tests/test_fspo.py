@@ -492,7 +492,8 @@ def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
         [["oracle", "fspo-dpo", "pooled"], ["oracle", "pref-ft", "fspo"], ["pooled"]]
     for argv, says in [(["--methods", "roleplay:oracle,fspo", "--domains", "roleplay,elix"], "domain 'elix'"),
                        (["--methods", "roleplay:oracle,fspo elix:fspo", "--domains", "roleplay,elix"],
-                        "needs oracle in --methods (domain elix)")]:
+                        "needs oracle in --methods (domain elix)"),
+                       (["--methods", "roleplay:oracle,fspo pooled"], "'pooled' names no domain")]:
         with pytest.raises(SystemExit, match=re.escape(says)):
             fspo.main(["--preset", "annotated", "--out", str(tmp_path / "x"), *argv])
     assert not (tmp_path / "x").exists()
