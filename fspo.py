@@ -158,7 +158,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
     if args.annotate and (args.describe or args.shot_pairs or not annotates(args.method, args)):
         raise ValueError("--annotate needs a method whose prompt holds shots (with tally, a stage-2 "
                          "one: the SFT learns no lines), and goes with neither --describe, --shot-pairs "
-                         "nor a cot method")
+                         "nor, without tally, a cot method")
     data.check_lengths(tok, prefs, args.block_size, args.method, users)
     rows = {s: data.by_user([r for r in prefs if r.split == s]) for s in data.SPLITS}
     if not rows["val"]:
@@ -373,10 +373,11 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
 
 def stage_steps(method, args):
     """Optimizer steps of a stage: the SFT count for stage 1, a quarter of it for cot-sft
-    (a format warm-up before cot's IPO), --oracle-steps for oracle and --pooled-steps for
-    pooled if set, the stage-2 count for everything else."""
+    (a format warm-up before cot's IPO), --oracle-steps, --pooled-steps, --pref-ft-steps and
+    --cot-steps for their method if set, the stage-2 count for everything else."""
     return {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4, "oracle": args.oracle_steps or args.pref_steps,
-            "pooled": args.pooled_steps or args.pref_steps}.get(method, args.pref_steps)
+            "pooled": args.pooled_steps or args.pref_steps, "pref-ft": args.pref_ft_steps or args.pref_steps,
+            "cot": args.cot_steps or args.pref_steps}.get(method, args.pref_steps)
 
 
 def stage_lr(name, args):
@@ -387,16 +388,26 @@ def stage_lr(name, args):
 
 def annotates(name, args):
     """How stage `name` trains with --annotate: None where it is off or the prompt holds no
-    shots (or is cot's, whose completion opens with its own description); True: the shots with
-    their lines and tally, the SFT learning to write the lines, as the base that writes them at
-    evaluation; "tally" (--annotate tally): the judge's tally alone, for the stage-2 methods,
-    and no lines for the SFT: at evaluation each policy reads the shots itself (eval.Reader)."""
+    shots; True: the shots with their lines and tally, the SFT learning to write the lines, as
+    the base that writes them at evaluation (not cot's: its completion opens with its own
+    description); "tally" (--annotate tally): the judge's tally alone, for the stage-2 methods,
+    and no lines for the SFT: at evaluation each policy reads the shots itself (eval.Reader).
+    cot then reads the tally and writes the user's description in words before its answer."""
     m = data.method(name.removesuffix("-dpo"))
-    if not (args.annotate and m.reads_shots and not m.cot):
+    if not (args.annotate and m.reads_shots):
         return None
     if args.annotate == "tally":
         return "tally" if m.prompt == "shots" else None
-    return True
+    return None if m.cot else True
+
+
+def same_at_every_n(name, args):
+    """Whether stage `name` learns the same whatever the domain's N (Reviews has two): the SFT
+    when --sft-shots fixes its shots, and the methods whose prompt holds no shots (pooled, the
+    bare question; oracle, the description). The main job trains them once per domain."""
+    if name == "sft":
+        return bool(args.sft_shots)
+    return not data.method(name).reads_shots
 
 
 def domain_methods(args, domain):
@@ -513,18 +524,21 @@ def main_job(args):
     tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path)
     runs = {}
     for d, (prefs, users) in sources.items():
+        first = {}  # the stages that learn the same at every N, trained at the domain's first N
         for n in [args.shots] if args.shots else SHOTS[d]:
             base = os.path.join(out, f"{d}-{n}shot")
-            ckpts = {"sft": os.path.join(base, "sft")}
-            run_stage(args, tok, tok_path, "sft", ckpts["sft"], prefs, users,
-                      shots=args.sft_shots or n, steps=stage_steps("sft", args))
-            for m in stage_order(args, domain_methods(args, d)):
+            ckpts = {"sft": os.path.join(base, "sft"), **first}
+            if "sft" not in first:
+                run_stage(args, tok, tok_path, "sft", ckpts["sft"], prefs, users,
+                          shots=args.sft_shots or n, steps=stage_steps("sft", args))
+            for m in [m for m in stage_order(args, domain_methods(args, d)) if m not in first]:
                 ckpts[m] = os.path.join(base, m)
                 init, ref = ckpts[data.method(m).init], None
                 if args.fspo_init == "oracle" and m.removesuffix("-dpo") == "fspo":
                     init, ref = ckpts["oracle"], ckpts["sft"]  # warm start; the SFT stays the reference
                 run_stage(args, tok, tok_path, m, ckpts[m], prefs, users, init=init, ref=ref, shots=n,
                           steps=stage_steps(m.removesuffix("-dpo"), args), lr=stage_lr(m, args))
+            first = first or {m: p for m, p in ckpts.items() if same_at_every_n(m, args)}
             runs[(d, n)] = (ckpts, prefs, users)
     report = evaluation.evaluate_runs(runs, tok, tok_path, args, out)
     print(report)
@@ -579,6 +593,19 @@ PRESETS = {
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
                       eval_questions=2),
+    # paper: the paper's three tables (README, "The paper's tables"), the annotated recipe on
+    # every domain at the paper's N (Reviews 4 and 8, its SFT and oracle trained once) with each
+    # table's rows; pref-ft and cot are shorter stages, to fit 90 minutes on 2 cores
+    "paper": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024,
+                  batch_size=8, group=16, grad_accum=1, sft_steps=1500, sft_shots=2, pref_steps=5000,
+                  oracle_steps=2000, oracle_lr=6e-4, pooled_steps=1000, pref_ft_steps=1000,
+                  cot_steps=1500, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
+                  warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=1000, ckpt_every=100,
+                  eval_episodes=256, curve_episodes=0, scale="default", synth="",
+                  domains="roleplay,elix,reviews",
+                  methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot "
+                          "elix:oracle,fspo,pref-ft reviews:oracle,fspo,pref-ft,cot-sft,cot",
+                  eval_users=150, eval_questions=2),
     # gpu: the annotated design on the larger model, roleplay (the domain it was measured on;
     # an ELIX tally names levels too, untried in training here). Not yet run on a GPU: at batch
     # 32 each stage sees at least the annotated preset's episodes; its step counts are not
@@ -667,7 +694,7 @@ def stage_flags(a):
 
 
 def main_job_flags(a):
-    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated (auto: the main job gpu with CUDA, "
+    a("--preset", choices=PRESETS, default=None, help="tiny | cpu | gpu | annotated | paper (auto: the main job gpu with CUDA, "
                                                       "else annotated; one stage cpu)")
     a("--sft-steps", type=int, default=None, help="main job: steps of the SFT stage")
     a("--sft-shots", type=int, default=None,
@@ -679,6 +706,8 @@ def main_job_flags(a):
     a("--oracle-lr", type=float, default=None,
       help="peak lr of oracle (main job, or --method oracle without --lr; default --pref-lr)")
     a("--pooled-steps", type=int, default=None, help="main job: steps of pooled (default --pref-steps)")
+    a("--pref-ft-steps", type=int, default=None, help="main job: steps of pref-ft (default --pref-steps)")
+    a("--cot-steps", type=int, default=None, help="main job: steps of cot (default --pref-steps)")
     a("--fspo-init", choices=("sft", "oracle"), default=None,
       help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "
            "the user's description in its prompt (README, 'Annotated shots')")

@@ -497,3 +497,26 @@ def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
         with pytest.raises(SystemExit, match=re.escape(says)):
             fspo.main(["--preset", "annotated", "--out", str(tmp_path / "x"), *argv])
     assert not (tmp_path / "x").exists()
+
+
+def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, monkeypatch):
+    """Reviews has two N (4, 8): the SFT under --sft-shots and the methods without shots in
+    their prompt (oracle, pooled) train at N = 4 and serve N = 8; those that read shots train
+    at each N, FSPO at 8 starting from the oracle of 4. Without --sft-shots the SFT trains twice."""
+    calls, runs = [], {}
+    monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, init=None, ref=None, **kw:
+                        calls.append((name, os.path.relpath(out, tmp_path), init and os.path.relpath(init, tmp_path))))
+    monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda r, *a: runs.update(r) or "")
+    monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
+    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
+    argv = ["--preset", "paper", "--domains", "reviews", "--methods", "oracle,fspo,pooled", "--out", str(tmp_path)]
+    fspo.main(argv)
+    assert calls == [("sft", "reviews-4shot/sft", None), ("oracle", "reviews-4shot/oracle", "reviews-4shot/sft"),
+                     ("fspo", "reviews-4shot/fspo", "reviews-4shot/oracle"), ("pooled", "reviews-4shot/pooled", "reviews-4shot/sft"),
+                     ("fspo", "reviews-8shot/fspo", "reviews-4shot/oracle")]
+    eight = {m: os.path.relpath(p, tmp_path) for m, p in runs[("reviews", 8)][0].items()}
+    assert eight == {"sft": "reviews-4shot/sft", "oracle": "reviews-4shot/oracle", "pooled": "reviews-4shot/pooled",
+                     "fspo": "reviews-8shot/fspo"}
+    calls.clear()
+    fspo.main(argv + ["--sft-shots", "0"])  # 0 = unset: the SFT sees 0..N shots, so it differs per N
+    assert [c[:2] for c in calls if c[0] == "sft"] == [("sft", "reviews-4shot/sft"), ("sft", "reviews-8shot/sft")]
