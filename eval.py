@@ -579,11 +579,19 @@ def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=No
     """ELIX's easy / hard split, {method: {"easy": interval, "hard": interval}}: the held-out
     episodes of n_shots shots, split by their query pair's difficulty tag. The split is a
     property of the query pair alone: the shots are the user's ordinary ones either way (a hard
-    query given only hard shots would tell the user's level less, and mix the two effects)."""
+    query given only hard shots would tell the user's level less, and mix the two effects).
+    Few-shot prompted, the SFT that trained on no preference, is scored by the implicit reward
+    of its reading: its log-probs with the shots against its own with none."""
     out, block = {}, models["sft"].config.block_size
-    for m in [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
-        hits, eps = curve_hits(models[m].token_logprobs, ref, tok, held_rows, n_shots, n_shots,
-                               args, block, device, m, (writers or {}).get(m))
+    for m in ["prompted"] + [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
+        if m == "prompted":  # the base with the shots against itself without: what its reading moves
+            sft = models["sft"].token_logprobs
+            read, eps = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, m)
+            bare, _ = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, "base")
+            hits = read - bare > 0
+        else:
+            hits, eps = curve_hits(models[m].token_logprobs, ref, tok, held_rows, n_shots, n_shots,
+                                   args, block, device, m, (writers or {}).get(m))
         for d in ("easy", "hard"):
             idx = [i for i, (_, q) in enumerate(eps) if q.tags.get("difficulty") == d]
             if idx:
@@ -788,9 +796,103 @@ def tally_note(r):
             f"prompted reads {prompted}{judged}")
 
 
+# The paper's figures (v2, ../shared/fspo-notes.md): win rate vs base, %; ELIX's easy / hard and
+# Reviews' trained / interpolated users as pairs
+PAPER = {"roleplay": {"base": 50.0, "pooled": 72.4, "prompted": 63.2, "pref-ft": 62.8, "fspo-dpo": 81.3,
+                      "fspo": 82.6, "cot": 90.3, "oracle": 90.9},
+         "elix": {"prompted": (92.4, 81.4), "pref-ft": (91.2, 82.9), "fspo": (97.8, 91.8)},
+         "reviews": {4: {"prompted": (66.6, 61.9), "pref-ft": (66.5, 66.1), "fspo": (78.4, 71.3)},
+                     8: {"prompted": (69.1, 59.1), "pref-ft": (65.6, 70.7), "fspo": (80.4, 73.6),
+                         "cot": (92.3, 84.6)}}}
+
+
+def apart(a, b, strict=True):
+    """The paper's order a > b (a >= b where not strict) against the figures here: 'holds' with
+    the 95% intervals apart, 'holds within the intervals', or 'reversed'."""
+    if a["lo"] > b["hi"]:
+        return "holds, intervals apart"
+    if a["rate"] > b["rate"] or (not strict and a["rate"] == b["rate"]):
+        return "holds within the intervals"
+    if a["rate"] == b["rate"]:
+        return "tied"
+    return "reversed, intervals apart" if b["lo"] > a["hi"] else "reversed within the intervals"
+
+
+def roleplay_table(r, orders):
+    wr = {m: v["all"] for m, v in r["win_rate"].items()}
+    lines = [f"\n### Roleplay, 8 shots: win rate vs base (%, 95% CI over {r['split']} users)\n",
+             "| method | here | paper |", "|---|---|---|"]
+    lines += [f"| {LABELS[m]} | {cell(wr[m])} (n={wr[m]['n']}) | {p:.1f} |"
+              for m, p in PAPER["roleplay"].items() if m in wr]
+    chain = [m for m in ("oracle", "cot", "fspo", "pooled", "prompted") if m in wr]
+    orders += [(f"roleplay: {LABELS[a]} {'>=' if a == 'oracle' else '>'} {LABELS[b]}", wr[a], wr[b], a != "oracle")
+               for a, b in zip(chain, chain[1:])]
+    if "pref-ft" in wr:
+        orders.append(("roleplay: few-shot Pref-FT >= base", wr["pref-ft"], wr["base"], False))
+    return lines
+
+
+def elix_table(r, orders):
+    acc, wr = r["pair_accuracy_by_difficulty"], r["win_rate"]
+    lines = [f"\n### ELIX, 4 shots: held-out pair accuracy by the query pair's difficulty (%, 95% CI over "
+             f"{r['split']} users; the paper's figures are win rates)\n",
+             "| method | easy | hard | paper easy / hard | win rate vs base here |", "|---|---|---|---|---|"]
+    lines += [f"| {LABELS[m]} | {cell(acc[m]['easy'])} | {cell(acc[m]['hard'])} | {p[0]:.1f} / {p[1]:.1f} | "
+              + (cell(wr[m]["all"]) if m in wr else "-") + " |"
+              for m, p in PAPER["elix"].items() if {"easy", "hard"} <= set(acc.get(m, ()))]
+    if {"easy", "hard"} <= set(acc.get("fspo", ())):
+        orders += [(f"elix {d}: FSPO (IPO) > {LABELS[b]}", acc["fspo"][d], acc[b][d], True)
+                   for d in ("easy", "hard") for b in ("prompted", "pref-ft") if d in acc.get(b, {})]
+        orders.append(("elix: FSPO (IPO) easy > hard", acc["fspo"]["easy"], acc["fspo"]["hard"], True))
+    return lines
+
+
+def reviews_table(reviews, orders):
+    lines = [f"\n### Reviews: win rate vs base on trained / interpolated users (%, 95% CI over "
+             f"{reviews[0]['split']} users)\n",
+             "| method | shots | trained | interpolated | paper trained / interpolated |", "|---|---|---|---|---|"]
+    for r in reviews:
+        wr, n = r["win_rate"], r["shots"]
+        lines += [f"| {LABELS[m]} | {n} | " + " | ".join(
+            f"{cell(wr[m][g])} (n={wr[m][g]['n']})" if g in wr[m] else "-" for g in ("trained", "interpolated"))
+            + f" | {p[0]:.1f} / {p[1]:.1f} |" for m, p in PAPER["reviews"][n].items() if m in wr]
+        if "fspo" in wr:
+            orders += [(f"reviews {n} shots: FSPO (IPO) > {LABELS[b]}", wr["fspo"]["all"], wr[b]["all"], True)
+                       for b in ("pref-ft", "prompted") if b in wr]
+            if {"trained", "interpolated"} <= set(wr["fspo"]):
+                orders.append((f"reviews {n} shots: FSPO (IPO) trained > interpolated users",
+                               wr["fspo"]["trained"], wr["fspo"]["interpolated"], True))
+    if len(reviews) == 2 and all("fspo" in r["win_rate"] for r in reviews):
+        orders.append(("reviews: FSPO (IPO) 8 shots >= 4 shots", reviews[1]["win_rate"]["fspo"]["all"],
+                       reviews[0]["win_rate"]["fspo"]["all"], False))
+    return lines
+
+
+def paper_tables(results):
+    """The paper's three tables from the results that hold them, each cell beside the paper's
+    figure: roleplay's win rates at 8 shots, ELIX's pair accuracy on easy and hard query pairs
+    at 4, Reviews' win rates on trained and interpolated users at 4 and 8; then the orderings
+    the paper reports, checked against the intervals."""
+    by = {(r["domain"], r["shots"]): r for r in results}
+    lines, orders = [], []
+    if (r := by.get(("roleplay", 8))) and r["win_rate"]:
+        lines += roleplay_table(r, orders)
+    if (r := by.get(("elix", 4))) and r.get("pair_accuracy_by_difficulty"):
+        lines += elix_table(r, orders)
+    reviews = [by[("reviews", n)] for n in (4, 8) if by.get(("reviews", n), {}).get("win_rate")]
+    if reviews:
+        lines += reviews_table(reviews, orders)
+    if orders:
+        lines += ["\n### The paper's orderings, here\n", "| ordering | here | verdict |", "|---|---|---|"]
+        lines += [f"| {what} | {100 * a['rate']:.1f} vs {100 * b['rate']:.1f} | {apart(a, b, strict)} |"
+                  for what, a, b, strict in orders]
+    return ["\n## The paper's tables"] + lines if lines else []
+
+
 def format_tables(results):
-    """Markdown tables in the shape of the paper's."""
-    lines = []
+    """Markdown tables: the paper's three where the results hold them, then each domain's own."""
+    lines = paper_tables(results)
+    lines += ["\n## Each domain and N"] if lines else []
     for r in results:
         def label(m):
             w = r.get("nll", {}).get(m)

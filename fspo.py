@@ -3,6 +3,7 @@ Few-Shot Preference Optimization (FSPO): the loss, the training loop and the mai
 
     python fspo.py                                    # main job: data, tokenizer, SFT, FSPO,
                                                       # baselines, evaluation, report
+    python fspo.py --preset paper                     # the paper's three tables, every domain
     python fspo.py --preset cpu                       # the same on easy users, in minutes
     python fspo.py --preset tiny --out runs/tiny      # the same pipeline in about a minute
     python fspo.py --method sft  --out runs/x/sft     # one stage (cpu preset's flags) ...

@@ -102,7 +102,8 @@ def test_pair_accuracy_counts_against_brute_force(k):
 
 def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
     """by_difficulty: each held-out episode's query pair scored after its N shots, whatever their
-    difficulty, the figures split by the query's tag; brute force over the same episodes."""
+    difficulty, the figures split by the query's tag; brute force over the same episodes. Few-shot
+    prompted: the SFT's margin with the shots minus its margin without."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test", {"difficulty": "easy" if i % 2 else "hard"})
             for u in range(8) for i in range(6)]
@@ -121,6 +122,14 @@ def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
     assert len(hits["easy"]) + len(hits["hard"]) == 16 and hits["easy"] and hits["hard"]
     for d in ("easy", "hard"):
         assert got["fspo"][d] == evaluation.interval(hits[d], users[d])
+    # prompted: the SFT after the shots against the SFT after none, the same episodes
+    read = {"easy": [], "hard": []}
+    for shots, q in stream.episodes:
+        with_shots, bare = (brute_margin(sft, None, tok, plain_prompt(s, q), q) for s in (shots, []))
+        read[q.tags["difficulty"]].append(with_shots - bare > 0)
+    assert 0 < sum(read["easy"] + read["hard"]) < 16  # a mix: a flipped sign would show
+    for d in ("easy", "hard"):
+        assert got["prompted"][d] == evaluation.interval(read[d], users[d])
     # the point of the split: a hard query may follow easy shots (the user's ordinary ones)
     assert any(q.tags["difficulty"] == "hard" and any(s.tags["difficulty"] == "easy" for s in shots)
                for shots, q in stream.episodes)
@@ -386,3 +395,41 @@ def test_judge_tally_curve_scores_the_counted_tally_by_hand():
         ctx = tok.encode(f"# User Description\n{tally}\n# Task\n{data.INSTRUCTION}\n## Question\n{q.prompt}\n")
         assert abs(m - brute_margin(policy, ref, tok, ctx, q)) < 1e-3
     assert len(tallies) > 1
+
+
+def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
+    """The paper-shaped tables: the cells are the results' figures, the paper's beside them; each
+    ordering is judged by hand here: intervals apart, within them, reversed, tied."""
+    iv = lambda rate, lo, hi, n=10: {"rate": rate, "lo": lo, "hi": hi, "n": n}
+    role = {"oracle": iv(.9, .85, .95), "cot": iv(.7, .6, .8), "fspo": iv(.8, .75, .85), "pooled": iv(.5, .4, .6),
+            "prompted": iv(.45, .4, .5), "base": iv(.5, .5, .5), "pref-ft": iv(.55, .5, .6)}
+    elix = {"fspo": {"easy": iv(.7, .6, .8), "hard": iv(.6, .5, .7)}, "prompted": {"easy": iv(.5, .4, .6), "hard": iv(.6, .5, .7)}}
+    rev = lambda f: {"fspo": {"all": iv(f, f - .1, f + .1), "trained": iv(.7, .6, .8), "interpolated": iv(.8, .7, .9)},
+                     "prompted": {"all": iv(.3, .2, .4)}}
+    results = [{"domain": "roleplay", "shots": 8, "split": "test", "win_rate": {m: {"all": v} for m, v in role.items()}},
+               {"domain": "elix", "shots": 4, "split": "test", "win_rate": {}, "pair_accuracy_by_difficulty": elix},
+               {"domain": "reviews", "shots": 4, "split": "test", "win_rate": rev(.6)},
+               {"domain": "reviews", "shots": 8, "split": "test", "win_rate": rev(.55)}]
+    text = "\n".join(evaluation.paper_tables(results))
+    assert "| FSPO (IPO) | 80.0 [75.0, 85.0] (n=10) | 82.6 |" in text
+    assert "| few-shot prompted (SFT) | 50.0 [40.0, 60.0] | 60.0 [50.0, 70.0] | 92.4 / 81.4 | - |" in text
+    assert "| FSPO (IPO) | 8 | 70.0 [60.0, 80.0] (n=10) | 80.0 [70.0, 90.0] (n=10) | 80.4 / 73.6 |" in text
+    verdicts = dict(line.strip("| ").split(" | ")[::2] for line in text.split("orderings, here")[1].splitlines()
+                    if line.startswith("| ") and not line.startswith("| ordering"))
+    assert verdicts == {
+        "roleplay: oracle description >= FSPO + user-description CoT": "holds, intervals apart",
+        "roleplay: FSPO + user-description CoT > FSPO (IPO)": "reversed within the intervals",
+        "roleplay: FSPO (IPO) > IPO, no user context (pooled)": "holds, intervals apart",
+        "roleplay: IPO, no user context (pooled) > few-shot prompted (SFT)": "holds within the intervals",
+        "roleplay: few-shot Pref-FT >= base": "holds within the intervals",
+        "elix easy: FSPO (IPO) > few-shot prompted (SFT)": "holds within the intervals",
+        "elix hard: FSPO (IPO) > few-shot prompted (SFT)": "tied",
+        "elix: FSPO (IPO) easy > hard": "holds within the intervals",
+        "reviews 4 shots: FSPO (IPO) > few-shot prompted (SFT)": "holds, intervals apart",
+        "reviews 4 shots: FSPO (IPO) trained > interpolated users": "reversed within the intervals",
+        "reviews 8 shots: FSPO (IPO) > few-shot prompted (SFT)": "holds, intervals apart",
+        "reviews 8 shots: FSPO (IPO) trained > interpolated users": "reversed within the intervals",
+        "reviews: FSPO (IPO) 8 shots >= 4 shots": "reversed within the intervals"}
+    results[0]["win_rate"]["oracle"]["all"] = iv(.5, .45, .55)  # below cot's, apart
+    assert "| roleplay: oracle description >= FSPO + user-description CoT | 50.0 vs 70.0 | reversed, intervals apart |" \
+        in "\n".join(evaluation.paper_tables(results[:1]))
