@@ -247,23 +247,27 @@ READ_FIT_SHOTS = 300  # training shots a Reader fits its thresholds on
 
 
 @torch.no_grad()
-def shot_readings(policy, tok, domain, shots, args):
+def shot_readings(policy, tok, domain, shots, args, method="fspo"):
     """(shots, axes) float: how a policy trained with --annotate tally reads each shot, axis by
     axis: its log-prob margin, log pi(chosen) - log pi(rejected), under a one-term tally naming
     the axis's + side, minus that under one naming its - side. Large and positive: the shot's
     chosen answer leans to the + side, as far as the policy can tell. The reference's margins
     would enter this difference only through how the SFT, which never read a tally, reacts to
     one: scoring them too doubled the reading's cost for 0.1 points of agreement with the
-    judge (92.3 against 92.2% of 600 val shots' axes, README)."""
+    judge (92.3 against 92.2% of 600 val shots' axes, README). A cot policy (method) is scored
+    on completions as it writes them: the one-term tally as its description, then the answer
+    (the same description before both answers: only the answers' log-probs differ)."""
     axes = judge.JUDGES[domain].tally_axes
     if not shots:
         return torch.zeros(0, len(axes))
+    cot = data.method(method).cot
     eps = []
-    for s in shots:
-        c, r = (data.completion_tokens(tok, "fspo", t) for t in (s.chosen, s.rejected))
+    for s, a, v in [(s, a, v) for s in shots for a in axes for v in (1, -1)]:
+        desc = judge.count_line(domain, {a: v})  # what a cot policy writes before its answer
+        c, r = (data.completion_tokens(tok, method, data.cot_text(desc, t) if cot else t)
+                for t in (s.chosen, s.rejected))
         room = policy.config.block_size - max(len(c), len(r)) - 1
-        eps += [data.Episode(data.tally_prompt(tok, {a: v}, domain, s.prompt, room), c, r)
-                for a in axes for v in (1, -1)]
+        eps.append(data.Episode(data.tally_prompt(tok, {a: v}, domain, s.prompt, room), c, r))
     multiple = 8 if str(args.device).startswith("cuda") else 1  # aligned masks, as EpisodeStream's
     batches = (data.to_device(data.pack_batch(eps[i:i + args.gen_batch], tok.eot_id, multiple), args.device)
                for i in range(0, len(eps), args.gen_batch))
@@ -298,6 +302,7 @@ class Reader(Writer):
     tallies FSPO trained on)."""
     fit_rows: list = field(default_factory=list)
     taus: np.ndarray | None = None
+    method: str = "fspo"  # the policy's: cot's completions open with a description
 
     def write(self, tok, shots, args):
         axes = judge.JUDGES[self.tally_domain].tally_axes
@@ -314,7 +319,7 @@ class Reader(Writer):
                 for row in said]
 
     def read(self, tok, shots, args):
-        return shot_readings(self.model, tok, self.tally_domain, shots, args).numpy()
+        return shot_readings(self.model, tok, self.tally_domain, shots, args, self.method).numpy()
 
 
 def split_response(method, text):
@@ -479,7 +484,7 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
                          f"{ckpts['sft']} cannot write: pass the --annotate SFT checkpoint as --base")
     # the base writes the annotations; prompted (the base given shots) reads them as it learned
     writers = {m: Writer(models["sft"], domain if m in tally else None) if lines else
-               Reader(models[m], domain, fit_rows=list(fit_rows))
+               Reader(models[m], domain, fit_rows=list(fit_rows), method=m)
                for m in annotated if m != "sft"}
     if lines:
         writers["prompted"] = Writer(models["sft"])
@@ -586,7 +591,8 @@ def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=No
     for m in ["prompted"] + [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
         if m == "prompted":  # the base with the shots against itself without: what its reading moves
             sft = models["sft"].token_logprobs
-            read, eps = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, m)
+            read, eps = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, m,
+                                      (writers or {}).get(m))
             bare, _ = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, "base")
             hits = read - bare > 0
         else:
@@ -690,8 +696,8 @@ def win_table(r, label):
              "| method | shots in prompt | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
     for m, wr in r["win_rate"].items():
         trained = r.get("trained_shots", {}).get(m)
-        note = f" (trained with {trained})" if trained not in (None, r["shots"]) and \
-            data.method(m).prompt == "shots" else ""
+        note = "" if trained in (None, r["shots"]) else f" (trained with {trained})" \
+            if data.method(m).prompt == "shots" else f" (trained once, at N = {trained})"
         if m == "prompted" and r.get("sft_shots") is not None and r["sft_shots"] < r["shots"]:
             note = f" (its SFT trained with 0-{r['sft_shots']})"  # the base, past its longest context
         cells = [f"{cell(wr[g])} (n={wr[g]['n']})" if g in wr else "-" for g in groups]
@@ -886,6 +892,8 @@ def paper_tables(results):
         lines += ["\n### The paper's orderings, here\n", "| ordering | here | verdict |", "|---|---|---|"]
         lines += [f"| {what} | {100 * a['rate']:.1f} vs {100 * b['rate']:.1f} | {apart(a, b, strict)} |"
                   for what, a, b, strict in orders]
+        lines.append("\nIntervals apart: the two 95% intervals do not overlap, a stricter test than one "
+                     "on the paired difference.")
     return ["\n## The paper's tables"] + lines if lines else []
 
 

@@ -403,12 +403,15 @@ def annotates(name, args):
 
 
 def same_at_every_n(name, args):
-    """Whether stage `name` learns the same whatever the domain's N (Reviews has two): the SFT
-    when --sft-shots fixes its shots, and the methods whose prompt holds no shots (pooled, the
-    bare question; oracle, the description). The main job trains them once per domain."""
+    """Whether stage `name` learns the same task whatever the domain's N (Reviews has two): the
+    SFT when --sft-shots fixes its shots, and the methods whose prompt holds no shots (pooled,
+    the bare question; oracle, the description) from such an SFT. The main job trains them once
+    per domain, at its first N: their episodes are drawn as N + 1 rows, so they saw that N's
+    queries, and the users with N + 1 rows."""
     if name == "sft":
         return bool(args.sft_shots)
-    return not data.method(name).reads_shots
+    m = data.method(name)
+    return not m.reads_shots and same_at_every_n(m.init, args)
 
 
 def domain_methods(args, domain):
@@ -539,7 +542,8 @@ def main_job(args):
                     init, ref = ckpts["oracle"], ckpts["sft"]  # warm start; the SFT stays the reference
                 run_stage(args, tok, tok_path, m, ckpts[m], prefs, users, init=init, ref=ref, shots=n,
                           steps=stage_steps(m.removesuffix("-dpo"), args), lr=stage_lr(m, args))
-            first = first or {m: p for m, p in ckpts.items() if same_at_every_n(m, args)}
+            if not first:  # the domain's first N
+                first = {m: p for m, p in ckpts.items() if same_at_every_n(m, args)}
             runs[(d, n)] = (ckpts, prefs, users)
     report = evaluation.evaluate_runs(runs, tok, tok_path, args, out)
     print(report)

@@ -319,6 +319,19 @@ def test_a_reader_counts_what_the_policy_reads_off_each_shot():
     assert any(said)  # some axis named: a reader that ignored its readings would say nothing
     assert tok.decode(prompts[0]) == (f"# User Description\n{judge.count_line('roleplay', judge.summed(said))}\n"
                                       f"# Task\n{data.INSTRUCTION}\n## Question\nwhy?\n")
+    # a cot policy is read on its own completions: the one-term tally as its description, then the answer
+    def cot_by_hand(s):
+        def margin(a, v):
+            ctx = tok.encode(f"# User Description\n{judge.count_line('roleplay', {a: v})}\n"
+                             f"# Task\n{data.INSTRUCTION}\n## Question\n{s.prompt}\n")
+            y_w, y_l = (tok.encode(f"## User Description\n{judge.count_line('roleplay', {a: v})}\n"
+                                   f"## Preferred Response\n{y}") + [tok.eot_id] for y in (s.chosen, s.rejected))
+            return logp(policy, ctx, y_w) - logp(policy, ctx, y_l)
+        return np.array([margin(a, 1) - margin(a, -1) for a in axes])
+
+    got = evaluation.shot_readings(policy, tok, "roleplay", rows[:2], args, method="cot").numpy()
+    want = [cot_by_hand(s) for s in rows[:2]]
+    assert np.allclose(got, want, atol=1e-3) and not np.allclose(want, [by_hand(s) for s in rows[:2]], atol=1e-2)
 
 
 def test_annotated_curve_scores_the_written_prompts():

@@ -502,7 +502,8 @@ def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
 def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, monkeypatch):
     """Reviews has two N (4, 8): the SFT under --sft-shots and the methods without shots in
     their prompt (oracle, pooled) train at N = 4 and serve N = 8; those that read shots train
-    at each N, FSPO at 8 starting from the oracle of 4. Without --sft-shots the SFT trains twice."""
+    at each N, FSPO at 8 starting from the oracle of 4. Without --sft-shots the SFT trains at
+    each N, and every stage after it."""
     calls, runs = [], {}
     monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, init=None, ref=None, **kw:
                         calls.append((name, os.path.relpath(out, tmp_path), init and os.path.relpath(init, tmp_path))))
@@ -518,5 +519,9 @@ def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, m
     assert eight == {"sft": "reviews-4shot/sft", "oracle": "reviews-4shot/oracle", "pooled": "reviews-4shot/pooled",
                      "fspo": "reviews-8shot/fspo"}
     calls.clear()
-    fspo.main(argv + ["--sft-shots", "0"])  # 0 = unset: the SFT sees 0..N shots, so it differs per N
+    fspo.main(argv + ["--sft-shots", "0"])  # 0 = unset: the SFT sees 0..N shots, so it differs per N,
     assert [c[:2] for c in calls if c[0] == "sft"] == [("sft", "reviews-4shot/sft"), ("sft", "reviews-8shot/sft")]
+    # and so do the stages that start from it
+    assert [c for c in calls if "8shot" in c[1]] == [
+        ("sft", "reviews-8shot/sft", None), ("oracle", "reviews-8shot/oracle", "reviews-8shot/sft"),
+        ("fspo", "reviews-8shot/fspo", "reviews-8shot/oracle"), ("pooled", "reviews-8shot/pooled", "reviews-8shot/sft")]
