@@ -696,8 +696,9 @@ def win_table(r, label):
              "| method | shots in prompt | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
     for m, wr in r["win_rate"].items():
         trained = r.get("trained_shots", {}).get(m)
-        note = "" if trained in (None, r["shots"]) else f" (trained with {trained})" \
-            if data.method(m).prompt == "shots" else f" (trained once, at N = {trained})"
+        note = ""
+        if trained not in (None, r["shots"]):  # a shared stage (fspo.same_at_every_n) was trained at another N
+            note = f" (trained with {trained})" if data.method(m).prompt == "shots" else f" (trained once, at N = {trained})"
         if m == "prompted" and r.get("sft_shots") is not None and r["sft_shots"] < r["shots"]:
             note = f" (its SFT trained with 0-{r['sft_shots']})"  # the base, past its longest context
         cells = [f"{cell(wr[g])} (n={wr[g]['n']})" if g in wr else "-" for g in groups]
