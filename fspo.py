@@ -372,13 +372,26 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
 # ----------------------------------------------------------------------------------------
 # The main job: every stage caches its output and is skipped when present.
 
-def stage_steps(method, args):
-    """Optimizer steps of a stage: the SFT count for stage 1, a quarter of it for cot-sft
-    (a format warm-up before cot's IPO), --oracle-steps, --pooled-steps, --pref-ft-steps and
-    --cot-steps for their method if set, the stage-2 count for everything else."""
-    return {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4, "oracle": args.oracle_steps or args.pref_steps,
-            "pooled": args.pooled_steps or args.pref_steps, "pref-ft": args.pref_ft_steps or args.pref_steps,
-            "cot": args.cot_steps or args.pref_steps}.get(method, args.pref_steps)
+def stage_steps(name, args):
+    """Optimizer steps of stage `name` (may end in "-dpo"): its --stage-steps entry, else the
+    entry of the method it is a loss of (fspo for fspo-dpo); else the SFT count for stage 1, a
+    quarter of it for cot-sft (a format warm-up before cot's IPO), the stage-2 count for the rest."""
+    steps = parse_stage_steps(args.stage_steps)
+    base = name.removesuffix("-dpo")
+    default = {"sft": args.sft_steps, "cot-sft": args.sft_steps // 4}.get(base, args.pref_steps)
+    return steps.get(name, steps.get(base, default))
+
+
+def parse_stage_steps(text):
+    """'oracle:2000,pooled:1000' -> {"oracle": 2000, "pooled": 1000}."""
+    steps = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, n = item.partition(":")
+        if name.strip().removesuffix("-dpo") not in TRAINED or not n.strip().isdigit():
+            raise SystemExit(f"fspo.py: --stage-steps: '{item}' is not method:steps "
+                             f"(methods: {', '.join(TRAINED)})")
+        steps[name.strip()] = int(n)
+    return steps
 
 
 def stage_lr(name, args):
@@ -414,18 +427,27 @@ def same_at_every_n(name, args):
     return not m.reads_shots and same_at_every_n(m.init, args)
 
 
-def domain_methods(args, domain):
-    """One domain's stage-2 methods: --methods is one comma list for every domain, or lists per
-    domain, 'roleplay:oracle,fspo,pooled elix:fspo,pref-ft' (the paper's tables differ per domain)."""
+def domain_methods(args, domain, n=None):
+    """The stage-2 methods of one domain at N = n: --methods is one comma list for every domain
+    and N, or lists per domain or per domain and N, 'roleplay:oracle,fspo elix:fspo,pref-ft
+    reviews-8shot:oracle,fspo,cot-sft,cot' (the paper's tables differ per domain and N; a
+    domain-Nshot list is that run's own, whatever its domain's list says)."""
     if ":" not in args.methods:
         return args.methods.split(",")
     entries = args.methods.split()
     if bad := [e for e in entries if ":" not in e]:
         raise SystemExit(f"fspo.py: --methods {args.methods!r}: {bad[0]!r} names no domain (domain:m1,m2)")
     lists = dict(e.split(":", 1) for e in entries)
-    if domain not in lists:
-        raise SystemExit(f"fspo.py: --methods {args.methods!r} names no methods for domain {domain!r}")
-    return lists[domain].split(",")
+    key = next((k for k in (f"{domain}-{n}shot", domain) if k in lists), None)
+    if key is None:
+        raise SystemExit(f"fspo.py: --methods {args.methods!r} names no methods for domain {domain!r}"
+                         + (f" at {n} shots" if n else ""))
+    return lists[key].split(",")
+
+
+def domain_shots(args, domain):
+    """The N a domain runs at: --shots, else the paper's."""
+    return [args.shots] if args.shots else SHOTS[domain]
 
 
 def job_domains(args):
@@ -434,8 +456,19 @@ def job_domains(args):
 
 
 def stage_order(args, methods):
-    """The stage-2 methods in training order: with --fspo-init oracle, oracle comes first."""
-    return sorted(methods, key=lambda m: not (args.fspo_init == "oracle" and m == "oracle"))
+    """The stage-2 methods in training order: with --fspo-init oracle, oracle comes first (the
+    FSPO family starts from it, stage_init); cot-sft before cot, which starts from it."""
+    return sorted(methods, key=lambda m: (not (args.fspo_init == "oracle" and m == "oracle"), m == "cot"))
+
+
+def stage_init(args, name, ckpts):
+    """(init, ref) checkpoints of stage-2 stage `name`: the stage its method starts from, and
+    that one as the reference (None). With --fspo-init oracle, FSPO (IPO or DPO) and cot-sft
+    (cot's warm-up) start from the oracle, which has learned to apply a stated description;
+    FSPO keeps the SFT as its reference, cot-sft learns by SFT and has none."""
+    if args.fspo_init == "oracle" and name.removesuffix("-dpo") in ("fspo", "cot-sft"):
+        return ckpts["oracle"], (ckpts["sft"] if name != "cot-sft" else None)
+    return ckpts[data.method(name).init], None
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
@@ -529,19 +562,17 @@ def main_job(args):
     runs = {}
     for d, (prefs, users) in sources.items():
         first = {}  # the stages that learn the same at every N, trained at the domain's first N
-        for n in [args.shots] if args.shots else SHOTS[d]:
+        for n in domain_shots(args, d):
             base = os.path.join(out, f"{d}-{n}shot")
             ckpts = {"sft": os.path.join(base, "sft"), **first}
             if "sft" not in first:
                 run_stage(args, tok, tok_path, "sft", ckpts["sft"], prefs, users,
                           shots=args.sft_shots or n, steps=stage_steps("sft", args))
-            for m in [m for m in stage_order(args, domain_methods(args, d)) if m not in first]:
+            for m in [m for m in stage_order(args, domain_methods(args, d, n)) if m not in first]:
                 ckpts[m] = os.path.join(base, m)
-                init, ref = ckpts[data.method(m).init], None
-                if args.fspo_init == "oracle" and m.removesuffix("-dpo") == "fspo":
-                    init, ref = ckpts["oracle"], ckpts["sft"]  # warm start; the SFT stays the reference
+                init, ref = stage_init(args, m, ckpts)
                 run_stage(args, tok, tok_path, m, ckpts[m], prefs, users, init=init, ref=ref, shots=n,
-                          steps=stage_steps(m.removesuffix("-dpo"), args), lr=stage_lr(m, args))
+                          steps=stage_steps(m, args), lr=stage_lr(m, args))
             if not first:  # the domain's first N
                 first = {m: p for m, p in ckpts.items() if same_at_every_n(m, args)}
             runs[(d, n)] = (ckpts, prefs, users)
@@ -592,7 +623,7 @@ PRESETS = {
     # stage; it is read for monitoring only (the checkpoint is the last step's)
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=8, group=16, grad_accum=1, sft_steps=1500, sft_shots=2, pref_steps=5000,
-                      oracle_steps=2000, oracle_lr=6e-4, pooled_steps=1000, fspo_init="oracle",
+                      stage_steps="oracle:2000,pooled:1000", oracle_lr=6e-4, fspo_init="oracle",
                       annotate="tally", mirror=0.5, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=3e-4, eval_every=1000, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
@@ -604,7 +635,7 @@ PRESETS = {
     # measured (README, "The gpu preset")
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=2000,
-                oracle_steps=1500, fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
+                stage_steps="oracle:1500", fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
                 warmup=150, lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500,
                 eval_episodes=512, curve_episodes=0, scale="default", synth="",
                 domains="roleplay", compile=True, methods="oracle,fspo,pooled",
@@ -612,11 +643,13 @@ PRESETS = {
 }
 # paper: the paper's three tables (README, "The paper's tables"): the annotated recipe on every
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
-# table's rows; pref-ft and cot are shorter stages, to fit 90 minutes on 2 cores
+# table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft, cot and FSPO (DPO) are
+# shorter stages, to fit 90 minutes on 2 cores
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
-    pref_ft_steps=1000, cot_steps=1500, domains="roleplay,elix,reviews",
-    methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot "
-            "elix:oracle,fspo,pref-ft reviews:oracle,fspo,pref-ft,cot-sft,cot")
+    stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:1000,cot:1500,fspo-dpo:2500",
+    domains="roleplay,elix,reviews",
+    methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
+            "reviews-4shot:oracle,fspo,pref-ft reviews-8shot:oracle,fspo,pref-ft,cot-sft,cot")
 SHOTS = {"roleplay": [8], "elix": [4], "reviews": [4, 8]}  # the paper's N per domain
 TRAINED = sorted(m for m, x in data.METHODS.items() if x.learns)  # --method choices
 
@@ -701,12 +734,12 @@ def main_job_flags(a):
            "base model has also read contexts longer than stage 2 uses")
     a("--pref-lr", type=float, default=None, help="main job: peak lr of stage-2 methods")
     a("--pref-steps", type=int, default=None, help="main job: steps of each stage-2 method")
-    a("--oracle-steps", type=int, default=None, help="main job: steps of oracle (default --pref-steps)")
+    a("--stage-steps", default=None,
+      help="main job: steps of named stages, 'oracle:2000,pooled:1000,fspo-dpo:2500' (merged over "
+           "the preset's; a stage not named: --sft-steps for sft, a quarter of it for cot-sft, "
+           "--pref-steps for the rest)")
     a("--oracle-lr", type=float, default=None,
       help="peak lr of oracle (main job, or --method oracle without --lr; default --pref-lr)")
-    a("--pooled-steps", type=int, default=None, help="main job: steps of pooled (default --pref-steps)")
-    a("--pref-ft-steps", type=int, default=None, help="main job: steps of pref-ft (default --pref-steps)")
-    a("--cot-steps", type=int, default=None, help="main job: steps of cot (default --pref-steps)")
     a("--fspo-init", choices=("sft", "oracle"), default=None,
       help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "
            "the user's description in its prompt (README, 'Annotated shots')")
@@ -732,6 +765,9 @@ def get_args(argv=None):
     if args.preset is None:  # annotated and gpu are chains of stages (README): a lone stage takes cpu's flags
         args.preset = ("gpu" if torch.cuda.is_available() else "annotated") if args.method is None else "cpu"
     lone_pref = args.method not in (None, "sft") and args.lr is None  # one stage-2 run, as the main job
+    if args.stage_steps:  # named stages over the preset's, checked before any stage runs
+        parse_stage_steps(args.stage_steps)
+        args.stage_steps = ",".join(filter(None, [PRESETS[args.preset].get("stage_steps"), args.stage_steps]))
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -750,11 +786,11 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     if args.method is None:
-        for d in job_domains(args):
-            methods = domain_methods(args, d)
-            if args.fspo_init == "oracle" and "fspo" in {m.removesuffix("-dpo") for m in methods} \
+        for d, n in [(d, n) for d in job_domains(args) for n in domain_shots(args, d)]:
+            methods = domain_methods(args, d, n)
+            if args.fspo_init == "oracle" and {"fspo", "cot-sft"} & {m.removesuffix("-dpo") for m in methods} \
                     and "oracle" not in methods:
-                raise SystemExit(f"fspo.py: --fspo-init oracle needs oracle in --methods (domain {d})")
+                raise SystemExit(f"fspo.py: --fspo-init oracle needs oracle in --methods (domain {d}, {n} shots)")
         if args.annotate and args.prefs and not args.users:
             raise SystemExit("fspo.py: --annotate (the annotated preset's, the default without CUDA) needs "
                              "the users file (--users): the judge writes the training annotations from "

@@ -318,7 +318,6 @@ def test_methods_prompt_and_complete_as_the_table_says():
     query = Pref("u", "What is the secret to great chess?", "Certainly. plan chess.", "Hey! plan chess.")
     user = {"user_id": "u", "domain": "roleplay", "traits": {"formality": 1.5}, "group": "g"}
     desc = judge.trait_summary(user)
-    desc_l = judge.summary_for_response(user, query.prompt, query.rejected)
     e = encode_episode(t, shots, query, 10_000, name="oracle", user=user)
     assert t.decode(e.ctx) == format_prompt([], query.prompt, desc) and e.n_shots == 0
     assert t.decode(encode_episode(t, shots, query, 10_000, name="pooled").ctx) == \
@@ -326,7 +325,7 @@ def test_methods_prompt_and_complete_as_the_table_says():
     e = encode_episode(t, shots, query, 10_000, name="cot", user=user)
     assert t.decode(e.ctx) == format_prompt(shots, query.prompt)
     assert t.decode(e.chosen[:-1]) == f"{COT_HEADER}{desc}\n{COMPLETION_HEADER}{query.chosen}"
-    assert t.decode(e.rejected[:-1]) == f"{COT_HEADER}{desc_l}\n{COMPLETION_HEADER}{query.rejected}"
+    assert t.decode(e.rejected[:-1]) == f"{COT_HEADER}{desc}\n{COMPLETION_HEADER}{query.rejected}"
 
 # -----------------------------------------------------------------------------
 # packing

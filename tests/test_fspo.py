@@ -341,7 +341,7 @@ def test_the_gpu_presets_chain_runs_at_tiny_shapes(tmp_path):
     flags go together. What it reaches is for a GPU to measure."""
     shrink = ["--device", "cpu", "--no-compile", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
               "--vocab-size", "1024", "--block-size", "1024", "--batch-size", "2", "--sft-steps", "4",
-              "--pref-steps", "2", "--oracle-steps", "2", "--scale", "tiny", "--eval-users", "4",
+              "--pref-steps", "2", "--stage-steps", "oracle:2", "--scale", "tiny", "--eval-users", "4",
               "--eval-questions", "1", "--curve-episodes", "8", "--no-progress"]
     r = subprocess.run([sys.executable, "fspo.py", "--preset", "gpu", "--out", str(tmp_path / "g"), *shrink],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -481,19 +481,27 @@ def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
 
 def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
     """--methods as one list serves every domain; as 'domain:list' entries each domain gets its
-    own, in training order (oracle first under --fspo-init oracle); a domain without an entry,
-    or one that trains fspo from an oracle it lacks, is refused before anything is written."""
+    own, a 'domain-Nshot:list' entry that N's own, in training order (oracle first under
+    --fspo-init oracle, cot-sft before cot); a domain without an entry, or one that trains fspo
+    or cot-sft from an oracle it lacks, is refused before anything is written."""
     get = lambda m, *a: fspo.get_args(["--preset", "annotated", "--methods", m, *a])
     one = get("fspo,pooled,oracle")
     assert [fspo.stage_order(one, fspo.domain_methods(one, d)) for d in ("roleplay", "elix")] == \
         [["oracle", "fspo", "pooled"]] * 2
-    per = get("roleplay:fspo-dpo,pooled,oracle elix:pref-ft,fspo,oracle reviews:pooled")
-    assert [fspo.stage_order(per, fspo.domain_methods(per, d)) for d in ("roleplay", "elix", "reviews")] == \
-        [["oracle", "fspo-dpo", "pooled"], ["oracle", "pref-ft", "fspo"], ["pooled"]]
+    per = get("roleplay:fspo-dpo,pooled,oracle elix:pref-ft,fspo,oracle reviews:pooled "
+              "reviews-8shot:cot,cot-sft,oracle")
+    assert [fspo.stage_order(per, fspo.domain_methods(per, d, n)) for d, n in
+            [("roleplay", 8), ("elix", 4), ("reviews", 4), ("reviews", 8)]] == \
+        [["oracle", "fspo-dpo", "pooled"], ["oracle", "pref-ft", "fspo"], ["pooled"], ["oracle", "cot-sft", "cot"]]
     for argv, says in [(["--methods", "roleplay:oracle,fspo", "--domains", "roleplay,elix"], "domain 'elix'"),
                        (["--methods", "roleplay:oracle,fspo elix:fspo", "--domains", "roleplay,elix"],
-                        "needs oracle in --methods (domain elix)"),
-                       (["--methods", "roleplay:oracle,fspo pooled"], "'pooled' names no domain")]:
+                        "needs oracle in --methods (domain elix, 8 shots)"),
+                       (["--methods", "roleplay:oracle reviews:oracle reviews-8shot:cot-sft,cot",
+                         "--domains", "roleplay,reviews"], "needs oracle in --methods (domain reviews, 8 shots)"),
+                       (["--methods", "roleplay:oracle elix-4shot:fspo", "--domains", "roleplay,elix"],
+                        "names no methods for domain 'elix' at 8 shots"),
+                       (["--methods", "roleplay:oracle,fspo pooled"], "'pooled' names no domain"),
+                       (["--stage-steps", "oracle:20,fspo:x"], "'fspo:x' is not method:steps")]:
         with pytest.raises(SystemExit, match=re.escape(says)):
             fspo.main(["--preset", "annotated", "--out", str(tmp_path / "x"), *argv])
     assert not (tmp_path / "x").exists()
@@ -525,3 +533,30 @@ def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, m
     assert [c for c in calls if "8shot" in c[1]] == [
         ("sft", "reviews-8shot/sft", None), ("oracle", "reviews-8shot/oracle", "reviews-8shot/sft"),
         ("fspo", "reviews-8shot/fspo", "reviews-8shot/oracle"), ("pooled", "reviews-8shot/pooled", "reviews-8shot/sft")]
+
+
+def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_steps(tmp_path, monkeypatch):
+    """The paper preset's stages as written out by hand: per domain and N its own methods
+    (Reviews' cot at 8 shots only), FSPO (IPO and DPO) and cot-sft from the oracle, FSPO with
+    the SFT as its reference, cot from cot-sft, and each stage's steps (--stage-steps over the
+    preset's: fspo-dpo its own entry, cot-sft a quarter of the SFT's)."""
+    calls = []
+    rel = lambda p: p and os.path.relpath(p, tmp_path)
+    monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, init=None, ref=None, steps=None, **kw:
+                        calls.append((rel(out), rel(init), rel(ref), steps)))
+    monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda *a: "")
+    monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
+    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
+    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--stage-steps", "pooled:900"])
+    r, e, v4, v8 = "roleplay-8shot/", "elix-4shot/", "reviews-4shot/", "reviews-8shot/"
+    assert calls == [
+        (r + "sft", None, None, 1500), (r + "oracle", r + "sft", None, 2000),
+        (r + "fspo", r + "oracle", r + "sft", 5000), (r + "fspo-dpo", r + "oracle", r + "sft", 2500),
+        (r + "pref-ft", r + "sft", None, 1000), (r + "pooled", r + "sft", None, 900),
+        (r + "cot-sft", r + "oracle", None, 375), (r + "cot", r + "cot-sft", None, 1500),
+        (e + "sft", None, None, 1500), (e + "oracle", e + "sft", None, 2000),
+        (e + "fspo", e + "oracle", e + "sft", 5000), (e + "pref-ft", e + "sft", None, 1000),
+        (v4 + "sft", None, None, 1500), (v4 + "oracle", v4 + "sft", None, 2000),
+        (v4 + "fspo", v4 + "oracle", v4 + "sft", 5000), (v4 + "pref-ft", v4 + "sft", None, 1000),
+        (v8 + "fspo", v4 + "oracle", v4 + "sft", 5000), (v8 + "pref-ft", v4 + "sft", None, 1000),
+        (v8 + "cot-sft", v4 + "oracle", None, 375), (v8 + "cot", v8 + "cot-sft", None, 1500)]

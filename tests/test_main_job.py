@@ -112,7 +112,7 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
     base wrote the annotations."""
     out = tmp_path / "ann"
     cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--annotate", "--fspo-init", "oracle",
-           "--methods", "fspo,pooled,oracle", "--oracle-steps", "7", "--pooled-steps", "9", "--oracle-lr", "2e-3",
+           "--methods", "fspo,pooled,oracle", "--stage-steps", "oracle:7,pooled:9", "--oracle-lr", "2e-3",
            "--out", str(out), "--no-progress"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
