@@ -24,8 +24,10 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import nullcontext
 
 import torch
@@ -511,13 +513,46 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None,
     if saved is not None:  # cached: refused if made with other settings or inputs
         check_recipe(saved, a, stage_inputs(a, tok, prefs), out)
         if saved.get("done"):
-            print(f"[skip] {out} exists")
+            print(f"[skip] {out} exists", flush=True)
             return
     a.resume = True  # an unfinished stage continues where it stopped
     t0 = time.time()
     final = train(a, tok, tok_path, prefs, users)
     print(f"[{name}] {time.time() - t0:.0f}s held-out pair accuracy "
-          f"{final.get('eval/pair_accuracy', float('nan')):.3f}")
+          f"{final.get('eval/pair_accuracy', float('nan')):.3f}", flush=True)
+
+
+def run_stages(args, tok, tok_path, stages, fn=None):
+    """Train each stage (run_stage's keyword arguments; fn: run_stage) once the stages it
+    starts from are done: in order, or with --jobs K on CPU K at a time, each in its own
+    process on 1/K of the threads. The small models here use two threads poorly: two
+    one-thread processes step 1.4x as fast as one process on both (README "The paper's
+    tables"). A stage's numbers depend on its thread count, so on K. A failed stage stops
+    the job once the stages beside it finish; finished ones stay cached."""
+    fn = fn or run_stage
+    if (args.jobs or 1) <= 1 or args.device != "cpu":
+        for s in stages:
+            fn(args, tok, tok_path, **s)
+        return
+    made = {s["out"] for s in stages}
+    todo, running, done = list(stages), {}, set()
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    quiet = copy.copy(args)
+    quiet.no_progress = True  # K progress bars on one terminal garble each other
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        while todo or running:
+            ready = [s for s in todo if {s.get("init"), s.get("ref")} & made <= done]
+            if not (ready or running):
+                raise RuntimeError(f"stages wait on each other: {[s['out'] for s in todo]}")
+            for s in ready[: args.jobs - len(running)]:
+                todo.remove(s)
+                print(f"[start] {s['name']} -> {s['out']} ({threads} thread{'s' * (threads > 1)})", flush=True)
+                running[pool.submit(fn, quiet, tok, tok_path, **s)] = s["out"]
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()  # raises a failed stage's error here
+                done.add(running.pop(f))
 
 
 def ensure_data(args, data_dir, domains):
@@ -559,23 +594,24 @@ def main_job(args):
                    for d in job_domains(args)}
     tok_path = os.path.join(out, "tokenizer.txt")
     tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path)
-    runs = {}
+    runs, stages = {}, []  # stages: run_stage's keyword arguments, in training order
     for d, (prefs, users) in sources.items():
         first = {}  # the stages that learn the same at every N, trained at the domain's first N
         for n in domain_shots(args, d):
             base = os.path.join(out, f"{d}-{n}shot")
             ckpts = {"sft": os.path.join(base, "sft"), **first}
             if "sft" not in first:
-                run_stage(args, tok, tok_path, "sft", ckpts["sft"], prefs, users,
-                          shots=args.sft_shots or n, steps=stage_steps("sft", args))
+                stages.append(dict(name="sft", out=ckpts["sft"], prefs=prefs, users=users,
+                                   shots=args.sft_shots or n, steps=stage_steps("sft", args)))
             for m in [m for m in stage_order(args, domain_methods(args, d, n)) if m not in first]:
                 ckpts[m] = os.path.join(base, m)
                 init, ref = stage_init(args, m, ckpts)
-                run_stage(args, tok, tok_path, m, ckpts[m], prefs, users, init=init, ref=ref, shots=n,
-                          steps=stage_steps(m, args), lr=stage_lr(m, args))
+                stages.append(dict(name=m, out=ckpts[m], prefs=prefs, users=users, init=init, ref=ref,
+                                   shots=n, steps=stage_steps(m, args), lr=stage_lr(m, args)))
             if not first:  # the domain's first N
                 first = {m: p for m, p in ckpts.items() if same_at_every_n(m, args)}
             runs[(d, n)] = (ckpts, prefs, users)
+    run_stages(args, tok, tok_path, stages)
     report = evaluation.evaluate_runs(runs, tok, tok_path, args, out)
     print(report)
     print(f"[done] main job took {time.time() - t0:.0f}s; report in {out}/report.md")
@@ -643,10 +679,10 @@ PRESETS = {
 }
 # paper: the paper's three tables (README, "The paper's tables"): the annotated recipe on every
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
-# table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft, cot and FSPO (DPO) are
-# shorter stages, to fit 90 minutes on 2 cores
+# table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft and cot are shorter
+# stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
-    stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:1000,cot:1500,fspo-dpo:2500",
+    stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:1000,cot-sft:1500,cot:1500", jobs=2,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
             "reviews-4shot:oracle,fspo,pref-ft reviews-8shot:oracle,fspo,pref-ft,cot-sft,cot")
@@ -746,6 +782,9 @@ def main_job_flags(a):
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train, or one "
                                       "per domain: 'roleplay:oracle,fspo elix:fspo,pref-ft'")
     a("--domains", default=None, help="main job: comma list of domains")
+    a("--jobs", type=int, default=None,
+      help="main job on CPU: train up to this many independent stages at once, each in its own "
+           "process on 1/jobs of the threads (default 1)")
     a("--scale", default=None, help="main job: generate_synthetic.py --scale")
     a("--synth", default=None, help="main job: more generate_synthetic.py flags, one string")
     a("--curve-episodes", type=int, default=None,

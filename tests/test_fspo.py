@@ -518,7 +518,8 @@ def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, m
     monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda r, *a: runs.update(r) or "")
     monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
     monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
-    argv = ["--preset", "paper", "--domains", "reviews", "--methods", "oracle,fspo,pooled", "--out", str(tmp_path)]
+    argv = ["--preset", "paper", "--domains", "reviews", "--methods", "oracle,fspo,pooled", "--out", str(tmp_path),
+            "--jobs", "1"]
     fspo.main(argv)
     assert calls == [("sft", "reviews-4shot/sft", None), ("oracle", "reviews-4shot/oracle", "reviews-4shot/sft"),
                      ("fspo", "reviews-4shot/fspo", "reviews-4shot/oracle"), ("pooled", "reviews-4shot/pooled", "reviews-4shot/sft"),
@@ -539,7 +540,7 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
     """The paper preset's stages as written out by hand: per domain and N its own methods
     (Reviews' cot at 8 shots only), FSPO (IPO and DPO) and cot-sft from the oracle, FSPO with
     the SFT as its reference, cot from cot-sft, and each stage's steps (--stage-steps over the
-    preset's: fspo-dpo its own entry, cot-sft a quarter of the SFT's)."""
+    preset's; fspo-dpo takes fspo's count)."""
     calls = []
     rel = lambda p: p and os.path.relpath(p, tmp_path)
     monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, init=None, ref=None, steps=None, **kw:
@@ -547,16 +548,40 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
     monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda *a: "")
     monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
     monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
-    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--stage-steps", "pooled:900"])
+    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--stage-steps", "pooled:900", "--jobs", "1"])
     r, e, v4, v8 = "roleplay-8shot/", "elix-4shot/", "reviews-4shot/", "reviews-8shot/"
     assert calls == [
         (r + "sft", None, None, 1500), (r + "oracle", r + "sft", None, 2000),
-        (r + "fspo", r + "oracle", r + "sft", 5000), (r + "fspo-dpo", r + "oracle", r + "sft", 2500),
+        (r + "fspo", r + "oracle", r + "sft", 5000), (r + "fspo-dpo", r + "oracle", r + "sft", 5000),
         (r + "pref-ft", r + "sft", None, 1000), (r + "pooled", r + "sft", None, 900),
-        (r + "cot-sft", r + "oracle", None, 375), (r + "cot", r + "cot-sft", None, 1500),
+        (r + "cot-sft", r + "oracle", None, 1500), (r + "cot", r + "cot-sft", None, 1500),
         (e + "sft", None, None, 1500), (e + "oracle", e + "sft", None, 2000),
         (e + "fspo", e + "oracle", e + "sft", 5000), (e + "pref-ft", e + "sft", None, 1000),
         (v4 + "sft", None, None, 1500), (v4 + "oracle", v4 + "sft", None, 2000),
         (v4 + "fspo", v4 + "oracle", v4 + "sft", 5000), (v4 + "pref-ft", v4 + "sft", None, 1000),
         (v8 + "fspo", v4 + "oracle", v4 + "sft", 5000), (v8 + "pref-ft", v4 + "sft", None, 1000),
-        (v8 + "cot-sft", v4 + "oracle", None, 375), (v8 + "cot", v8 + "cot-sft", None, 1500)]
+        (v8 + "cot-sft", v4 + "oracle", None, 1500), (v8 + "cot", v8 + "cot-sft", None, 1500)]
+
+
+def record_stage(args, tok, tok_path, name, out, **kw):
+    """A stand-in for run_stage that notes when it ran and on how many threads."""
+    t0 = time.time()
+    time.sleep(0.5)
+    Path(out).write_text(json.dumps([t0, time.time(), torch.get_num_threads()]))
+
+
+def test_jobs_run_stages_side_by_side_each_after_the_stages_it_starts_from(tmp_path):
+    """--jobs 2: a stage starts only once its init and ref are done, two independent ones run
+    at once, each process on half the threads; a stage that needs a stage outside the list
+    (an earlier run's) does not wait for it."""
+    p = lambda n: str(tmp_path / n)
+    stages = [dict(name="sft", out=p("a")), dict(name="oracle", out=p("b"), init=p("a")),
+              dict(name="sft", out=p("c"), init=p("elsewhere")),
+              dict(name="fspo", out=p("d"), init=p("b"), ref=p("a"))]
+    args = Namespace(jobs=2, device="cpu", no_progress=False)
+    fspo.run_stages(args, None, None, stages, fn=record_stage)
+    (a0, a1, na), (b0, b1, _), (c0, c1, _), (d0, d1, _) = \
+        [json.loads(Path(p(n)).read_text()) for n in "abcd"]
+    assert b0 >= a1 and d0 >= b1  # after their init (and ref)
+    assert c0 < a1 and a0 < c1  # a and c side by side
+    assert na == max(1, torch.get_num_threads() // 2)

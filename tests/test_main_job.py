@@ -6,6 +6,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import pytest
+
 import judge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,15 +107,17 @@ def test_your_own_users_file_trains_evaluates_and_personalizes(tmp_path):
     assert "[FSPO (IPO), reading 4 pairs]" in r.stdout and "[base (SFT, no context)]" in r.stdout
 
 
-def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path, jobs):
     """--annotate --fspo-init oracle (the annotated preset's recipe) on the tiny preset: oracle
     trains before FSPO whatever the order of --methods, FSPO starts from it with the SFT as its
     reference, only the stages whose prompt holds shots are annotated, and the report says the
-    base wrote the annotations."""
+    base wrote the annotations. With --jobs 2 pooled trains beside the oracle, in a process of
+    its own."""
     out = tmp_path / "ann"
     cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--annotate", "--fspo-init", "oracle",
            "--methods", "fspo,pooled,oracle", "--stage-steps", "oracle:7,pooled:9", "--oracle-lr", "2e-3",
-           "--out", str(out), "--no-progress"]
+           "--out", str(out), "--no-progress", "--jobs", str(jobs)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     base = out / "roleplay-2shot"
@@ -124,7 +128,10 @@ def test_annotated_main_job_warm_starts_fspo_from_oracle(tmp_path):
         (str(base / "oracle"), str(base / "sft"), True), (str(base / "sft"), None, None)]
     assert (args["oracle"]["steps"], args["fspo"]["steps"], args["pooled"]["steps"]) == (7, 20, 9)
     assert (args["oracle"]["lr"], args["fspo"]["lr"], args["pooled"]["lr"]) == (2e-3, 1e-3, 1e-3)  # tiny's pref_lr
-    assert r.stdout.index("[oracle]") < r.stdout.index("[fspo]") < r.stdout.index("[pooled]")
+    if jobs == 1:
+        assert r.stdout.index("[oracle]") < r.stdout.index("[fspo]") < r.stdout.index("[pooled]")
+    else:
+        assert r.stdout.index("[start] pooled") < r.stdout.index("[oracle]") < r.stdout.index("[start] fspo")
     (res,) = json.loads((out / "metrics.json").read_text())
     assert res["annotated"] == ["fspo", "prompted"]
     report = (out / "report.md").read_text()
