@@ -25,6 +25,8 @@ logps        summed log-probs of one batch under bf16 autocast vs float32, and o
 data         the time pack_batch takes to build a batch (mask included) against a step.
 group        SFT steps, then FSPO steps, over one pool of 16 batches, as drawn and grouped
              by length (--group): the same episodes, less padding.
+jobs         CPU: fspo steps per second of two processes side by side, each on half the
+             threads (fspo.py --jobs 2), against one process on all of them.
 sdpa, mfu    which SDPA kernel each layout runs; on CUDA the step's share of the GPU's
              bf16 peak from its datasheet, eager and --compile.
 Nothing here asserts a speed: the figures are for reading. On a shared machine, check the
@@ -49,13 +51,14 @@ from model import GPT, GPTConfig
 # Per preset, besides its model sizes: repetitions and the generation run (batch 16). The
 # uncached baseline re-runs a 200..456 token prefix 256 times, a minute on 2 CPU cores: on
 # CPU it runs once. Where bf16 is emulated (cpu_bf16_faster() False) the bf16 figures run on
-# fewer tokens (bf16_gen_tokens, and the step on bf16_rows episodes), once.
+# fewer tokens (bf16_gen_tokens, and the step on bf16_rows episodes), once. jobs_steps: the
+# steps each process of the jobs figure times.
 RUNS = {"tiny": dict(reps=2, gen_prompt=48, gen_tokens=32, naive_gen_reps=2, bf16_gen_tokens=16,
-                     bf16_rows=2),
+                     bf16_rows=2, jobs_steps=3),
         "cpu": dict(reps=3, gen_prompt=200, gen_tokens=256, naive_gen_reps=1, bf16_gen_tokens=16,
-                    bf16_rows=1),
+                    bf16_rows=1, jobs_steps=20),
         "gpu": dict(reps=10, gen_prompt=400, gen_tokens=256, naive_gen_reps=3, bf16_gen_tokens=256,
-                    bf16_rows=32)}
+                    bf16_rows=32, jobs_steps=20)}
 GEN_BATCH = 16
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense; 1st match
 
@@ -472,6 +475,47 @@ def bench_group(m, rows, n, B, method, K=16):
           flush=True)
 
 
+def jobs_worker(cfg, b, threads, steps, barrier, out):
+    """In a fresh process: `steps` fspo steps on `threads` threads after one warm-up, started
+    together with the other workers; puts the seconds they took."""
+    torch.set_num_threads(threads)
+    model, ref, opt = build(cfg, "cpu")
+    scorer, ref_scorer = fspo.LogProbs(model), fspo.LogProbs(ref)
+    step = lambda: fspo_step(scorer, ref_scorer, model, opt, b, M.autocast("cpu"))
+    step()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    out.put(time.perf_counter() - t0)
+
+
+def bench_jobs(m, b, n, steps):
+    """fspo.py --jobs 2 on CPU: two processes, each on half the threads, stepping side by side,
+    against one process on all the threads; the same batch and step count per process."""
+    threads = torch.get_num_threads()
+    if m.dev != "cpu" or threads < 2:
+        print(f"jobs: skipped ({'CPU only' if m.dev != 'cpu' else 'one thread'})")
+        return
+    ctx = mp.get_context("spawn")
+
+    def run(k):  # seconds until the last of k workers is done
+        barrier, out = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=jobs_worker, args=(m.cfg, b, threads // k, steps, barrier, out))
+                 for _ in range(k)]
+        for p in procs:
+            p.start()
+        took = max(out.get() for _ in procs)
+        for p in procs:
+            p.join()
+        return took
+
+    one, two = run(1), run(2)
+    print(f"jobs fspo step N={n} ({steps} steps a process): 1 process x {threads} threads "
+          f"{steps / one:.2f} steps/s, 2 processes x {threads // 2} {2 * steps / two:.2f} steps/s "
+          f"-> {2 * one / two:.2f}x the steps per second")
+
+
 def bench_cuda(m, new, old, n, args):
     ran = {k: sdpa_ran(m.scorer, b, M.autocast(m.dev)) for k, b in (("old", old), ("new", new))}
     print(f"sdpa kernel N={n} {m.where}: old layout (full mask) runs {ran['old']}; new layout "
@@ -558,6 +602,7 @@ def main(argv=None):
     bench_data(m, eps[:B], n, t)
     bench_group(m, rows, n, B, "sft")
     bench_group(m, rows, n, B, "fspo")
+    bench_jobs(m, new, n, run["jobs_steps"])
     bench_cuda(m, new, to_device(pack_full_mask(eps[:B], m.pad), m.dev), n, args)
 
 

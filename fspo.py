@@ -326,6 +326,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
                          f"{', done' if saved['done'] else ''}): pass --resume to continue it, "
                          f"or delete it to start over")
     meta["amp"] = stage_amp(args, device, saved)
+    meta["threads"] = torch.get_num_threads()  # a stage's numbers depend on it (--jobs)
     autocast = model_autocast(device, meta["amp"])  # bf16 on CUDA, and on CPUs where it is faster
     if saved:
         start = resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master)
@@ -464,8 +465,8 @@ def stage_order(args, methods):
 
 
 def stage_init(args, name, ckpts):
-    """(init, ref) checkpoints of stage-2 stage `name`: the stage its method starts from, and
-    that one as the reference (None). With --fspo-init oracle, FSPO (IPO or DPO) and cot-sft
+    """(init, ref) checkpoints of stage-2 stage `name`: the stage its method starts from, ref
+    None (the init is the reference). With --fspo-init oracle, FSPO (IPO or DPO) and cot-sft
     (cot's warm-up) start from the oracle, which has learned to apply a stated description;
     FSPO keeps the SFT as its reference, cot-sft learns by SFT and has none."""
     if args.fspo_init == "oracle" and name.removesuffix("-dpo") in ("fspo", "cot-sft"):
@@ -524,11 +525,11 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None,
 
 def run_stages(args, tok, tok_path, stages, fn=None):
     """Train each stage (run_stage's keyword arguments; fn: run_stage) once the stages it
-    starts from are done: in order, or with --jobs K on CPU K at a time, each in its own
-    process on 1/K of the threads. The small models here use two threads poorly: two
-    one-thread processes step 1.4x as fast as one process on both (README "The paper's
-    tables"). A stage's numbers depend on its thread count, so on K. A failed stage stops
-    the job once the stages beside it finish; finished ones stay cached."""
+    starts from are done: in order, or with --jobs K on CPU K at a time (the first ready in
+    the list first), each in its own process on 1/K of the threads. This small model uses
+    two threads poorly: two one-thread processes make more steps per second than one on both
+    (`python bench.py`, its jobs line). A stage's numbers depend on its thread count, so on K.
+    A failed stage stops the job once the stages beside it finish; finished ones stay cached."""
     fn = fn or run_stage
     if (args.jobs or 1) <= 1 or args.device != "cpu":
         for s in stages:
@@ -780,7 +781,8 @@ def main_job_flags(a):
       help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "
            "the user's description in its prompt (README, 'Annotated shots')")
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train, or one "
-                                      "per domain: 'roleplay:oracle,fspo elix:fspo,pref-ft'")
+                                      "per domain, or per domain and N: 'roleplay:oracle,fspo "
+                                      "elix:fspo,pref-ft reviews-8shot:oracle,fspo,cot-sft,cot'")
     a("--domains", default=None, help="main job: comma list of domains")
     a("--jobs", type=int, default=None,
       help="main job on CPU: train up to this many independent stages at once, each in its own "

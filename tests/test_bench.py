@@ -140,3 +140,24 @@ def test_cuda_lines():
     mfu = one(lines, "mfu fspo step N=8")
     m = re.search(rf"eager {NUM}% \({NUM} TFLOP/s\)", mfu)
     assert m and float(m[1]) > 0 and "compiled: skipped (pass --compile)" in mfu, mfu
+
+
+def test_the_jobs_figure_times_two_processes_against_one(capsys):
+    """bench_jobs on the tiny model with two threads: both runs finish and the printed ratio is
+    the printed rates' quotient (on one thread, or off CPU, it says it skipped)."""
+    import argparse
+    import bench
+    m = argparse.Namespace(dev="cpu", cfg=bench.GPTConfig(block_size=64, vocab_size=64, n_layer=1,
+                                                            n_head=1, n_embd=16))
+    b = bench.data.pack_batch([bench.data.Episode([1, 2, 3, 4], [5, 6, 0], [7, 8, 9, 0])] * 2, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        bench.bench_jobs(m, b, 2, steps=2)
+    finally:
+        torch.set_num_threads(threads)
+    line = capsys.readouterr().out.strip()
+    m = re.fullmatch(rf"jobs fspo step N=2 \(2 steps a process\): 1 process x 2 threads {NUM} steps/s, "
+                     rf"2 processes x 1 {NUM} steps/s -> {NUM}x the steps per second", line)
+    assert m, line
+    assert quotient_ok(m[3], m[2], m[1])
