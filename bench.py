@@ -26,7 +26,8 @@ data         the time pack_batch takes to build a batch (mask included) against 
 group        SFT steps, then FSPO steps, over one pool of 16 batches, as drawn and grouped
              by length (--group): the same episodes, less padding.
 jobs         CPU: fspo steps per second of two processes side by side, each on half the
-             threads (fspo.py --jobs 2), against one process on all of them.
+             threads (fspo.py --jobs 2), against one process on all of them; at N shots
+             and at 1 (rows as short as the annotated presets' tally episodes).
 sdpa, mfu    which SDPA kernel each layout runs; on CUDA the step's share of the GPU's
              bf16 peak from its datasheet, eager and --compile.
 Nothing here asserts a speed: the figures are for reading. On a shared machine, check the
@@ -603,6 +604,10 @@ def main(argv=None):
     bench_group(m, rows, n, B, "sft")
     bench_group(m, rows, n, B, "fspo")
     bench_jobs(m, new, n, run["jobs_steps"])
+    # and on one-shot episodes, as short as the tally episodes the annotated presets train on
+    short = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
+             data.make_episodes(data.by_user(rows), 1, random.Random(0))[:B]]
+    bench_jobs(m, to_device(data.pack_batch(short, m.pad), m.dev), 1, run["jobs_steps"])
     bench_cuda(m, new, to_device(pack_full_mask(eps[:B], m.pad), m.dev), n, args)
 
 
