@@ -484,7 +484,7 @@ def jobs_worker(cfg, b, threads, steps, barrier, out):
     scorer, ref_scorer = fspo.LogProbs(model), fspo.LogProbs(ref)
     step = lambda: fspo_step(scorer, ref_scorer, model, opt, b, M.autocast("cpu"))
     step()
-    barrier.wait()
+    barrier.wait(timeout=600)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -506,9 +506,12 @@ def bench_jobs(m, b, n, steps):
                  for _ in range(k)]
         for p in procs:
             p.start()
-        took = max(out.get() for _ in procs)
-        for p in procs:
-            p.join()
+        try:  # a worker that died (out of memory, say) must not hang the bench
+            took = max(out.get(timeout=900) for _ in procs)
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                p.kill()
         return took
 
     one, two = run(1), run(2)

@@ -331,7 +331,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     if saved:
         start = resume(args, model, opt, tok, tok_path, inputs, device, metrics_path, master)
         if master:
-            print(f"[resume] {args.out} from step {start}")
+            print(f"[resume] {args.out} from step {start}", flush=True)
     elif master:
         os.makedirs(args.out, exist_ok=True)
         open(metrics_path, "w").close()
@@ -389,11 +389,11 @@ def parse_stage_steps(text):
     """'oracle:2000,pooled:1000' -> {"oracle": 2000, "pooled": 1000}."""
     steps = {}
     for item in filter(None, (text or "").split(",")):
-        name, _, n = item.partition(":")
-        if name.strip().removesuffix("-dpo") not in TRAINED or not n.strip().isdigit():
-            raise SystemExit(f"fspo.py: --stage-steps: '{item}' is not method:steps "
-                             f"(methods: {', '.join(TRAINED)})")
-        steps[name.strip()] = int(n)
+        name, _, n = (x.strip() for x in item.partition(":"))
+        if name not in [*TRAINED, "fspo-dpo"] or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"fspo.py: --stage-steps: '{item}' is not method:steps, steps >= 1 "
+                             f"(methods: {', '.join(TRAINED)}, fspo-dpo)")
+        steps[name] = int(n)
     return steps
 
 
@@ -531,7 +531,7 @@ def run_stages(args, tok, tok_path, stages, fn=None):
     (`python bench.py`, its jobs line). A stage's numbers depend on its thread count, so on K.
     A failed stage stops the job once the stages beside it finish; finished ones stay cached."""
     fn = fn or run_stage
-    if (args.jobs or 1) <= 1 or args.device != "cpu":
+    if (args.jobs or 1) <= 1 or args.device != "cpu" or "RANK" in os.environ:
         for s in stages:
             fn(args, tok, tok_path, **s)
         return
@@ -600,7 +600,8 @@ def main_job(args):
         first = {}  # the stages that learn the same at every N, trained at the domain's first N
         for n in domain_shots(args, d):
             base = os.path.join(out, f"{d}-{n}shot")
-            ckpts = {"sft": os.path.join(base, "sft"), **first}
+            listed = {"sft", *domain_methods(args, d, n)}
+            ckpts = {"sft": os.path.join(base, "sft"), **{m: p for m, p in first.items() if m in listed}}
             if "sft" not in first:
                 stages.append(dict(name="sft", out=ckpts["sft"], prefs=prefs, users=users,
                                    shots=args.sft_shots or n, steps=stage_steps("sft", args)))
@@ -778,15 +779,16 @@ def main_job_flags(a):
     a("--oracle-lr", type=float, default=None,
       help="peak lr of oracle (main job, or --method oracle without --lr; default --pref-lr)")
     a("--fspo-init", choices=("sft", "oracle"), default=None,
-      help="main job: the checkpoint FSPO starts from: sft (the paper), or oracle, trained first with "
-           "the user's description in its prompt (README, 'Annotated shots')")
+      help="main job: the checkpoint FSPO (and cot-sft) starts from: sft (the paper), or oracle, trained "
+           "first with the user's description in its prompt (README, 'Annotated shots')")
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train, or one "
                                       "per domain, or per domain and N: 'roleplay:oracle,fspo "
                                       "elix:fspo,pref-ft reviews-8shot:oracle,fspo,cot-sft,cot'")
     a("--domains", default=None, help="main job: comma list of domains")
     a("--jobs", type=int, default=None,
       help="main job on CPU: train up to this many independent stages at once, each in its own "
-           "process on 1/jobs of the threads (default 1)")
+           "process on 1/jobs of the threads (default 1; the paper preset 2; one at a time on CUDA "
+           "and under torchrun)")
     a("--scale", default=None, help="main job: generate_synthetic.py --scale")
     a("--synth", default=None, help="main job: more generate_synthetic.py flags, one string")
     a("--curve-episodes", type=int, default=None,
@@ -827,11 +829,18 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     if args.method is None:
-        for d, n in [(d, n) for d in job_domains(args) for n in domain_shots(args, d)]:
+        runs = [(d, n) for d in job_domains(args) for n in domain_shots(args, d)]
+        keys = {e.split(":", 1)[0] for e in args.methods.split() if ":" in e}
+        if bad := keys - {d for d, _ in runs} - {f"{d}-{n}shot" for d, n in runs}:
+            raise SystemExit(f"fspo.py: --methods names {', '.join(sorted(bad))}, not a domain or "
+                             f"domain-Nshot of this job ({', '.join(f'{d}-{n}shot' for d, n in runs)})")
+        for d, n in runs:
             methods = domain_methods(args, d, n)
             if args.fspo_init == "oracle" and {"fspo", "cot-sft"} & {m.removesuffix("-dpo") for m in methods} \
                     and "oracle" not in methods:
                 raise SystemExit(f"fspo.py: --fspo-init oracle needs oracle in --methods (domain {d}, {n} shots)")
+            if "cot" in methods and "cot-sft" not in methods:
+                raise SystemExit(f"fspo.py: cot starts from cot-sft: name both in --methods (domain {d}, {n} shots)")
         if args.annotate and args.prefs and not args.users:
             raise SystemExit("fspo.py: --annotate (the annotated preset's, the default without CUDA) needs "
                              "the users file (--users): the judge writes the training annotations from "
@@ -855,7 +864,7 @@ def main(argv=None):
     else:
         tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
     args.shots = args.shots or 8
-    args.steps = args.steps or stage_steps(args.method, args)
+    args.steps = args.steps or stage_steps(args.method + "-dpo" * (args.loss == "dpo"), args)
     args.annotate = annotates(args.method, args) or args.annotate  # refused by make_streams if on for no shots
     final = train(args, tok, tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 mkdir -p "$out"
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  timeout 360 python fspo.py --preset gpu --sft-steps 50 --oracle-steps 20 --pref-steps 20 --eval-users 8 \
+  timeout 360 python fspo.py --preset gpu --sft-steps 50 --stage-steps oracle:20 --pref-steps 20 --eval-users 8 \
     --eval-questions 1 --curve-episodes 32 --out "$out/run" > "$out/fspo.log" 2>&1 \
     && echo "gpu preset stages: ok" || echo "gpu preset stages: FAILED (see $out/fspo.log)"
   timeout 200 python bench.py --preset gpu --device cuda --reps 3 | tee "$out/bench.txt"

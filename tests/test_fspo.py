@@ -499,9 +499,13 @@ def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
                        (["--methods", "roleplay:oracle reviews:oracle reviews-8shot:cot-sft,cot",
                          "--domains", "roleplay,reviews"], "needs oracle in --methods (domain reviews, 8 shots)"),
                        (["--methods", "roleplay:oracle elix-4shot:fspo", "--domains", "roleplay,elix"],
-                        "names no methods for domain 'elix' at 8 shots"),
+                        "names elix-4shot, not a domain or domain-Nshot of this job"),
                        (["--methods", "roleplay:oracle,fspo pooled"], "'pooled' names no domain"),
-                       (["--stage-steps", "oracle:20,fspo:x"], "'fspo:x' is not method:steps")]:
+                       (["--stage-steps", "oracle:20,fspo:x"], "'fspo:x' is not method:steps"),
+                       (["--stage-steps", "pooled-dpo:5"], "'pooled-dpo:5' is not method:steps"),
+                       (["--stage-steps", "fspo:0"], "'fspo:0' is not method:steps, steps >= 1"),
+                       (["--methods", "roleplay:oracle reveiws-8shot:fspo"], "names reveiws-8shot, not a domain"),
+                       (["--methods", "roleplay:oracle,cot"], "cot starts from cot-sft")]:
         with pytest.raises(SystemExit, match=re.escape(says)):
             fspo.main(["--preset", "annotated", "--out", str(tmp_path / "x"), *argv])
     assert not (tmp_path / "x").exists()
@@ -534,6 +538,10 @@ def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, m
     assert [c for c in calls if "8shot" in c[1]] == [
         ("sft", "reviews-8shot/sft", None), ("oracle", "reviews-8shot/oracle", "reviews-8shot/sft"),
         ("fspo", "reviews-8shot/fspo", "reviews-8shot/oracle"), ("pooled", "reviews-8shot/pooled", "reviews-8shot/sft")]
+    # a stage trained once at N = 4 serves N = 8 only where N = 8's list names it
+    runs.clear()
+    fspo.main(argv[:5] + ["reviews-4shot:oracle,fspo,pooled reviews-8shot:oracle,fspo"] + argv[6:])
+    assert sorted(runs[("reviews", 8)][0]) == ["fspo", "oracle", "sft"]
 
 
 def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_steps(tmp_path, monkeypatch):
@@ -566,7 +574,7 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
 def record_stage(args, tok, tok_path, name, out, **kw):
     """A stand-in for run_stage that notes when it ran and on how many threads."""
     t0 = time.time()
-    time.sleep(0.5)
+    time.sleep(1.5)  # longer than one worker's start can lag the other's, even on a busy machine
     Path(out).write_text(json.dumps([t0, time.time(), torch.get_num_threads()]))
 
 
@@ -577,11 +585,11 @@ def test_jobs_run_stages_side_by_side_each_after_the_stages_it_starts_from(tmp_p
     p = lambda n: str(tmp_path / n)
     stages = [dict(name="sft", out=p("a")), dict(name="oracle", out=p("b"), init=p("a")),
               dict(name="sft", out=p("c"), init=p("elsewhere")),
-              dict(name="fspo", out=p("d"), init=p("b"), ref=p("a"))]
+              dict(name="fspo", out=p("d"), init=p("elsewhere"), ref=p("b"))]
     args = Namespace(jobs=2, device="cpu", no_progress=False)
     fspo.run_stages(args, None, None, stages, fn=record_stage)
     (a0, a1, na), (b0, b1, _), (c0, c1, _), (d0, d1, _) = \
         [json.loads(Path(p(n)).read_text()) for n in "abcd"]
-    assert b0 >= a1 and d0 >= b1  # after their init (and ref)
+    assert b0 >= a1 and d0 >= b1  # after their init, and d after its ref
     assert c0 < a1 and a0 < c1  # a and c side by side
     assert na == max(1, torch.get_num_threads() // 2)
