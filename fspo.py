@@ -460,18 +460,18 @@ def job_domains(args):
 
 def stage_order(args, methods):
     """The stage-2 methods in training order: with --fspo-init oracle, oracle comes first (the
-    FSPO family starts from it, stage_init); cot-sft before cot, which starts from it."""
+    FSPO family starts from it, starts_from); cot-sft before cot, which starts from it."""
     return sorted(methods, key=lambda m: (not (args.fspo_init == "oracle" and m == "oracle"), m == "cot"))
 
 
-def stage_init(args, name, ckpts):
-    """(init, ref) checkpoints of stage-2 stage `name`: the stage its method starts from, ref
+def starts_from(args, name):
+    """(init, ref) stage names of stage-2 stage `name`: the stage its method starts from, ref
     None (the init is the reference). With --fspo-init oracle, FSPO (IPO or DPO) and cot-sft
     (cot's warm-up) start from the oracle, which has learned to apply a stated description;
     FSPO keeps the SFT as its reference, cot-sft learns by SFT and has none."""
     if args.fspo_init == "oracle" and name.removesuffix("-dpo") in ("fspo", "cot-sft"):
-        return ckpts["oracle"], (ckpts["sft"] if name != "cot-sft" else None)
-    return ckpts[data.method(name).init], None
+        return "oracle", ("sft" if name != "cot-sft" else None)
+    return data.method(name).init, None
 
 
 # the flags that decide what a stage learns: a checkpoint made with other values is stale
@@ -600,14 +600,14 @@ def main_job(args):
         first = {}  # the stages that learn the same at every N, trained at the domain's first N
         for n in domain_shots(args, d):
             base = os.path.join(out, f"{d}-{n}shot")
-            listed = {"sft", *domain_methods(args, d, n)}
-            ckpts = {"sft": os.path.join(base, "sft"), **{m: p for m, p in first.items() if m in listed}}
+            methods = domain_methods(args, d, n)
+            ckpts = {"sft": os.path.join(base, "sft"), **{m: p for m, p in first.items() if m in {"sft", *methods}}}
             if "sft" not in first:
                 stages.append(dict(name="sft", out=ckpts["sft"], prefs=prefs, users=users,
                                    shots=args.sft_shots or n, steps=stage_steps("sft", args)))
-            for m in [m for m in stage_order(args, domain_methods(args, d, n)) if m not in first]:
+            for m in [m for m in stage_order(args, methods) if m not in first]:
                 ckpts[m] = os.path.join(base, m)
-                init, ref = stage_init(args, m, ckpts)
+                init, ref = (ckpts[k] if k else None for k in starts_from(args, m))
                 stages.append(dict(name=m, out=ckpts[m], prefs=prefs, users=users, init=init, ref=ref,
                                    shots=n, steps=stage_steps(m, args), lr=stage_lr(m, args)))
             if not first:  # the domain's first N
@@ -834,13 +834,12 @@ def main(argv=None):
         if bad := keys - {d for d, _ in runs} - {f"{d}-{n}shot" for d, n in runs}:
             raise SystemExit(f"fspo.py: --methods names {', '.join(sorted(bad))}, not a domain or "
                              f"domain-Nshot of this job ({', '.join(f'{d}-{n}shot' for d, n in runs)})")
-        for d, n in runs:
+        for d, n in runs:  # each stage's init is trained by the same run, before it
             methods = domain_methods(args, d, n)
-            if args.fspo_init == "oracle" and {"fspo", "cot-sft"} & {m.removesuffix("-dpo") for m in methods} \
-                    and "oracle" not in methods:
-                raise SystemExit(f"fspo.py: --fspo-init oracle needs oracle in --methods (domain {d}, {n} shots)")
-            if "cot" in methods and "cot-sft" not in methods:
-                raise SystemExit(f"fspo.py: cot starts from cot-sft: name both in --methods (domain {d}, {n} shots)")
+            for m in methods:
+                if (init := starts_from(args, m)[0]) not in {"sft", *methods}:
+                    who = "--fspo-init oracle" if init == "oracle" else f"{m} starts from {init}, so it"
+                    raise SystemExit(f"fspo.py: {who} needs {init} in --methods (domain {d}, {n} shots)")
         if args.annotate and args.prefs and not args.users:
             raise SystemExit("fspo.py: --annotate (the annotated preset's, the default without CUDA) needs "
                              "the users file (--users): the judge writes the training annotations from "
