@@ -326,6 +326,9 @@ def method(name) -> Method:
 # -----------------------------------------------------------------------------
 # the prompt: N shots of one user, then the question
 
+# What the episodes say, versioned: a cached stage trained on other texts is refused (fspo's
+# stage inputs). 2 (2026-12-05): an elix tally states a level; cot's y_l follows the true description.
+TEXT_FORMAT = 2
 COMPLETION_HEADER = "## Preferred Response\n"
 COT_HEADER = "## User Description\n"
 DESCRIPTION_HEADER = "# User Description\n"  # the oracle's, or --annotate's tally
@@ -380,7 +383,11 @@ def tally_prompt(tok, counts, domain, question, room) -> list[int]:
     judge.count_line(counts) in the description slot (where the oracle reads the user's), then
     the question. Counts come from the judge in training; at evaluation from the policy's own
     reading of each shot (eval.Reader), or from the base's lines if it learned them."""
-    ids = tok.encode(format_prompt([], question, judge.count_line(domain, counts)))
+    return tally_context(tok, judge.count_line(domain, counts), question, room)
+
+def tally_context(tok, line, question, room) -> list[int]:
+    """A tally line in the description slot, then the question."""
+    ids = tok.encode(format_prompt([], question, line))
     if len(ids) > room:
         raise ValueError(f"the tally and question do not fit in {room} tokens ({len(ids)}): {question[:60]!r}")
     return ids

@@ -20,11 +20,14 @@ with 0, 1, 2, 4, 8 shots in context: the meta-learning curve. It needs only pref
 rows; win rate needs users in the generator's schema. Intervals resample users.
 """
 import argparse
+import copy
 import json
+import multiprocessing
 import os
 import random
 import sys
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -216,7 +219,7 @@ def tally_prompts(lines_of, tok, items, rooms, domain, cache=None):
     cache.update(zip(todo, lines_of(list(todo.values()))))
     out = []
     for (shots, question), room in zip(items, rooms):
-        counts = judge.summed([judge.parse_line(domain, cache[line_cue(s)] or "") for s in shots])
+        counts = judge.line_counts(domain, [judge.parse_line(domain, cache[line_cue(s)] or "") for s in shots])
         out.append(data.tally_prompt(tok, counts, domain, question, room) if shots else
                    data.prompt_tokens(tok, "fspo", [], question, room)[0])
     return out
@@ -256,24 +259,31 @@ def shot_readings(policy, tok, domain, shots, args, method="fspo"):
     one: scoring them too doubled the reading's cost for 0.1 points of agreement with the
     judge (92.3 against 92.2% of 600 val shots' axes, README). A cot policy (method) is scored
     on completions as it writes them: the one-term tally as its description, then the answer
-    (the same description before both answers: only the answers' log-probs differ)."""
-    axes = judge.JUDGES[domain].tally_axes
+    (the same description before both answers: only the answers' log-probs differ). An elix
+    level is read as its margin under "Level: teenager." (the tally's and the oracle's words)
+    less the mean of that margin over the levels: large where the chosen answer is written at
+    that level, low where the rejected one is."""
+    j = judge.JUDGES[domain]
     if not shots:
-        return torch.zeros(0, len(axes))
+        return torch.zeros(0, len(j.tally_axes))
+    # a level has no opposite term to read it against, so the mean over the levels stands in
+    levels = j.tally_axes[len(j.axes):]
+    descs = [judge.count_line(domain, {a: v}) for a in j.axes for v in (1, -1)]
+    descs += [judge.count_line(domain, {lv: 1}) for lv in levels]
     cot = data.method(method).cot
     eps = []
-    for s, a, v in [(s, a, v) for s in shots for a in axes for v in (1, -1)]:
-        desc = judge.count_line(domain, {a: v})  # what a cot policy writes before its answer
+    for s, desc in [(s, desc) for s in shots for desc in descs]:
         c, r = (data.completion_tokens(tok, method, data.cot_text(desc, t) if cot else t)
-                for t in (s.chosen, s.rejected))
+                for t in (s.chosen, s.rejected))  # what a cot policy writes before its answer
         room = policy.config.block_size - max(len(c), len(r)) - 1
-        eps.append(data.Episode(data.tally_prompt(tok, {a: v}, domain, s.prompt, room), c, r))
+        eps.append(data.Episode(data.tally_context(tok, desc, s.prompt, room), c, r))
     multiple = 8 if str(args.device).startswith("cuda") else 1  # aligned masks, as EpisodeStream's
     batches = (data.to_device(data.pack_batch(eps[i:i + args.gen_batch], tok.eot_id, multiple), args.device)
                for i in range(0, len(eps), args.gen_batch))
     m = pair_margins(policy.token_logprobs, None, batches, autocast(args.device, args.dtype))
-    m = m.view(len(shots), len(axes), 2)
-    return m[..., 0] - m[..., 1]
+    m = m.view(len(shots), len(descs))
+    style, lv = m[:, :2 * len(j.axes)].view(len(shots), -1, 2), m[:, 2 * len(j.axes):]
+    return torch.cat([style[..., 0] - style[..., 1], lv - lv.mean(1, keepdim=True)], 1)
 
 
 def named(readings, taus):
@@ -312,7 +322,7 @@ class Reader(Writer):
             if not self.fit_rows:
                 raise ValueError("a Reader fits its thresholds on training rows: none were given")
             fit = random.Random(0).sample(self.fit_rows, min(READ_FIT_SHOTS, len(self.fit_rows)))
-            truth = np.array([[judge.shot_counts(self.tally_domain, [s]).get(a, 0) for a in axes] for s in fit])
+            truth = np.array([[judge.shot_signs(self.tally_domain, s).get(a, 0) for a in axes] for s in fit])
             self.taus = fit_thresholds(self.read(tok, fit, args), truth)
         said = named(self.read(tok, shots, args), self.taus)
         return [judge.contrast_line(self.tally_domain, {a: int(v) for a, v in zip(axes, row) if v})
@@ -989,13 +999,32 @@ def write_report(results, out, header):
 
 
 def evaluate_runs(runs, tok, tok_path, args, out):
-    """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}."""
-    results = [evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, d, n)
-               for (d, n), (ckpts, prefs, users) in runs.items()]
+    """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}.
+    With --jobs K on CPU, K of them at once, each in its own process on 1/K of the threads, as
+    fspo.run_stages trains stages (the most methods first); the report is in the runs' order."""
+    todo = [(ckpts, prefs, users, tok_path, args, d, n) for (d, n), (ckpts, prefs, users) in runs.items()]
+    k = min(getattr(args, "jobs", None) or 1, len(todo))
+    if k <= 1 or args.device != "cpu" or "RANK" in os.environ:
+        results = [evaluate(c, p, u, tok, tok_path, a, a.device, d, n) for c, p, u, _, a, d, n in todo]
+    else:
+        quiet = copy.copy(args)
+        quiet.no_progress = True  # K progress bars on one terminal garble each other
+        todo = [(*t[:4], quiet, *t[5:]) for t in todo]
+        with ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(max(1, torch.get_num_threads() // k),)) as pool:
+            first = sorted(range(len(todo)), key=lambda i: -len(todo[i][0]))
+            futures = {i: pool.submit(evaluate_one, todo[i]) for i in first}
+            results = [futures[i].result() for i in range(len(todo))]
     header = (f"# FSPO report ({args.preset} preset)\n\nCommand: `python fspo.py "
               f"{' '.join(sys.argv[1:])}`\n\n"
               f"Configuration: {json.dumps({k: v for k, v in vars(args).items() if v is not None})}\n")
     return write_report(results, out, header)
+
+
+def evaluate_one(job):
+    """evaluate() in a worker process of evaluate_runs, its tokenizer loaded there."""
+    ckpts, prefs, users, tok_path, args, domain, n = job
+    return evaluate(ckpts, prefs, users, data.Tokenizer.load(tok_path), tok_path, args, args.device, domain, n)
 
 
 def personalize(args):

@@ -229,7 +229,7 @@ def stage_inputs(args, tok, prefs_path):
     """Fingerprints of what a stage read: a cached stage whose inputs changed is stale."""
     init = os.path.join(ckpt_dir(args.init), "model.safetensors") if args.init else None
     return {"prefs": data.file_sha256(prefs_path)[:16], "tokenizer": tok.sha256[:16],
-            "init": data.file_sha256(init)[:16] if init else None}
+            "init": data.file_sha256(init)[:16] if init else None, "text_format": data.TEXT_FORMAT}
 
 
 def save_training(path, model, opt, meta):
@@ -525,17 +525,17 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None,
 
 def run_stages(args, tok, tok_path, stages, fn=None):
     """Train each stage (run_stage's keyword arguments; fn: run_stage) once the stages it
-    starts from are done: in order, or with --jobs K on CPU K at a time (the first ready in
-    the list first), each in its own process on 1/K of the threads. This small model uses
-    two threads poorly: two one-thread processes make more steps per second than one on both
-    (`python bench.py`, its jobs line). A stage's numbers depend on its thread count, so on K.
+    starts from are done: in order, or with --jobs K on CPU K at a time (of the ready ones,
+    the one heading the longest chain of steps first), each in its own process on 1/K of the
+    threads. This small model uses two threads poorly: two one-thread processes make more
+    steps per second than one on both (`python bench.py`, its jobs line). A stage's numbers depend on its thread count, so on K.
     A failed stage stops the job once the stages beside it finish; finished ones stay cached."""
     fn = fn or run_stage
     if (args.jobs or 1) <= 1 or args.device != "cpu" or "RANK" in os.environ:
         for s in stages:
             fn(args, tok, tok_path, **s)
         return
-    made = {s["out"] for s in stages}
+    made, chain = {s["out"] for s in stages}, chain_steps(stages)
     todo, running, done = list(stages), {}, set()
     threads = max(1, torch.get_num_threads() // args.jobs)
     quiet = copy.copy(args)
@@ -544,6 +544,7 @@ def run_stages(args, tok, tok_path, stages, fn=None):
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         while todo or running:
             ready = [s for s in todo if {s.get("init"), s.get("ref")} & made <= done]
+            ready.sort(key=lambda s: -chain[s["out"]])  # the longest chain first (stable: ties in order)
             if not (ready or running):
                 raise RuntimeError(f"stages wait on each other: {[s['out'] for s in todo]}")
             for s in ready[: args.jobs - len(running)]:
@@ -554,6 +555,23 @@ def run_stages(args, tok, tok_path, stages, fn=None):
             for f in finished:
                 f.result()  # raises a failed stage's error here
                 done.add(running.pop(f))
+
+
+def chain_steps(stages):
+    """{out: the stage's steps plus the most steps of a chain of stages that start from it}. The
+    stage heading the longest chain starts first: run Q started Reviews' chain (SFT, oracle,
+    FSPO) last, in list order, and one core sat idle for its last ten minutes."""
+    memo = {}
+
+    def length(s):
+        if s["out"] not in memo:
+            after = [t for t in stages if s["out"] in (t.get("init"), t.get("ref"))]
+            memo[s["out"]] = s.get("steps", 0) + max(map(length, after), default=0)
+        return memo[s["out"]]
+
+    for s in stages:
+        length(s)
+    return memo
 
 
 def ensure_data(args, data_dir, domains):

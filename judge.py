@@ -102,6 +102,13 @@ class Judge:
     def level_contrast(self, fc, fr):
         return {}  # only elix's answers are written at a level
 
+    def votes(self, d):
+        """A shot's contrast as it counts into the tally: as it is (elix's levels become votes)."""
+        return d
+
+    def tally_level(self, counts):
+        return None  # only an elix tally states a level
+
     def reward(self, user, f):
         # malformed text (unknown words, repeated sentences, nothing at all) loses W_REL per unit
         # of lost quality, so no style can make it beat a well-formed answer
@@ -247,7 +254,8 @@ class Elix(Judge):
     name = "elix"
     axes = ("example", "detail")
     # a level is named as a term of its own: "teenager" for the side a shot's chosen answer is
-    # written at, "not child" for the rejected's (level_contrast)
+    # written at, "not child" for the rejected's (level_contrast); counted into a tally, each
+    # shot's levels become votes (votes) and the tally states the level they favour (tally_level)
     terms = {"example": ("examples", "no examples"), "detail": ("detailed", "brief"),
              **{lv: (lv, f"not {lv}") for lv in EX_LEVELS}}
     tally_axes = axes + EX_LEVELS
@@ -258,6 +266,25 @@ class Elix(Judge):
         if fc["level"] is None or fr["level"] is None or round(fc["level"]) == round(fr["level"]):
             return {}
         return {EX_LEVELS[round(fc["level"])]: 1, EX_LEVELS[round(fr["level"])]: -1}
+
+    def votes(self, d):
+        # where between a shot's two levels the user sits: level L gets +1 where the chosen
+        # answer's level is nearer L than the rejected's, -1 where farther (a line naming several,
+        # as a reader may write, by the signed sum of their distances)
+        named = {EX_LEVELS.index(a): v for a, v in d.items() if a in EX_LEVELS and v}
+        out = {a: v for a, v in d.items() if a not in EX_LEVELS}
+        if named:
+            out |= {lv: sign(sum(-v * abs(n - i) for n, v in named.items())) for i, lv in enumerate(EX_LEVELS)}
+        return out
+
+    def tally_level(self, counts):
+        """The level the tally's votes favour most (the middle one of a tie), None without votes:
+        what "Level: teenager." states, in the words of the oracle's description."""
+        v = [counts.get(lv, 0) for lv in EX_LEVELS]
+        if not any(v):
+            return None
+        best = [lv for lv, x in zip(EX_LEVELS, v) if x == max(v)]
+        return best[len(best) // 2]
 
     def __init__(self):
         self.fields, self.topic_of, self.concepts = [], {}, {}
@@ -463,29 +490,49 @@ def tally_pair_credit(domain, shots, query, counted=False):
     1.0 if the axes it names, with their signs, side with query.chosen (their sum over the
     query's contrast > 0), 0.0 if with query.rejected, 0.5 on a tie. Signs are all a tally line
     keeps (contrast_line); counted: the tally of --annotate tally instead, each axis weighed by
-    its count (shot_counts, count_line). All the shots count, as for reference_pair_credit,
-    even where a prompt dropped its oldest to fit the block."""
-    t = shot_counts(domain, shots) if counted else {a: sign(v) for a, v in tally(domain, shots).items()}
-    m = sum(t.get(a, 0) * v for a, v in contrast(domain, query.prompt, query.chosen, query.rejected).items())
+    its count (shot_counts, count_line), and on elix the level it states first: the answer
+    nearer it wins, as the level outweighs every style axis in the reward. All the shots
+    count, as for reference_pair_credit, even where a prompt dropped its oldest to fit the block."""
+    j, q = JUDGES[domain], contrast(domain, query.prompt, query.chosen, query.rejected)
+    if not counted:
+        t = {a: sign(v) for a, v in tally(domain, shots).items()}
+        m = sum(t.get(a, 0) * v for a, v in q.items())
+    else:
+        t, level = shot_counts(domain, shots), j.tally_level(shot_counts(domain, shots))
+        m = sum(t.get(a, 0) * q.get(a, 0) for a in j.axes)
+        m += 1000 * j.votes({a: sign(v) for a, v in q.items()}).get(level, 0) if level else 0
     return 1.0 if m > 0 else 0.0 if m < 0 else 0.5
 
 
 def shot_counts(domain, shots):
     """{axis: shots whose chosen answer leans to the axis's first term - shots leaning to its
-    second}: the tally of --annotate tally, what the shots' lines say when counted."""
-    return summed([{a: sign(v) for a, v in contrast(domain, s.prompt, s.chosen, s.rejected).items()}
-                   for s in shots])
+    second}: the tally of --annotate tally, what the shots' lines say when counted (on elix
+    each shot's levels counted as votes, Elix.votes)."""
+    return line_counts(domain, [shot_signs(domain, s) for s in shots])
+
+
+def shot_signs(domain, shot):
+    """A shot's contrast as its line says it: {axis: sign}."""
+    return {a: sign(v) for a, v in contrast(domain, shot.prompt, shot.chosen, shot.rejected).items()}
+
+
+def line_counts(domain, contrasts):
+    """The counted tally of per-shot contrasts ({axis: sign}, as parse_line reads a line back)."""
+    return summed([JUDGES[domain].votes(d) for d in contrasts])
 
 
 def count_line(domain, counts):
     """Counts as a line that names each axis once per net shot, strongest first (ties in the
     judge's axis order): {humor: 3, formality: -1} -> 'Prefers: humorous, humorous, humorous,
     casual.' A reader weighs an axis by how often it is named, as it weighs a word it sees
-    more often, with no numbers to learn."""
+    more often, with no numbers to learn. On elix the level the votes favour comes first, as the
+    oracle's description states it: 'Level: teenager. Prefers: examples, examples.'"""
     j = JUDGES[domain]
-    axes = sorted((a for a in j.tally_axes if counts.get(a)), key=lambda a: -abs(counts[a]))
+    axes = sorted((a for a in j.axes if counts.get(a)), key=lambda a: -abs(counts[a]))
     items = [j.terms[a][counts[a] < 0] for a in axes for _ in range(abs(counts[a]))]
-    return "Prefers: " + ", ".join(items) + "." if items else "Prefers: nothing."
+    level = j.tally_level(counts)
+    line = " ".join(([f"Level: {level}."] if level else []) + (["Prefers: " + ", ".join(items) + "."] if items else []))
+    return line or "Prefers: nothing."
 
 
 def parse_line(domain, line):

@@ -334,6 +334,37 @@ def test_a_reader_counts_what_the_policy_reads_off_each_shot():
     assert np.allclose(got, want, atol=1e-3) and not np.allclose(want, [by_hand(s) for s in rows[:2]], atol=1e-2)
 
 
+def test_a_reader_reads_an_elix_level_under_each_level_line():
+    """ELIX: a level has no opposite term, so the reader scores a shot under "Level: L." for
+    each level and reads level L as that margin minus the mean over the levels (written out
+    by hand, each pair scored alone); the style axes as on roleplay. The lines the reader
+    writes are counted with each shot's levels as votes (judge.line_counts)."""
+    import judge
+    tok, _, _, policy, _, args = judge_curve_setup(1)
+    args.gen_batch = 4
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(4)
+    kid, pro = "Imagine gravity, a giant toy.", "Gravity denotes coupling, formally."
+    shots = [Pref("u", "explain gravity", kid, pro, "train"), Pref("u", "explain gravity", pro, kid, "train")]
+    ctx = lambda line, s: tok.encode(f"# User Description\n{line}\n# Task\n{data.INSTRUCTION}\n## Question\n{s.prompt}\n")
+
+    def by_hand(s):
+        style = [brute_margin(policy, None, tok, ctx(f"Prefers: {plus}.", s), s)
+                 - brute_margin(policy, None, tok, ctx(f"Prefers: {minus}.", s), s)
+                 for plus, minus in (("examples", "no examples"), ("detailed", "brief"))]
+        level = np.array([brute_margin(policy, None, tok, ctx(f"Level: {lv}.", s), s) for lv in judge.EX_LEVELS])
+        return np.concatenate([style, level - level.mean()])
+
+    got = evaluation.shot_readings(policy, tok, "elix", shots, args).numpy()
+    assert got.shape == (2, 7) and np.allclose(got, [by_hand(s) for s in shots], atol=1e-3)
+    assert np.abs(got[:, 2:]).max() > 1e-2  # the level lines move the margins: not a vacuous match
+    reader = evaluation.Reader(policy, "elix", taus=np.zeros(7))  # every nonzero reading named
+    prompts = reader.prompts(tok, [(shots, "explain gravity")], [10_000], args)
+    said = [{a: int(np.sign(v)) for a, v in zip(judge.JUDGES["elix"].tally_axes, row) if v} for row in got]
+    assert tok.decode(prompts[0]).startswith(f"# User Description\n{judge.count_line('elix', judge.line_counts('elix', said))}\n")
+
+
 def test_annotated_curve_scores_the_written_prompts():
     """curve_margins with a writer: each episode's margin is its pair scored after the
     written prompt, the sequences run alone (brute force)."""

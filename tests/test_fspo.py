@@ -389,6 +389,18 @@ def test_a_lone_sft_with_annotate_tally_is_refused(tiny):
     assert not (tiny / "tally-sft").exists()
 
 
+def test_a_stage_trained_on_texts_of_an_older_format_is_refused():
+    """data.TEXT_FORMAT is one of a stage's inputs: a checkpoint from before the episodes' texts
+    changed (say, an elix tally without its level) is refused, not reused."""
+    args = fspo.get_args(["--method", "fspo"])
+    recipe = {k: getattr(args, k, None) for k in fspo.RECIPE + fspo.PREF_RECIPE}
+    now = {"prefs": "ab", "tokenizer": "cd", "init": None, "text_format": data.TEXT_FORMAT}
+    fspo.check_recipe({"args": recipe, "batch_group": 1, "inputs": now}, args, now, "x")  # the same: kept
+    older = {k: v for k, v in now.items() if k != "text_format"}
+    with pytest.raises(ValueError, match=f"text_format: None there, {data.TEXT_FORMAT} now"):
+        fspo.check_recipe({"args": recipe, "batch_group": 1, "inputs": older}, args, now, "x")
+
+
 def test_a_stage_on_a_retrained_init_is_refused(mine):
     common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
     assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
@@ -576,6 +588,19 @@ def record_stage(args, tok, tok_path, name, out, **kw):
     t0 = time.time()
     time.sleep(1.5)  # longer than one worker's start can lag the other's, even on a busy machine
     Path(out).write_text(json.dumps([t0, time.time(), torch.get_num_threads()]))
+
+
+def test_jobs_start_the_stage_heading_the_longest_chain_of_steps_first(tmp_path):
+    """Of the ready stages, the one with the most steps in it and in the stages that start from
+    it (counted by hand) starts first, whatever the list's order; ties keep the order."""
+    p = lambda n: str(tmp_path / n)
+    stages = [dict(name="pooled", out=p("a"), steps=3), dict(name="pref-ft", out=p("b"), steps=3),
+              dict(name="sft", out=p("c"), steps=2), dict(name="oracle", out=p("d"), init=p("c"), steps=1),
+              dict(name="fspo", out=p("e"), init=p("d"), ref=p("c"), steps=5)]
+    assert fspo.chain_steps(stages) == {p("a"): 3, p("b"): 3, p("c"): 8, p("d"): 6, p("e"): 5}
+    fspo.run_stages(Namespace(jobs=2, device="cpu", no_progress=False), None, None, stages, fn=record_stage)
+    (a0, a1, _), (b0, _, _), (c0, c1, _) = [json.loads(Path(p(n)).read_text()) for n in "abc"]
+    assert c0 < b0 and a0 < b0 and b0 >= min(a1, c1)  # c and a first; b waits for a free worker
 
 
 def test_jobs_run_stages_side_by_side_each_after_the_stages_it_starts_from(tmp_path):

@@ -179,9 +179,26 @@ def test_elix_contrast_names_the_levels_the_answers_are_written_at():
     assert contrast(kid, pro) == {"example": 0, "detail": 0, "child": 1, "expert": -1}
     assert contrast(teen, kid) == {"example": 0, "detail": 0, "teenager": 1, "child": -1}
     assert contrast(kid, kid) == contrast(kid, plain) == {"example": 0, "detail": 0}
+    # counted, each shot votes for the levels nearer its chosen answer's than its rejected's:
+    # kid over pro (0 over 4): child +1, preteen +1, teenager 0, young adult -1, expert -1;
+    # teen over pro (2 over 4): +1, +1, +1, 0, -1; kid over teen (0 over 2): +1, 0, -1, -1, -1
     counts = judge.shot_counts("elix", [pair(kid, pro), pair(teen, pro), pair(kid, teen)])
-    assert {a: v for a, v in counts.items() if v} == {"child": 2, "expert": -2}  # teenager +1 -1
-    assert judge.count_line("elix", counts) == "Prefers: child, child, not expert, not expert."
+    assert {a: v for a, v in counts.items() if v} == {"child": 3, "preteen": 2, "young adult": -2, "expert": -3}
+    assert judge.count_line("elix", counts) == "Level: child."  # the oracle's words for a level
+    assert judge.count_line("elix", {"preteen": 1, "teenager": 1, "detail": -2}) == \
+        "Level: teenager. Prefers: brief, brief."  # a tie: the middle of the tied (of two, the upper)
+    assert judge.count_line("elix", {"detail": 1}) == "Prefers: detailed."
+    # a line naming one level alone: every other level is farther from it
+    assert judge.line_counts("elix", [{"expert": 1}]) == \
+        {"child": -1, "preteen": -1, "teenager": -1, "young adult": -1, "expert": 0}
+    # the rule: the level first, then the style counts. The shot: kid over a detailed pro
+    # (Level: child, detail -1); the query: a detailed teen over pro, nearer child but detailed
+    detailed = lambda t: t + " Also plus top."
+    assert judge.contrast("elix", "explain gravity", kid, detailed(pro))["detail"] == -2
+    assert judge.tally_pair_credit("elix", [pair(kid, detailed(pro))], pair(detailed(teen), pro), counted=True) == 1.0
+    assert judge.tally_pair_credit("elix", [pair(kid, detailed(kid))], pair(detailed(kid), kid), counted=True) == 0.0
+    assert judge.tally_pair_credit("elix", [pair(kid, pro)], pair(pro, teen), counted=True) == 0.0
+    assert judge.tally_pair_credit("elix", [pair(kid, kid)], pair(pro, teen), counted=True) == 0.5
     assert judge.contrast_line("elix", contrast(teen, kid)) == "Prefers: not child, teenager."  # axis order
     assert judge.parse_line("elix", "Prefers: young adult, not child, examples.") == \
         {"young adult": 1, "child": -1, "example": 1}
