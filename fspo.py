@@ -544,7 +544,7 @@ def run_stages(args, tok, tok_path, stages, fn=None):
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         while todo or running:
             ready = [s for s in todo if {s.get("init"), s.get("ref")} & made <= done]
-            ready.sort(key=lambda s: -chain[s["out"]])  # the longest chain first (stable: ties in order)
+            ready.sort(key=lambda s: chain[s["out"]], reverse=True)  # the longest chain first
             if not (ready or running):
                 raise RuntimeError(f"stages wait on each other: {[s['out'] for s in todo]}")
             for s in ready[: args.jobs - len(running)]:
@@ -558,15 +558,21 @@ def run_stages(args, tok, tok_path, stages, fn=None):
 
 
 def chain_steps(stages):
-    """{out: the stage's steps plus the most steps of a chain of stages that start from it}. The
-    stage heading the longest chain starts first: run Q started Reviews' chain (SFT, oracle,
-    FSPO) last, in list order, and one core sat idle for its last ten minutes."""
+    """{out: (the stage's steps plus the most steps of a chain of stages that start from it, the
+    steps of all the stages that follow from it, itself included)}: the stage heading the longest
+    chain starts first, and of equal chains the one with the most work behind it. Run Q started
+    Reviews' chain (SFT, oracle, FSPO) last, in list order, and one core sat idle for its last
+    ten minutes."""
+    after = {s["out"]: [t for t in stages if s["out"] in (t.get("init"), t.get("ref"))] for s in stages}
     memo = {}
+
+    def below(s):  # the stages that follow from s, itself included
+        return {s["out"]: s.get("steps", 0)} | {k: v for t in after[s["out"]] for k, v in below(t).items()}
 
     def length(s):
         if s["out"] not in memo:
-            after = [t for t in stages if s["out"] in (t.get("init"), t.get("ref"))]
-            memo[s["out"]] = s.get("steps", 0) + max(map(length, after), default=0)
+            memo[s["out"]] = (s.get("steps", 0) + max((length(t)[0] for t in after[s["out"]]), default=0),
+                              sum(below(s).values()))
         return memo[s["out"]]
 
     for s in stages:

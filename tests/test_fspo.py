@@ -592,12 +592,17 @@ def record_stage(args, tok, tok_path, name, out, **kw):
 
 def test_jobs_start_the_stage_heading_the_longest_chain_of_steps_first(tmp_path):
     """Of the ready stages, the one with the most steps in it and in the stages that start from
-    it (counted by hand) starts first, whatever the list's order; ties keep the order."""
+    it (counted by hand) starts first, whatever the list's order; of equal chains, the one with
+    the most steps of stages behind it."""
     p = lambda n: str(tmp_path / n)
     stages = [dict(name="pooled", out=p("a"), steps=3), dict(name="pref-ft", out=p("b"), steps=3),
               dict(name="sft", out=p("c"), steps=2), dict(name="oracle", out=p("d"), init=p("c"), steps=1),
               dict(name="fspo", out=p("e"), init=p("d"), ref=p("c"), steps=5)]
-    assert fspo.chain_steps(stages) == {p("a"): 3, p("b"): 3, p("c"): 8, p("d"): 6, p("e"): 5}
+    assert fspo.chain_steps(stages) == {p("a"): (3, 3), p("b"): (3, 3), p("c"): (8, 8), p("d"): (6, 6), p("e"): (5, 5)}
+    # of two chains of 4 steps, the one with 2 more steps beside it comes first
+    two = [dict(out="x", steps=4), dict(out="y", steps=1), dict(out="y1", init="y", steps=3),
+           dict(out="y2", init="y", steps=2)]
+    assert fspo.chain_steps(two) == {"x": (4, 4), "y": (4, 6), "y1": (3, 3), "y2": (2, 2)}
     fspo.run_stages(Namespace(jobs=2, device="cpu", no_progress=False), None, None, stages, fn=record_stage)
     (a0, a1, _), (b0, _, _), (c0, c1, _) = [json.loads(Path(p(n)).read_text()) for n in "abc"]
     assert c0 < b0 and a0 < b0 and b0 >= min(a1, c1)  # c and a first; b waits for a free worker
