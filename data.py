@@ -326,9 +326,6 @@ def method(name) -> Method:
 # -----------------------------------------------------------------------------
 # the prompt: N shots of one user, then the question
 
-# What the episodes say, versioned: a cached stage trained on other texts is refused (fspo's
-# stage inputs). 2 (2026-12-05): an elix tally states a level; cot's y_l follows the true description.
-TEXT_FORMAT = 2
 COMPLETION_HEADER = "## Preferred Response\n"
 COT_HEADER = "## User Description\n"
 DESCRIPTION_HEADER = "# User Description\n"  # the oracle's, or --annotate's tally
@@ -391,6 +388,13 @@ def tally_context(tok, line, question, room) -> list[int]:
     if len(ids) > room:
         raise ValueError(f"the tally and question do not fit in {room} tokens ({len(ids)}): {question[:60]!r}")
     return ids
+
+def text_format(name, annotate, domain) -> int:
+    """The version of the texts a stage of method `name` trains on, kept with its checkpoint so
+    that one trained on older texts is refused (fspo.check_recipe, eval.load_models): 2 where
+    they changed on 2026-12-05 (an elix tally states a level; cot's y_l follows the user's true
+    description), 1 elsewhere, as every checkpoint from before then."""
+    return 2 if method(name).cot or (annotate == "tally" and domain == "elix") else 1
 
 def header(name) -> str:
     """The completion's first line: the model is prompted with it at test time."""

@@ -261,8 +261,8 @@ def shot_readings(policy, tok, domain, shots, args, method="fspo"):
     on completions as it writes them: the one-term tally as its description, then the answer
     (the same description before both answers: only the answers' log-probs differ). An elix
     level is read as its margin under "Level: teenager." (the tally's and the oracle's words)
-    less the mean of that margin over the levels: large where the chosen answer is written at
-    that level, low where the rejected one is."""
+    less the mean of that margin over the levels: high for the levels nearer the chosen
+    answer's, low for those nearer the rejected's (Reader names one each way)."""
     j = judge.JUDGES[domain]
     if not shots:
         return torch.zeros(0, len(j.tally_axes))
@@ -329,7 +329,24 @@ class Reader(Writer):
                 for row in said]
 
     def read(self, tok, shots, args):
-        return shot_readings(self.model, tok, self.tally_domain, shots, args, self.method).numpy()
+        x = shot_readings(self.model, tok, self.tally_domain, shots, args, self.method).numpy()
+        return one_level_each_way(x, len(judge.JUDGES[self.tally_domain].axes))
+
+
+def one_level_each_way(readings, n_style):
+    """(shots, axes) readings with an elix shot's level block (the columns past n_style) put the
+    way the judge's contrast has it: the block's spread (highest - lowest) at the level read
+    highest, minus it at the level read lowest, 0 at the others. The margins under the Level
+    lines follow where between the two answers a user would sit, a vote per level; thresholded
+    level by level they would name several levels each way, which counted as votes misplace the
+    levels in between. Roleplay and reviews have no block: returned as they are."""
+    lv = readings[:, n_style:]
+    if lv.shape[1] == 0:
+        return readings
+    out, rows, spread = np.zeros_like(lv), np.arange(len(lv)), lv.max(1) - lv.min(1)
+    out[rows, lv.argmax(1)] = spread
+    out[rows, lv.argmin(1)] = -spread
+    return np.concatenate([readings[:, :n_style], out], 1)
 
 
 def split_response(method, text):
@@ -478,6 +495,11 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
         data.check_tokenizer(meta, tok, tok_path, path)
+        was, now = meta.get("inputs", {}).get("text_format", 1), \
+            data.text_format(meta["args"]["method"], meta["args"].get("annotate"), domain)
+        if was != now:  # an elix tally without its level, say: scored on texts it never read
+            raise ValueError(f"{path} was trained on texts of format {was}, and this code writes format {now} "
+                             f"for its method (data.text_format): train it again")
         if data.method(meta["args"]["method"]).learns == "preference" and meta["args"].get("nll"):
             anchors[m] = meta["args"]["nll"]  # the table names a preference loss with an NLL anchor
         shots[m] = meta["args"].get("shots")

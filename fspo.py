@@ -225,11 +225,13 @@ def saved_meta(run):
     return None
 
 
-def stage_inputs(args, tok, prefs_path):
+def stage_inputs(args, tok, prefs_path, users_path=None):
     """Fingerprints of what a stage read: a cached stage whose inputs changed is stale."""
     init = os.path.join(ckpt_dir(args.init), "model.safetensors") if args.init else None
+    domain = next(iter(judge.load_users(users_path).values()), {}).get("domain") if users_path else None
     return {"prefs": data.file_sha256(prefs_path)[:16], "tokenizer": tok.sha256[:16],
-            "init": data.file_sha256(init)[:16] if init else None, "text_format": data.TEXT_FORMAT}
+            "init": data.file_sha256(init)[:16] if init else None,
+            "text_format": data.text_format(args.method, args.annotate, domain)}
 
 
 def save_training(path, model, opt, meta):
@@ -317,7 +319,7 @@ def train(args, tok, tok_path, prefs_path, users_path=None):
     ref_scorer = load_reference(args, device)
     model.train()
     opt = make_optimizer(model, args, fused=use_cuda)
-    inputs = stage_inputs(args, tok, prefs_path)
+    inputs = stage_inputs(args, tok, prefs_path, users_path)
     meta = {"method": args.method, "args": vars(args), "tokenizer": tok_path, "inputs": inputs,
             "tokenizer_sha256": tok.sha256, "step": 0, "done": False, "batch_group": stream.group}
     metrics_path, start, saved = os.path.join(args.out, "metrics.jsonl"), 0, saved_meta(args.out)
@@ -496,7 +498,7 @@ def check_recipe(saved, args, inputs, where):
     if pref and "batch_group" not in saved:  # before 2026-12-05 stage 2 never grouped, whatever --group said
         was["group"] = None
     diff = changed_settings(was, {k: getattr(args, k, None) for k in keys})
-    diff += changed_settings(saved.get("inputs", {}), inputs)
+    diff += changed_settings({"text_format": 1} | saved.get("inputs", {}), inputs)  # 1: before it was kept
     if diff:
         raise ValueError(f"{where} was trained with other settings or inputs ({'; '.join(diff)}); "
                          f"delete it or pick another --out")
@@ -512,7 +514,7 @@ def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None,
         setattr(a, k, v)
     saved = saved_meta(out)
     if saved is not None:  # cached: refused if made with other settings or inputs
-        check_recipe(saved, a, stage_inputs(a, tok, prefs), out)
+        check_recipe(saved, a, stage_inputs(a, tok, prefs, users), out)
         if saved.get("done"):
             print(f"[skip] {out} exists", flush=True)
             return
@@ -562,22 +564,20 @@ def chain_steps(stages):
     steps of all the stages that follow from it, itself included)}: the stage heading the longest
     chain starts first, and of equal chains the one with the most work behind it. Run Q started
     Reviews' chain (SFT, oracle, FSPO) last, in list order, and one core sat idle for its last
-    ten minutes."""
+    ten minutes. Steps stand in for time (a step of one method costs 0.6-1.6x another's here,
+    run Q), and a cached stage counts its steps though it is skipped."""
     after = {s["out"]: [t for t in stages if s["out"] in (t.get("init"), t.get("ref"))] for s in stages}
+    steps = {s["out"]: s.get("steps", 0) for s in stages}
     memo = {}
 
-    def below(s):  # the stages that follow from s, itself included
-        return {s["out"]: s.get("steps", 0)} | {k: v for t in after[s["out"]] for k, v in below(t).items()}
+    def walk(out):  # -> (longest chain from out, the outs that follow from it)
+        if out not in memo:
+            memo[out] = (steps[out], {out})  # a cycle ends here; run_stages refuses it by name
+            below = [walk(t["out"]) for t in after[out]]
+            memo[out] = (steps[out] + max((c for c, _ in below), default=0), {out}.union(*(b for _, b in below)))
+        return memo[out]
 
-    def length(s):
-        if s["out"] not in memo:
-            memo[s["out"]] = (s.get("steps", 0) + max((length(t)[0] for t in after[s["out"]]), default=0),
-                              sum(below(s).values()))
-        return memo[s["out"]]
-
-    for s in stages:
-        length(s)
-    return memo
+    return {s["out"]: (walk(s["out"])[0], sum(steps[o] for o in walk(s["out"])[1])) for s in stages}
 
 
 def ensure_data(args, data_dir, domains):
@@ -692,7 +692,7 @@ PRESETS = {
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
                       eval_questions=2),
     # gpu: the annotated design on the larger model, roleplay (the domain it was measured on;
-    # an ELIX tally names levels too, untried in training here). Not yet run on a GPU: at batch
+    # --domains adds ELIX and Reviews, as the paper preset trains them). Not yet run on a GPU: at batch
     # 32 each stage sees at least the annotated preset's episodes; its step counts are not
     # measured (README, "The gpu preset")
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,

@@ -498,9 +498,11 @@ def tally_pair_credit(domain, shots, query, counted=False):
         t = {a: sign(v) for a, v in tally(domain, shots).items()}
         m = sum(t.get(a, 0) * v for a, v in q.items())
     else:
-        t, level = shot_counts(domain, shots), j.tally_level(shot_counts(domain, shots))
-        m = sum(t.get(a, 0) * q.get(a, 0) for a in j.axes)
-        m += 1000 * j.votes({a: sign(v) for a, v in q.items()}).get(level, 0) if level else 0
+        t = shot_counts(domain, shots)
+        level = j.tally_level(t)
+        m = sum(t.get(a, 0) * q.get(a, 0) for a in j.axes)  # at most 2 x shots x axes
+        if level:  # the nearer answer wins whatever the style counts
+            m += (2 * len(j.axes) * len(shots) + 1) * j.votes({a: sign(v) for a, v in q.items()}).get(level, 0)
     return 1.0 if m > 0 else 0.0 if m < 0 else 0.5
 
 

@@ -359,10 +359,23 @@ def test_a_reader_reads_an_elix_level_under_each_level_line():
     got = evaluation.shot_readings(policy, tok, "elix", shots, args).numpy()
     assert got.shape == (2, 7) and np.allclose(got, [by_hand(s) for s in shots], atol=1e-3)
     assert np.abs(got[:, 2:]).max() > 1e-2  # the level lines move the margins: not a vacuous match
-    reader = evaluation.Reader(policy, "elix", taus=np.zeros(7))  # every nonzero reading named
+    # the reader names one level each way, the highest read and the lowest, as the judge's
+    # contrast does (every nonzero reading named here: thresholds 0)
+    reader = evaluation.Reader(policy, "elix", taus=np.zeros(7))
     prompts = reader.prompts(tok, [(shots, "explain gravity")], [10_000], args)
-    said = [{a: int(np.sign(v)) for a, v in zip(judge.JUDGES["elix"].tally_axes, row) if v} for row in got]
+    said = [{**{a: int(np.sign(v)) for a, v in zip(("example", "detail"), row[:2]) if v},
+             judge.EX_LEVELS[row[2:].argmax()]: 1, judge.EX_LEVELS[row[2:].argmin()]: -1} for row in got]
     assert tok.decode(prompts[0]).startswith(f"# User Description\n{judge.count_line('elix', judge.line_counts('elix', said))}\n")
+
+
+def test_one_level_each_way_keeps_the_highest_and_lowest_level_reading():
+    """An elix shot's level block becomes +spread at its highest reading and -spread at its lowest,
+    0 elsewhere; the style columns, and a domain with no levels, pass through."""
+    x = np.array([[0.5, -1.0, 0.9, 0.2, -0.3, -0.5, -0.3],
+                  [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    want = np.array([[0.5, -1.0, 1.4, 0.0, 0.0, -1.4, 0.0], [0.0] * 7])
+    assert np.allclose(evaluation.one_level_each_way(x, 2), want)
+    assert np.array_equal(evaluation.one_level_each_way(x[:, :2], 2), x[:, :2])
 
 
 def test_annotated_curve_scores_the_written_prompts():
@@ -477,3 +490,22 @@ def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
     results[0]["win_rate"]["oracle"]["all"] = iv(.5, .45, .55)  # below cot's, apart
     assert "| roleplay: oracle description >= FSPO + user-description CoT | 50.0 vs 70.0 | reversed, intervals apart |" \
         in "\n".join(evaluation.paper_tables(results[:1]))
+
+
+def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
+    """eval.load_models refuses an elix tally checkpoint saved before the tally stated its level
+    (no text_format kept: format 1), naming it; the same checkpoint marked format 2 loads, and a
+    roleplay one of format 1 loads: its texts did not change."""
+    from model import save_model
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16))
+    meta = lambda inputs: {"method": "fspo", "args": {"method": "fspo", "annotate": "tally", "shots": 4},
+                           "tokenizer_sha256": tok.sha256, "inputs": inputs}
+    for name, inputs in (("old", {}), ("new", {"text_format": 2})):
+        save_model(tmp_path / name / "fspo" / "ckpt", model, meta(inputs))
+        save_model(tmp_path / name / "sft" / "ckpt", model, dict(meta({}), method="sft", args={"method": "sft"}))
+    load = lambda name, domain: evaluation.load_models(
+        {"sft": str(tmp_path / name / "sft"), "fspo": str(tmp_path / name / "fspo")}, tok, "t", "cpu", domain)
+    with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 2"):
+        load("old", "elix")
+    assert "fspo" in load("new", "elix")[0] and "fspo" in load("old", "roleplay")[0]

@@ -13,7 +13,7 @@ import judge
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
+def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path, monkeypatch):
     out = tmp_path / "run"
     cmd = [sys.executable, "fspo.py", "--preset", "tiny", "--sft-shots", "3", "--out", str(out), "--no-progress"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -74,13 +74,16 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
     import data
     import eval as evaluation
     import fspo
-    args = fspo.get_args(["--preset", "tiny", "--no-progress"])
+    args = fspo.get_args(["--preset", "tiny", "--no-progress", "--device", "cpu"])
     tok_path = str(out / "tokenizer.txt")
     ckpts = {m: str(base / m) for m in ("sft", "fspo", "pooled")}
     prefs, users = (str(out / "data" / "roleplay" / f) for f in ("prefs.jsonl", "users.jsonl"))
     runs = {("roleplay", 2): (ckpts, prefs, users), ("roleplay", 1): ({m: ckpts[m] for m in ("sft", "fspo")}, prefs, users)}
-    args.jobs = 2
+    args.jobs, pools = 2, []
+    real = evaluation.ProcessPoolExecutor
+    monkeypatch.setattr(evaluation, "ProcessPoolExecutor", lambda k, **kw: pools.append(k) or real(k, **kw))
     evaluation.evaluate_runs(runs, data.Tokenizer.load(tok_path), tok_path, args, str(tmp_path / "two"))
+    assert pools == [2]  # evaluated side by side
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // 2))
     try:
