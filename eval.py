@@ -20,14 +20,11 @@ with 0, 1, 2, 4, 8 shots in context: the meta-learning curve. It needs only pref
 rows; win rate needs users in the generator's schema. Intervals resample users.
 """
 import argparse
-import copy
 import json
-import multiprocessing
 import os
 import random
 import sys
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -1022,31 +1019,14 @@ def write_report(results, out, header):
 
 def evaluate_runs(runs, tok, tok_path, args, out):
     """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}.
-    With --jobs K on CPU, K of them at once, each in its own process on 1/K of the threads, as
-    fspo.run_stages trains stages (the most methods first); the report is in the runs' order."""
-    todo = [(ckpts, prefs, users, tok_path, args, d, n) for (d, n), (ckpts, prefs, users) in runs.items()]
-    k = min(getattr(args, "jobs", None) or 1, len(todo))
-    if k <= 1 or args.device != "cpu" or "RANK" in os.environ:
-        results = [evaluate(c, p, u, tok, tok_path, a, a.device, d, n) for c, p, u, _, a, d, n in todo]
-    else:
-        quiet = copy.copy(args)
-        quiet.no_progress = True  # K progress bars on one terminal garble each other
-        todo = [(*t[:4], quiet, *t[5:]) for t in todo]
-        with ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                                 initargs=(max(1, torch.get_num_threads() // k),)) as pool:
-            first = sorted(range(len(todo)), key=lambda i: -len(todo[i][0]))
-            futures = {i: pool.submit(evaluate_one, todo[i]) for i in first}
-            results = [futures[i].result() for i in range(len(todo))]
+    One after the other on all the threads: side by side, one thread each (--jobs 2), roleplay's
+    alone outlasted the four in turn (README, run R)."""
+    results = [evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, d, n)
+               for (d, n), (ckpts, prefs, users) in runs.items()]
     header = (f"# FSPO report ({args.preset} preset)\n\nCommand: `python fspo.py "
               f"{' '.join(sys.argv[1:])}`\n\n"
               f"Configuration: {json.dumps({k: v for k, v in vars(args).items() if v is not None})}\n")
     return write_report(results, out, header)
-
-
-def evaluate_one(job):
-    """evaluate() in a worker process of evaluate_runs, its tokenizer loaded there."""
-    ckpts, prefs, users, tok_path, args, domain, n = job
-    return evaluate(ckpts, prefs, users, data.Tokenizer.load(tok_path), tok_path, args, args.device, domain, n)
 
 
 def personalize(args):
