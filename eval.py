@@ -492,8 +492,8 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
         data.check_tokenizer(meta, tok, tok_path, path)
-        was, now = meta.get("inputs", {}).get("text_format", 1), \
-            data.text_format(meta["args"]["method"], meta["args"].get("annotate"), domain)
+        was = meta.get("inputs", {}).get("text_format", 1)  # 1: saved before it was kept
+        now = data.text_format(meta["args"]["method"], meta["args"].get("annotate"), domain)
         if was != now:  # an elix tally without its level, say: scored on texts it never read
             raise ValueError(f"{path} was trained on texts of format {was}, and this code writes format {now} "
                              f"for its method (data.text_format): train it again")

@@ -530,8 +530,9 @@ def run_stages(args, tok, tok_path, stages, fn=None):
     starts from are done: in order, or with --jobs K on CPU K at a time (of the ready ones,
     the one heading the longest chain of steps first), each in its own process on 1/K of the
     threads. This small model uses two threads poorly: two one-thread processes make more
-    steps per second than one on both (`python bench.py`, its jobs line). A stage's numbers depend on its thread count, so on K.
-    A failed stage stops the job once the stages beside it finish; finished ones stay cached."""
+    steps per second than one on both (`python bench.py`, its jobs line). A stage's numbers
+    depend on its thread count, so on K. A failed stage stops the job once the stages beside it
+    finish; finished ones stay cached."""
     fn = fn or run_stage
     if (args.jobs or 1) <= 1 or args.device != "cpu" or "RANK" in os.environ:
         for s in stages:

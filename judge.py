@@ -502,7 +502,7 @@ def tally_pair_credit(domain, shots, query, counted=False):
         level = j.tally_level(t)
         m = sum(t.get(a, 0) * q.get(a, 0) for a in j.axes)  # at most 2 x shots x axes
         if level:  # the nearer answer wins whatever the style counts
-            m += (2 * len(j.axes) * len(shots) + 1) * j.votes({a: sign(v) for a, v in q.items()}).get(level, 0)
+            m += (2 * len(j.axes) * len(shots) + 1) * j.votes(shot_signs(domain, query)).get(level, 0)
     return 1.0 if m > 0 else 0.0 if m < 0 else 0.5
 
 
@@ -533,8 +533,10 @@ def count_line(domain, counts):
     axes = sorted((a for a in j.axes if counts.get(a)), key=lambda a: -abs(counts[a]))
     items = [j.terms[a][counts[a] < 0] for a in axes for _ in range(abs(counts[a]))]
     level = j.tally_level(counts)
-    line = " ".join(([f"Level: {level}."] if level else []) + (["Prefers: " + ", ".join(items) + "."] if items else []))
-    return line or "Prefers: nothing."
+    parts = [f"Level: {level}."] if level else []
+    if items:
+        parts.append("Prefers: " + ", ".join(items) + ".")
+    return " ".join(parts) or "Prefers: nothing."
 
 
 def parse_line(domain, line):
