@@ -494,18 +494,20 @@ def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
 
 def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
     """eval.load_models refuses an elix tally checkpoint saved before the tally stated its level
-    (no text_format kept: format 1), naming it; the same checkpoint marked format 2 loads, and a
-    roleplay one of format 1 loads: its texts did not change."""
+    (no text_format kept: format 1), naming it; the same checkpoint marked format 2 loads; a
+    roleplay one of format 1 (its tally said "no examples") is refused too, one of format 3 loads."""
     from model import save_model
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16))
     meta = lambda inputs: {"method": "fspo", "args": {"method": "fspo", "annotate": "tally", "shots": 4},
                            "tokenizer_sha256": tok.sha256, "inputs": inputs}
-    for name, inputs in (("old", {}), ("new", {"text_format": 2})):
+    for name, inputs in (("old", {}), ("new", {"text_format": 2}), ("rp", {"text_format": 3})):
         save_model(tmp_path / name / "fspo" / "ckpt", model, meta(inputs))
         save_model(tmp_path / name / "sft" / "ckpt", model, dict(meta({}), method="sft", args={"method": "sft"}))
     load = lambda name, domain: evaluation.load_models(
         {"sft": str(tmp_path / name / "sft"), "fspo": str(tmp_path / name / "fspo")}, tok, "t", "cpu", domain)
     with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 2"):
         load("old", "elix")
-    assert "fspo" in load("new", "elix")[0] and "fspo" in load("old", "roleplay")[0]
+    with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 3"):
+        load("old", "roleplay")
+    assert "fspo" in load("new", "elix")[0] and "fspo" in load("rp", "roleplay")[0]

@@ -391,23 +391,22 @@ def test_a_lone_sft_with_annotate_tally_is_refused(tiny):
 
 def test_a_stage_trained_on_texts_of_an_older_format_is_refused():
     """data.text_format is one of a stage's inputs: a checkpoint trained before its texts changed
-    (an elix tally without its level; cot) is refused, not reused; one whose texts did not
-    change (roleplay's tally) is kept, recorded or not."""
+    (an elix tally without its level; cot; a roleplay description or tally saying "no
+    examples") is refused, not reused; one whose texts did not change (roleplay's SFT and
+    pooled, an elix oracle) stays format 1, recorded or not."""
     assert [data.text_format(m, a, d) for m, a, d in [("fspo", "tally", "elix"), ("pref-ft", "tally", "elix"),
-            ("cot", "tally", "roleplay"), ("fspo", "tally", "roleplay"), ("oracle", None, "elix"),
-            ("fspo", None, "elix")]] == [2, 2, 2, 1, 1, 1]
+            ("cot", "tally", "roleplay"), ("fspo", "tally", "roleplay"), ("oracle", None, "roleplay"),
+            ("oracle", None, "elix"), ("fspo", None, "elix"), ("pooled", None, "roleplay"),
+            ("sft", None, "roleplay")]] == [2, 2, 3, 3, 3, 1, 1, 1, 1]
     args = fspo.get_args(["--method", "fspo", "--annotate", "tally"])
     recipe = {k: getattr(args, k, None) for k in fspo.RECIPE + fspo.PREF_RECIPE}
     common = {"prefs": "ab", "tokenizer": "cd", "init": None}
-    for domain in ("elix", "roleplay"):
+    for domain, fmt in (("elix", 2), ("roleplay", 3)):
         now = dict(common, text_format=data.text_format("fspo", "tally", domain))
         fspo.check_recipe({"args": recipe, "batch_group": 1, "inputs": now}, args, now, "x")  # the same: kept
         older = {"args": recipe, "batch_group": 1, "inputs": common}  # saved before the format was kept
-        if domain == "roleplay":
+        with pytest.raises(ValueError, match=f"text_format: 1 there, {fmt} now"):
             fspo.check_recipe(older, args, now, "x")
-        else:
-            with pytest.raises(ValueError, match="text_format: 1 there, 2 now"):
-                fspo.check_recipe(older, args, now, "x")
 
 
 def test_a_stage_on_a_retrained_init_is_refused(mine):

@@ -158,7 +158,7 @@ def test_counted_tally_names_each_axis_once_per_shot_and_reads_back():
     assert judge.count_line("roleplay", {"humor": -2, "formality": 2, "format": 0}) == \
         "Prefers: formal, formal, serious, serious."
     assert judge.count_line("roleplay", {"humor": 0}) == "Prefers: nothing."
-    assert judge.parse_line("roleplay", "Prefers: casual, humorous, no examples, bogus.") == \
+    assert judge.parse_line("roleplay", "Prefers: casual, humorous, abstract, bogus.") == \
         {"formality": -1, "humor": 1, "example": -1}
     assert judge.parse_line("roleplay", "Prefers: nothing.") == {} == judge.parse_line("roleplay", "")
     # by counts {formality +3, humor +1} against half's {formality -1, humor +2}: -3 + 2 < 0
@@ -239,3 +239,12 @@ def test_reference_sees_only_the_axes_it_is_given():
         assert judge.reference_pair_credit("roleplay", shots, q, None, 1.0, others) == 0.5
     with pytest.raises(ValueError, match="unknown roleplay axis 'tone'"):
         judge.check_axes("roleplay", ["humor", "tone"])
+
+
+def test_roleplay_names_each_side_of_an_axis_with_words_of_its_own():
+    """A reader finds a term by its tokens: a side named by the other side's words plus one
+    ("no examples" holds all of "examples", and the instruction every prompt holds says
+    "examples" too) is one it can hardly tell apart."""
+    for axis, (plus, minus) in judge.JUDGES["roleplay"].terms.items():
+        a, b = set(plus.split()), set(minus.split())
+        assert not a <= b and not b <= a, axis
