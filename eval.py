@@ -492,6 +492,9 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
     for m, path in ckpts.items():
         models[m], meta, _ = load_model(ckpt_dir(path), device)
         data.check_tokenizer(meta, tok, tok_path, path)
+        if meta["args"].get("annotate") == "tally" and domain is None:  # before the format, which needs it
+            raise ValueError(f"{path} reads the shots' tally (--annotate tally), which is counted "
+                             f"with the judge's terms: pass the users file (--users)")
         was = meta.get("inputs", {}).get("text_format", 1)  # 1: saved before it was kept
         now = data.text_format(meta["args"]["method"], meta["args"].get("annotate"), domain)
         if was != now:  # an elix tally without its level, say: scored on texts it never read
@@ -502,9 +505,6 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
         shots[m] = meta["args"].get("shots")
         if meta["args"].get("annotate") and data.method(m).reads_shots:
             annotated.append(m)
-            if meta["args"]["annotate"] == "tally" and domain is None:
-                raise ValueError(f"{path} reads the shots' tally (--annotate tally), which is counted "
-                                 f"with the judge's terms: pass the users file (--users)")
             if meta["args"]["annotate"] == "tally":
                 tally.add(m)
     lines = "sft" in annotated  # the base learned to write each shot's contrast
