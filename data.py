@@ -393,8 +393,8 @@ def text_format(name, annotate, domain) -> int:
     """The version of the texts a stage of method `name` trains on, kept with its checkpoint so
     that one trained on older texts is refused (fspo.check_recipe, eval.load_models): 3 where a
     roleplay prompt or completion names the judge's terms (a description, a tally, annotation
-    lines: the example axis's "abstract" since the twenty-third session); 2 where they changed
-    on 2026-12-05 (an elix tally states a level; cot's y_l follows the user's true
+    lines: the example axis says "abstract", not "no examples", since 2026-12-05); 2 where they
+    changed earlier that day (an elix tally states a level; cot's y_l follows the user's true
     description); 1 elsewhere, as every checkpoint from before then."""
     m = method(name)
     if domain == "roleplay" and (m.prompt == "description" or m.cot or (annotate and m.reads_shots)):
