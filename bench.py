@@ -25,6 +25,7 @@ logps        summed log-probs of one batch under bf16 autocast vs float32, and o
 data         the time pack_batch takes to build a batch (mask included) against a step.
 group        SFT steps, then FSPO steps, over one pool of 16 batches, as drawn and grouped
              by length (--group): the same episodes, less padding.
+batch        fspo steps on one-shot episodes at batch B and 2B: the episodes per second.
 jobs         CPU: fspo steps per second of two processes side by side, each on half the
              threads (fspo.py --jobs 2), against one process on all of them; at N shots
              and at 1 (rows as short as the annotated presets' tally episodes).
@@ -476,6 +477,25 @@ def bench_group(m, rows, n, B, method, K=16):
           flush=True)
 
 
+def bench_batch(m, rows, B):
+    """The same 2B one-shot episodes (as short as the annotated presets' tally episodes) as two
+    fspo steps of B and as one of 2B: what the bare step costs per episode at either batch (the
+    annotated preset trains at batch 16; the work fspo.train does around each step, drawing the
+    batch and logging, is not timed here and halves with the steps)."""
+    short = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
+             data.make_episodes(data.by_user(rows), 1, random.Random(0))[:2 * B]]
+    halves = [to_device(data.pack_batch(short[i:i + B], m.pad), m.dev) for i in (0, B)]
+    whole = to_device(data.pack_batch(short, m.pad), m.dev)
+    step = lambda b: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b, M.autocast(m.dev))
+    fns = {"halves": lambda: [step(b) for b in halves], "whole": lambda: step(whole)}
+    for fn in fns.values():
+        fn()
+    t = medians(fns, 5 * m.reps, m.dev)
+    print(f"batch fspo step N=1 {m.where}: {2 * B} episodes as 2 steps of {B} {t['halves'] * 1e3:.0f} ms, "
+          f"as 1 step of {2 * B} {t['whole'] * 1e3:.0f} ms -> {t['halves'] / t['whole']:.2f}x the "
+          f"episodes per second", flush=True)
+
+
 def jobs_worker(cfg, b, threads, steps, barrier, out):
     """In a fresh process: `steps` fspo steps on `threads` threads after one warm-up, started
     together with the other workers; puts the seconds they took."""
@@ -562,6 +582,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (per preset)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile figures")
+    ap.add_argument("--only", choices=["batch"], default=None,
+                    help="run one figure alone (after the config line)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the GPU's dense bf16 peak, when it is not in the table")
     args = ap.parse_args(argv)
@@ -596,6 +618,8 @@ def main(argv=None):
           f"{machine}; episodes from {source}; medians of {m.reps} reps after 1 warm-up",
           flush=True)
 
+    if args.only == "batch":
+        return bench_batch(m, rows, B)
     bench_peak(m)
     new = bench_fspo(m, eps[:B], n, args, run)
     bench_attention(m, new, n)
@@ -606,6 +630,7 @@ def main(argv=None):
     bench_data(m, eps[:B], n, t)
     bench_group(m, rows, n, B, "sft")
     bench_group(m, rows, n, B, "fspo")
+    bench_batch(m, rows, B)
     bench_jobs(m, new, n, run["jobs_steps"])
     # and on one-shot episodes, as short as the tally episodes the annotated presets train on
     short = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
