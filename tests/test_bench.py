@@ -126,6 +126,18 @@ def test_group_line(lines, method):
     assert int(m[5]) < int(m[2]) and int(m[6]) < int(m[3])  # the same episodes in fewer padded tokens
 
 
+def test_batch_line(lines):
+    """The same 8 episodes as two steps of 4 and one of 8; the figure is their quotient."""
+    m = re.search(rf"8 episodes as 2 steps of 4 {NUM} ms, as 1 step of 8 {NUM} ms -> {NUM}x the "
+                  rf"episodes per second", one(lines, "batch fspo step N=1"))
+    assert m and quotient_ok(m[3], m[1], m[2])
+
+
+def test_only_batch_runs_that_figure_alone():
+    out = run_bench("--device", "cpu", "--only", "batch")
+    assert [l.split(" ")[0] for l in out] == ["config:", "batch"], out
+
+
 def test_cuda_lines_say_skipped_on_cpu(lines):
     assert one(lines, "mfu").startswith("mfu: skipped (no CUDA")
     sdpa = one(lines, "sdpa kernel N=8")
