@@ -477,13 +477,11 @@ def bench_group(m, rows, n, B, method, K=16):
           flush=True)
 
 
-def bench_batch(m, rows, B):
-    """The same 2B one-shot episodes (as short as the annotated presets' tally episodes) as two
-    fspo steps of B and as one of 2B: what the bare step costs per episode at either batch (the
-    annotated preset trains at batch 16; the work fspo.train does around each step, drawing the
-    batch and logging, is not timed here and halves with the steps)."""
-    short = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
-             data.make_episodes(data.by_user(rows), 1, random.Random(0))[:2 * B]]
+def bench_batch(m, short, B):
+    """The same 2B one-shot episodes (short: as short as the annotated presets' tally episodes)
+    as two fspo steps of B and as one of 2B: what the bare step costs per episode at either batch
+    (the annotated preset trains at batch 16; the work fspo.train does around each step, drawing
+    the batch and logging, is not timed here and halves with the steps)."""
     halves = [to_device(data.pack_batch(short[i:i + B], m.pad), m.dev) for i in (0, B)]
     whole = to_device(data.pack_batch(short, m.pad), m.dev)
     step = lambda b: fspo_step(m.scorer, m.ref_scorer, m.model, m.opt, b, M.autocast(m.dev))
@@ -618,8 +616,11 @@ def main(argv=None):
           f"{machine}; episodes from {source}; medians of {m.reps} reps after 1 warm-up",
           flush=True)
 
+    # one-shot episodes, as short as the tally episodes the annotated presets train on
+    short = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
+             data.make_episodes(data.by_user(rows), 1, random.Random(0))[:2 * B]]
     if args.only == "batch":
-        return bench_batch(m, rows, B)
+        return bench_batch(m, short, B)
     bench_peak(m)
     new = bench_fspo(m, eps[:B], n, args, run)
     bench_attention(m, new, n)
@@ -630,12 +631,9 @@ def main(argv=None):
     bench_data(m, eps[:B], n, t)
     bench_group(m, rows, n, B, "sft")
     bench_group(m, rows, n, B, "fspo")
-    bench_batch(m, rows, B)
+    bench_batch(m, short, B)
     bench_jobs(m, new, n, run["jobs_steps"])
-    # and on one-shot episodes, as short as the tally episodes the annotated presets train on
-    short = [data.encode_episode(m.tok, s, q, m.cfg.block_size) for s, q in
-             data.make_episodes(data.by_user(rows), 1, random.Random(0))[:B]]
-    bench_jobs(m, to_device(data.pack_batch(short, m.pad), m.dev), 1, run["jobs_steps"])
+    bench_jobs(m, to_device(data.pack_batch(short[:B], m.pad), m.dev), 1, run["jobs_steps"])  # and at N=1
     bench_cuda(m, new, to_device(pack_full_mask(eps[:B], m.pad), m.dev), n, args)
 
 
