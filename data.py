@@ -391,15 +391,16 @@ def tally_context(tok, line, question, room) -> list[int]:
 
 def text_format(name, annotate, domain) -> int:
     """The version of the texts a stage of method `name` trains on, kept with its checkpoint so
-    that one trained on older texts is refused (fspo.check_recipe, eval.load_models): 3 where a
-    roleplay prompt or completion names the judge's terms (a description, a tally, annotation
-    lines: the example axis says "abstract", not "no examples", since 2026-12-05); 2 where they
-    changed earlier that day (an elix tally states a level; cot's y_l follows the user's true
-    description); 1 elsewhere, as every checkpoint from before then."""
+    that one trained on older texts is refused (fspo.check_recipe, eval.load_models), where a
+    prompt or completion names the judge's terms (a description, a tally, annotation lines):
+    roleplay 3 (the example axis says "abstract", not "no examples", since 2026-12-05); elix and
+    reviews 4 (example "abstract", rating "unrated", not "no examples", "no ratings", since
+    2026-12-06; 2 before, for an elix tally, which states a level, and cot). 1 elsewhere, as
+    every checkpoint from before the version was kept."""
     m = method(name)
-    if domain == "roleplay" and (m.prompt == "description" or m.cot or (annotate and m.reads_shots)):
-        return 3
-    return 2 if m.cot or (annotate == "tally" and domain == "elix") else 1
+    if m.prompt == "description" or m.cot or (annotate and m.reads_shots):
+        return {"roleplay": 3, "elix": 4, "reviews": 4}.get(domain, 1)
+    return 1
 
 def header(name) -> str:
     """The completion's first line: the model is prompted with it at test time."""

@@ -259,8 +259,9 @@ class Elix(Judge):
     axes = ("example", "detail")
     # a level is named as a term of its own: "teenager" for the side a shot's chosen answer is
     # written at, "not child" for the rejected's (level_contrast); counted into a tally, each
-    # shot's levels become votes (votes) and the tally states the level they favour (tally_level)
-    terms = {"example": ("examples", "no examples"), "detail": ("detailed", "brief"),
+    # shot's levels become votes (votes) and the tally states the level they favour (tally_level);
+    # example's minus side "abstract", not "no examples", for the reason Roleplay.terms gives
+    terms = {"example": ("examples", "abstract"), "detail": ("detailed", "brief"),
              **{lv: (lv, f"not {lv}") for lv in EX_LEVELS}}
     tally_axes = axes + EX_LEVELS
 
@@ -363,8 +364,9 @@ RV_NEUTRAL = "a around bring but feels film found have i in is its moments movie
 class Reviews(Judge):
     name = "reviews"
     axes = ("sentiment", "length", "aspect", "rating")
+    # rating's minus side "unrated", not "no ratings": a name that does not hold the other's (Roleplay.terms)
     terms = {"sentiment": ("positive", "negative"), "length": ("verbose", "concise"),
-             "aspect": ("acting", "story"), "rating": ("ratings", "no ratings")}
+             "aspect": ("acting", "story"), "rating": ("ratings", "unrated")}
     group_traits = ("sentiment", "length")
 
     def __init__(self):

@@ -352,7 +352,7 @@ def test_a_reader_reads_an_elix_level_under_each_level_line():
     def by_hand(s):
         style = [brute_margin(policy, None, tok, ctx(f"Prefers: {plus}.", s), s)
                  - brute_margin(policy, None, tok, ctx(f"Prefers: {minus}.", s), s)
-                 for plus, minus in (("examples", "no examples"), ("detailed", "brief"))]
+                 for plus, minus in (("examples", "abstract"), ("detailed", "brief"))]
         level = np.array([brute_margin(policy, None, tok, ctx(f"Level: {lv}.", s), s) for lv in judge.EX_LEVELS])
         return np.concatenate([style, level - level.mean()])
 
@@ -494,20 +494,23 @@ def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
 
 def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
     """eval.load_models refuses an elix tally checkpoint saved before the tally stated its level
-    (no text_format kept: format 1), naming it; the same checkpoint marked format 2 loads; a
-    roleplay one of format 1 (its tally said "no examples") is refused too, one of format 3 loads."""
+    (no text_format kept: format 1), naming it, and one marked format 2 (its tally said "no
+    examples"); the same checkpoint marked format 4 loads; a roleplay one of format 1 is refused
+    too, one of format 3 loads."""
     from model import save_model
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16))
     meta = lambda inputs: {"method": "fspo", "args": {"method": "fspo", "annotate": "tally", "shots": 4},
                            "tokenizer_sha256": tok.sha256, "inputs": inputs}
-    for name, inputs in (("old", {}), ("new", {"text_format": 2}), ("rp", {"text_format": 3})):
+    for name, inputs in (("old", {}), ("two", {"text_format": 2}), ("new", {"text_format": 4}), ("rp", {"text_format": 3})):
         save_model(tmp_path / name / "fspo" / "ckpt", model, meta(inputs))
         save_model(tmp_path / name / "sft" / "ckpt", model, dict(meta({}), method="sft", args={"method": "sft"}))
     load = lambda name, domain: evaluation.load_models(
         {"sft": str(tmp_path / name / "sft"), "fspo": str(tmp_path / name / "fspo")}, tok, "t", "cpu", domain)
-    with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 2"):
+    with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 4"):
         load("old", "elix")
+    with pytest.raises(ValueError, match=r"two/fspo was trained on texts of format 2, .* format 4"):
+        load("two", "elix")
     with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 3"):
         load("old", "roleplay")
     assert "fspo" in load("new", "elix")[0] and "fspo" in load("rp", "roleplay")[0]

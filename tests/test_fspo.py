@@ -391,17 +391,19 @@ def test_a_lone_sft_with_annotate_tally_is_refused(tiny):
 
 def test_a_stage_trained_on_texts_of_an_older_format_is_refused():
     """data.text_format is one of a stage's inputs: a checkpoint trained before its texts changed
-    (an elix tally without its level; cot; a roleplay description or tally saying "no
-    examples") is refused, not reused; one whose texts did not change (roleplay's SFT and
-    pooled, an elix oracle) stays format 1, recorded or not."""
+    (a roleplay description or tally saying "no examples"; an elix or reviews one saying "no
+    examples" or "no ratings") is refused, not reused; one whose texts name no term (the SFT,
+    pooled, a stage without --annotate reading bare shots, a file of the user's own) stays
+    format 1, recorded or not."""
     assert [data.text_format(m, a, d) for m, a, d in [("fspo", "tally", "elix"), ("pref-ft", "tally", "elix"),
             ("cot", "tally", "roleplay"), ("fspo", "tally", "roleplay"), ("oracle", None, "roleplay"),
-            ("oracle", None, "elix"), ("fspo", None, "elix"), ("pooled", None, "roleplay"),
-            ("sft", None, "roleplay")]] == [2, 2, 3, 3, 3, 1, 1, 1, 1]
+            ("oracle", None, "elix"), ("fspo", "tally", "reviews"), ("cot", None, "reviews"),
+            ("fspo", None, "elix"), ("pooled", None, "roleplay"), ("sft", None, "roleplay"),
+            ("fspo", "tally", "mine")]] == [4, 4, 3, 3, 3, 4, 4, 4, 1, 1, 1, 1]
     args = fspo.get_args(["--method", "fspo", "--annotate", "tally"])
     recipe = {k: getattr(args, k, None) for k in fspo.RECIPE + fspo.PREF_RECIPE}
     common = {"prefs": "ab", "tokenizer": "cd", "init": None}
-    for domain, fmt in (("elix", 2), ("roleplay", 3)):
+    for domain, fmt in (("elix", 4), ("reviews", 4), ("roleplay", 3)):
         now = dict(common, text_format=data.text_format("fspo", "tally", domain))
         fspo.check_recipe({"args": recipe, "batch_group": 1, "inputs": now}, args, now, "x")  # the same: kept
         older = {"args": recipe, "batch_group": 1, "inputs": common}  # saved before the format was kept
@@ -566,7 +568,7 @@ def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, m
 
 def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_steps(tmp_path, monkeypatch):
     """The paper preset's stages as written out by hand: per domain and N its own methods
-    (Reviews' cot at 8 shots only), FSPO (IPO and DPO) and cot-sft from the oracle, FSPO with
+    (Reviews' cot at 8 shots only), FSPO (IPO and DPO), Pref-FT and cot-sft from the oracle, FSPO with
     the SFT as its reference, cot from cot-sft, and each stage's steps (--stage-steps over the
     preset's; fspo-dpo takes fspo's count)."""
     calls = []
@@ -579,16 +581,16 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
     fspo.main(["--preset", "paper", "--out", str(tmp_path), "--stage-steps", "pooled:900", "--jobs", "1"])
     r, e, v4, v8 = "roleplay-8shot/", "elix-4shot/", "reviews-4shot/", "reviews-8shot/"
     assert calls == [
-        (r + "sft", None, None, 1500), (r + "oracle", r + "sft", None, 2000),
-        (r + "fspo", r + "oracle", r + "sft", 5000), (r + "fspo-dpo", r + "oracle", r + "sft", 5000),
-        (r + "pref-ft", r + "sft", None, 1000), (r + "pooled", r + "sft", None, 900),
-        (r + "cot-sft", r + "oracle", None, 1500), (r + "cot", r + "cot-sft", None, 1500),
-        (e + "sft", None, None, 1500), (e + "oracle", e + "sft", None, 2000),
-        (e + "fspo", e + "oracle", e + "sft", 5000), (e + "pref-ft", e + "sft", None, 1000),
-        (v4 + "sft", None, None, 1500), (v4 + "oracle", v4 + "sft", None, 2000),
-        (v4 + "fspo", v4 + "oracle", v4 + "sft", 5000), (v4 + "pref-ft", v4 + "sft", None, 1000),
-        (v8 + "fspo", v4 + "oracle", v4 + "sft", 5000), (v8 + "pref-ft", v4 + "sft", None, 1000),
-        (v8 + "cot-sft", v4 + "oracle", None, 1500), (v8 + "cot", v8 + "cot-sft", None, 1500)]
+        (r + "sft", None, None, 750), (r + "oracle", r + "sft", None, 2000),
+        (r + "fspo", r + "oracle", r + "sft", 2500), (r + "fspo-dpo", r + "oracle", r + "sft", 2500),
+        (r + "pref-ft", r + "oracle", None, 500), (r + "pooled", r + "sft", None, 900),
+        (r + "cot-sft", r + "oracle", None, 750), (r + "cot", r + "cot-sft", None, 750),
+        (e + "sft", None, None, 750), (e + "oracle", e + "sft", None, 2000),
+        (e + "fspo", e + "oracle", e + "sft", 2500), (e + "pref-ft", e + "oracle", None, 500),
+        (v4 + "sft", None, None, 750), (v4 + "oracle", v4 + "sft", None, 2000),
+        (v4 + "fspo", v4 + "oracle", v4 + "sft", 2500), (v4 + "pref-ft", v4 + "oracle", None, 500),
+        (v8 + "fspo", v4 + "oracle", v4 + "sft", 2500), (v8 + "pref-ft", v4 + "oracle", None, 500),
+        (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 750)]
 
 
 def record_stage(args, tok, tok_path, name, out, **kw):
