@@ -473,8 +473,9 @@ def starts_from(args, name):
     description, so Pref-FT's row differs from FSPO's in its loss alone (from the SFT it won 53.9
     on val users, from the oracle 74.3: README, "The paper's tables"); FSPO keeps the SFT as its
     reference, Pref-FT and cot-sft learn by SFT and have none."""
-    if args.fspo_init == "oracle" and name.removesuffix("-dpo") in ("fspo", "pref-ft", "cot-sft"):
-        return "oracle", ("sft" if name.removesuffix("-dpo") == "fspo" else None)
+    base = name.removesuffix("-dpo")
+    if args.fspo_init == "oracle" and base in ("fspo", "pref-ft", "cot-sft"):
+        return "oracle", ("sft" if base == "fspo" else None)
     return data.method(name).init, None
 
 
@@ -716,7 +717,7 @@ PRESETS = {
 # table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft and cot are shorter
 # stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
-    stage_steps="oracle:2000,pooled:500,pref-ft:500,cot-sft:750,cot:750", jobs=2,
+    stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750,cot:750", jobs=2,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
             "reviews-4shot:oracle,fspo,pref-ft reviews-8shot:oracle,fspo,pref-ft,cot-sft,cot")

@@ -1,13 +1,19 @@
-"""The main job end to end on the tiny preset: python -m pytest -q tests/test_main_job.py"""
+"""The main job end to end on the tiny preset, and its plan (the methods of each domain and N,
+the stages and their order, --jobs): python -m pytest -q tests/test_main_job.py"""
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from argparse import Namespace
+from pathlib import Path
 
 import pytest
+import torch
 
+import fspo
 import judge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,3 +181,137 @@ def test_tally_only_main_job_trains_fspo_on_the_tally_and_lets_it_read_the_shots
     r = subprocess.run([sys.executable, "eval.py", "--base", str(base / "sft"), "--ckpt", str(base / "fspo"),
                         "--prefs", str(alone), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--annotate tally" in r.stderr and "--users" in r.stderr, r.stderr[-2000:]
+
+
+def test_methods_per_domain_and_the_oracle_each_fspo_domain_needs(tmp_path):
+    """--methods as one list serves every domain; as 'domain:list' entries each domain gets its
+    own, a 'domain-Nshot:list' entry that N's own, in training order (oracle first under
+    --fspo-init oracle, cot-sft before cot); a domain without an entry, or one that trains fspo
+    or cot-sft from an oracle it lacks, is refused before anything is written."""
+    get = lambda m, *a: fspo.get_args(["--preset", "annotated", "--methods", m, *a])
+    one = get("fspo,pooled,oracle")
+    assert [fspo.stage_order(one, fspo.domain_methods(one, d)) for d in ("roleplay", "elix")] == \
+        [["oracle", "fspo", "pooled"]] * 2
+    per = get("roleplay:fspo-dpo,pooled,oracle elix:pref-ft,fspo,oracle reviews:pooled "
+              "reviews-8shot:cot,cot-sft,oracle")
+    assert [fspo.stage_order(per, fspo.domain_methods(per, d, n)) for d, n in
+            [("roleplay", 8), ("elix", 4), ("reviews", 4), ("reviews", 8)]] == \
+        [["oracle", "fspo-dpo", "pooled"], ["oracle", "pref-ft", "fspo"], ["pooled"], ["oracle", "cot-sft", "cot"]]
+    for argv, says in [(["--methods", "roleplay:oracle,fspo", "--domains", "roleplay,elix"], "domain 'elix'"),
+                       (["--methods", "roleplay:oracle,fspo elix:fspo", "--domains", "roleplay,elix"],
+                        "needs oracle in --methods (domain elix, 8 shots)"),
+                       (["--methods", "roleplay:oracle reviews:oracle reviews-8shot:cot-sft,cot",
+                         "--domains", "roleplay,reviews"], "needs oracle in --methods (domain reviews, 8 shots)"),
+                       (["--methods", "roleplay:oracle elix-4shot:fspo", "--domains", "roleplay,elix"],
+                        "names elix-4shot, not a domain or domain-Nshot of this job"),
+                       (["--methods", "roleplay:oracle,fspo pooled"], "'pooled' names no domain"),
+                       (["--stage-steps", "oracle:20,fspo:x"], "'fspo:x' is not method:steps"),
+                       (["--stage-steps", "pooled-dpo:5"], "'pooled-dpo:5' is not method:steps"),
+                       (["--stage-steps", "fspo:0"], "'fspo:0' is not method:steps, steps >= 1"),
+                       (["--methods", "roleplay:oracle reveiws-8shot:fspo"], "names reveiws-8shot, not a domain"),
+                       (["--methods", "roleplay:oracle,cot"], "cot starts from cot-sft")]:
+        with pytest.raises(SystemExit, match=re.escape(says)):
+            fspo.main(["--preset", "annotated", "--out", str(tmp_path / "x"), *argv])
+    assert not (tmp_path / "x").exists()
+
+
+def test_stages_that_learn_the_same_at_every_n_train_once_per_domain(tmp_path, monkeypatch):
+    """Reviews has two N (4, 8): the SFT under --sft-shots and the methods without shots in
+    their prompt (oracle, pooled) train at N = 4 and serve N = 8; those that read shots train
+    at each N, FSPO at 8 starting from the oracle of 4. Without --sft-shots the SFT trains at
+    each N, and every stage after it."""
+    calls, runs = [], {}
+    monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, init=None, ref=None, **kw:
+                        calls.append((name, os.path.relpath(out, tmp_path), init and os.path.relpath(init, tmp_path))))
+    monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda r, *a: runs.update(r) or "")
+    monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
+    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
+    argv = ["--preset", "paper", "--domains", "reviews", "--methods", "oracle,fspo,pooled", "--out", str(tmp_path),
+            "--jobs", "1"]
+    fspo.main(argv)
+    assert calls == [("sft", "reviews-4shot/sft", None), ("oracle", "reviews-4shot/oracle", "reviews-4shot/sft"),
+                     ("fspo", "reviews-4shot/fspo", "reviews-4shot/oracle"), ("pooled", "reviews-4shot/pooled", "reviews-4shot/sft"),
+                     ("fspo", "reviews-8shot/fspo", "reviews-4shot/oracle")]
+    eight = {m: os.path.relpath(p, tmp_path) for m, p in runs[("reviews", 8)][0].items()}
+    assert eight == {"sft": "reviews-4shot/sft", "oracle": "reviews-4shot/oracle", "pooled": "reviews-4shot/pooled",
+                     "fspo": "reviews-8shot/fspo"}
+    calls.clear()
+    fspo.main(argv + ["--sft-shots", "0"])  # 0 = unset: the SFT sees 0..N shots, so it differs per N,
+    assert [c[:2] for c in calls if c[0] == "sft"] == [("sft", "reviews-4shot/sft"), ("sft", "reviews-8shot/sft")]
+    # and so do the stages that start from it
+    assert [c for c in calls if "8shot" in c[1]] == [
+        ("sft", "reviews-8shot/sft", None), ("oracle", "reviews-8shot/oracle", "reviews-8shot/sft"),
+        ("fspo", "reviews-8shot/fspo", "reviews-8shot/oracle"), ("pooled", "reviews-8shot/pooled", "reviews-8shot/sft")]
+    # a stage trained once at N = 4 serves N = 8 only where N = 8's list names it
+    runs.clear()
+    fspo.main(argv[:5] + ["reviews-4shot:oracle,fspo,pooled reviews-8shot:oracle,fspo"] + argv[6:])
+    assert sorted(runs[("reviews", 8)][0]) == ["fspo", "oracle", "sft"]
+
+
+def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_steps(tmp_path, monkeypatch):
+    """The paper preset's stages as written out by hand: per domain and N its own methods
+    (Reviews' cot at 8 shots only), FSPO (IPO and DPO), Pref-FT and cot-sft from the oracle, FSPO with
+    the SFT as its reference, cot from cot-sft, and each stage's steps (--stage-steps over the
+    preset's; fspo-dpo takes fspo's count)."""
+    calls = []
+    rel = lambda p: p and os.path.relpath(p, tmp_path)
+    monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, init=None, ref=None, steps=None, **kw:
+                        calls.append((rel(out), rel(init), rel(ref), steps)))
+    monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda *a: "")
+    monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
+    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
+    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--stage-steps", "pooled:900", "--jobs", "1"])
+    r, e, v4, v8 = "roleplay-8shot/", "elix-4shot/", "reviews-4shot/", "reviews-8shot/"
+    assert calls == [
+        (r + "sft", None, None, 750), (r + "oracle", r + "sft", None, 2000),
+        (r + "fspo", r + "oracle", r + "sft", 2500), (r + "fspo-dpo", r + "oracle", r + "sft", 2500),
+        (r + "pref-ft", r + "oracle", None, 500), (r + "pooled", r + "sft", None, 900),
+        (r + "cot-sft", r + "oracle", None, 750), (r + "cot", r + "cot-sft", None, 750),
+        (e + "sft", None, None, 750), (e + "oracle", e + "sft", None, 2000),
+        (e + "fspo", e + "oracle", e + "sft", 2500), (e + "pref-ft", e + "oracle", None, 500),
+        (v4 + "sft", None, None, 750), (v4 + "oracle", v4 + "sft", None, 2000),
+        (v4 + "fspo", v4 + "oracle", v4 + "sft", 2500), (v4 + "pref-ft", v4 + "oracle", None, 500),
+        (v8 + "fspo", v4 + "oracle", v4 + "sft", 2500), (v8 + "pref-ft", v4 + "oracle", None, 500),
+        (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 750)]
+
+
+def record_stage(args, tok, tok_path, name, out, **kw):
+    """A stand-in for run_stage that notes when it ran and on how many threads."""
+    t0 = time.time()
+    time.sleep(1.5)  # longer than one worker's start can lag the other's, even on a busy machine
+    Path(out).write_text(json.dumps([t0, time.time(), torch.get_num_threads()]))
+
+
+def test_jobs_start_the_stage_heading_the_longest_chain_of_steps_first(tmp_path):
+    """Of the ready stages, the one with the most steps in it and in the stages that start from
+    it (counted by hand) starts first, whatever the list's order; of equal chains, the one with
+    the most steps of stages behind it."""
+    p = lambda n: str(tmp_path / n)
+    stages = [dict(name="pooled", out=p("a"), steps=3), dict(name="pref-ft", out=p("b"), steps=3),
+              dict(name="sft", out=p("c"), steps=2), dict(name="oracle", out=p("d"), init=p("c"), steps=1),
+              dict(name="fspo", out=p("e"), init=p("d"), ref=p("c"), steps=5)]
+    assert fspo.chain_steps(stages) == {p("a"): (3, 3), p("b"): (3, 3), p("c"): (8, 8), p("d"): (6, 6), p("e"): (5, 5)}
+    # of two chains of 4 steps, the one with 2 more steps beside it comes first
+    two = [dict(out="x", steps=4), dict(out="y", steps=1), dict(out="y1", init="y", steps=3),
+           dict(out="y2", init="y", steps=2)]
+    assert fspo.chain_steps(two) == {"x": (4, 4), "y": (4, 6), "y1": (3, 3), "y2": (2, 2)}
+    fspo.run_stages(Namespace(jobs=2, device="cpu", no_progress=False), None, None, stages, fn=record_stage)
+    (a0, a1, _), (b0, _, _), (c0, c1, _) = [json.loads(Path(p(n)).read_text()) for n in "abc"]
+    assert c0 < b0 and a0 < b0 and b0 >= min(a1, c1)  # c and a first; b waits for a free worker
+
+
+def test_jobs_run_stages_side_by_side_each_after_the_stages_it_starts_from(tmp_path):
+    """--jobs 2: a stage starts only once its init and ref are done, two independent ones run
+    at once, each process on half the threads; a stage that needs a stage outside the list
+    (an earlier run's) does not wait for it."""
+    p = lambda n: str(tmp_path / n)
+    stages = [dict(name="sft", out=p("a")), dict(name="oracle", out=p("b"), init=p("a")),
+              dict(name="sft", out=p("c"), init=p("elsewhere")),
+              dict(name="fspo", out=p("d"), init=p("elsewhere"), ref=p("b"))]
+    args = Namespace(jobs=2, device="cpu", no_progress=False)
+    fspo.run_stages(args, None, None, stages, fn=record_stage)
+    (a0, a1, na), (b0, b1, _), (c0, c1, _), (d0, d1, _) = \
+        [json.loads(Path(p(n)).read_text()) for n in "abcd"]
+    assert b0 >= a1 and d0 >= b1  # after their init, and d after its ref
+    assert c0 < a1 and a0 < c1  # a and c side by side
+    assert na == max(1, torch.get_num_threads() // 2)
