@@ -12,9 +12,9 @@ report; and answers for one person from their own labelled pairs.
 
 Owns the evaluation: pair accuracy (also the training loop's running metric), generation,
 win rates, the report (report.md, metrics.json, one SVG curve per domain), personalize.
-Win rate: every method writes a response (greedy, KV cache, batched) for each test user
-and held-out question, given that user's N shots; the judge scores it against the base
-model's answer to the bare question with that user's reward; ties count half.
+Win rate: every method writes a response (greedy, or sampled with --temperature; KV cache,
+batched) for each test user and held-out question, given that user's N shots; the judge scores
+it against the base model's answer to the bare question with that user's reward; ties count half.
 Pair accuracy vs shots: how often beta*log(pi/pi_ref) ranks a test user's pair correctly
 with 0, 1, 2, 4, 8 shots in context: the meta-learning curve. It needs only preference
 rows; win rate needs users in the generator's schema. Intervals resample users.
@@ -635,8 +635,8 @@ def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=No
 
 
 def win_rates(models, methods, items, users, tok, args, domain, res, writers=None):
-    """Every method answers every item (greedy); the user's reward decides against base.
-    writers: see load_models."""
+    """Every method answers every item (greedy, or sampled under --temperature); the user's
+    reward decides against base. writers: see load_models."""
     judges = [judge.JUDGES[users[uid]["domain"]] for uid, _, _ in items]  # as score() picks
     responses, scores, well_formed = {}, {}, {}
     for m in methods:
@@ -648,9 +648,10 @@ def win_rates(models, methods, items, users, tok, args, domain, res, writers=Non
                                                                 [limit - len(head)] * len(items), args)]
         else:
             prompts = [prompt_ids(m, it, users, tok, limit) for it in items]
-        texts = generate(model, tok, prompts,
-                         args.max_new_tokens, args.gen_batch, desc=None if args.no_progress else f"answers {m}",
-                         amp=autocast(args.device, args.dtype))
+        g = torch.Generator(device=args.device).manual_seed(args.seed)  # each method's own draws
+        texts = generate(model, tok, prompts, args.max_new_tokens, args.gen_batch,
+                         None if args.no_progress else f"answers {m}", args.temperature or 0.0,
+                         args.top_k, g, autocast(args.device, args.dtype))
         responses[m] = [split_response(m, t) for t in texts]
         # read each answer once: its features give both the user's reward and its quality
         feats = [j.read(q.prompt, resp) for j, (_, q, _), (_, resp) in zip(judges, items, responses[m])]
@@ -665,6 +666,8 @@ def win_rates(models, methods, items, users, tok, args, domain, res, writers=Non
         res["win_rate"][m] = {g: win_rate([scores[m][i] for i in idx], [scores["base"][i] for i in idx],
                                           [items[i][0] for i in idx]) for g, idx in groups.items()}
     res["well_formed"] = well_formed
+    res["decoding"] = (f"sampled at temperature {args.temperature}, top-k {args.top_k}, seed {args.seed}"
+                       if args.temperature else "greedy")
     for m in [m for m in methods if data.method(m).cot]:
         rec = [judge.trait_recovery(users[uid], desc or "")
                for (uid, _, _), (desc, _) in zip(items, responses[m])]
@@ -733,8 +736,8 @@ def win_table(r, label):
         cells = [f"{cell(wr[g])} (n={wr[g]['n']})" if g in wr else "-" for g in groups]
         lines.append(f"| {label(m)} | {prompt_shots(m, r)}{note} | " + " | ".join(cells) + " |")
     if r.get("well_formed"):
-        lines.append("\nwell-formed answers (judge quality 1.0): " + ", ".join(
-            f"{label(m)} {100 * v:.0f}%" for m, v in r["well_formed"].items()))
+        shares = ", ".join(f"{label(m)} {100 * v:.0f}%" for m, v in r["well_formed"].items())
+        lines.append(f"\nwell-formed answers (judge quality 1.0; answers {r.get('decoding', 'greedy')}): {shares}")
     for k, v in r.items():
         if k.endswith("trait_recovery"):
             lines.append(f"\n{k.split('/')[0]}: written description recovers "
@@ -1133,8 +1136,9 @@ def main(argv=None):
                         "--ckpt's answers for them, and the base model's (--base, default its init)")
     p.add_argument("--question", default="What should a beginner know about chess?")
     p.add_argument("--questions", default=None, help="a file of questions, one per line")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="answers, win rates' and "
+                   "--personalize's: 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="with --temperature: sample from the k likeliest")
     p.add_argument("--notes", action="store_true",
                    help="print how well the first --ckpt writes fspo.py --describe's notes after "
                         "each held-out episode's own shots and after another episode's")

@@ -514,3 +514,31 @@ def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"old/fspo was trained on texts of format 1, .* format 3"):
         load("old", "roleplay")
     assert "fspo" in load("new", "elix")[0] and "fspo" in load("rp", "roleplay")[0]
+
+
+@pytest.mark.parametrize("temperature", [None, 0.9])
+def test_win_rate_answers_are_greedy_or_sampled_with_each_methods_own_seed(temperature):
+    """eval.win_rates: each method's answer is what GPT.generate writes for its prompt (greedy;
+    or sampled at --temperature / --top-k from a generator seeded with --seed afresh for every
+    method), called here directly, one prompt per batch, the longer prompt after the shorter."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    torch.manual_seed(0)
+    models = {m: GPT(GPTConfig(block_size=256, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
+              for m in ("sft", "fspo")}
+    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(2)}
+    items = [(f"u{u}", Pref(f"u{u}", f"Tell me about q{u}?", "yes", "no", "test"),
+              [Pref(f"u{u}", "Why?", "Because.", "No.", "test")]) for u in range(2)]
+    args = Namespace(gen_batch=1, device="cpu", dtype="fp32", max_new_tokens=12, no_progress=True,
+                     seed=5, temperature=temperature, top_k=7)
+    res = {"win_rate": {}}
+    evaluation.win_rates(models, ["base", "fspo"], items, users, tok, args, "roleplay", res)
+    for m in ("base", "fspo"):
+        model = models[data.method(m).model or m]
+        prompts = [evaluation.prompt_ids(m, it, users, tok, 256 - 12) for it in items]
+        g = torch.Generator().manual_seed(5)
+        # eval.generate runs the prompts shortest first; with one per batch the draws follow that order
+        order = sorted(range(2), key=lambda i: len(prompts[i]))
+        want = {i: model.generate([prompts[i]], 12, temperature=temperature or 0.0, top_k=7, eos_id=tok.eot_id,
+                                  generator=g)[0] for i in order}
+        assert res["examples"][0][m] == tok.decode(want[0]).strip()  # the report keeps item 0's answers
+    assert res["decoding"] == ("greedy" if not temperature else "sampled at temperature 0.9, top-k 7, seed 5")
