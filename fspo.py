@@ -715,11 +715,9 @@ PRESETS = {
 # paper: the paper's three tables (README, "The paper's tables"): the annotated recipe on every
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
 # table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft and cot are shorter
-# stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each; answers
-# sampled, since greedy ones of Reviews' small models loop on a sentence, the base's included (README)
+# stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
     stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750,cot:750", jobs=2,
-    temperature=0.7, top_k=20,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
             "reviews-4shot:oracle,fspo,pref-ft reviews-8shot:oracle,fspo,pref-ft,cot-sft,cot")
@@ -833,7 +831,7 @@ def main_job_flags(a):
     a("--max-new-tokens", type=int, default=96, help="generation length cap in eval")
     a("--gen-batch", type=int, default=64, help="prompts per generation batch in eval")
     a("--temperature", type=float, default=None,
-      help="win-rate answers sampled at this temperature (unset or 0: greedy; the paper preset 0.7)")
+      help="win-rate answers sampled at this temperature (unset or 0: greedy, every preset's)")
     a("--top-k", type=int, default=None, help="with --temperature: sample from the k likeliest tokens")
 
 
