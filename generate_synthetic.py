@@ -52,8 +52,9 @@ from judge import load_users, score, summary_for_response, trait_recovery, trait
 
 N_VIEWS = 4         # viewpoints per question when view conditioning is on
 TEST_Q_FRAC = 0.18  # subjects, concepts or movies reserved for held-out users
-# ELIX and Reviews hold out a fifth and a quarter of their users (roleplay a tenth): their tables
-# compare methods a few points apart, and 495 / 352 training users stay what they were at 10%.
+# ELIX and Reviews hold out a fifth and a quarter of their trained users (Elix.roster, Reviews.roster;
+# roleplay a tenth), since their tables compare methods a few points apart; their user counts make
+# about as many train as when they held out a tenth and an eighth (495 and 355, then 495 and 352).
 SCALES = {  # domain -> (users, preference rows per user)
     "tiny": {"roleplay": (60, 12), "elix": (40, 10), "reviews": (40, 10)},
     "default": {"roleplay": (1500, 27), "elix": (620, 20), "reviews": (588, 24)},
