@@ -254,9 +254,10 @@ def shot_readings(policy, tok, domain, shots, args, method="fspo"):
     chosen answer leans to the + side, as far as the policy can tell. The reference's margins
     would enter this difference only through how the SFT, which never read a tally, reacts to
     one: scoring them too doubled the reading's cost for 0.1 points of agreement with the
-    judge (92.3 against 92.2% of 600 val shots' axes, README). A cot policy (method) is scored
-    on completions as it writes them: the one-term tally as its description, then the answer
-    (the same description before both answers: only the answers' log-probs differ). An elix
+    judge (92.3 against 92.2% of 600 val shots' axes, EXPERIMENTS.md, "Twenty minutes"). A
+    cot policy (method) is scored on completions as it writes them: the one-term tally as its
+    description, then the answer (the same description before both answers: only the
+    answers' log-probs differ). An elix
     level is read as its margin under "Level: teenager." (the tally's and the oracle's words)
     less the mean of that margin over the levels: high for the levels nearer the chosen
     answer's, low for those nearer the rejected's (Reader names one each way)."""
@@ -1023,7 +1024,7 @@ def write_report(results, out, header):
 def evaluate_runs(runs, tok, tok_path, args, out):
     """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}.
     One after the other on all the threads: side by side, one thread each (--jobs 2), roleplay's
-    alone outlasted the four in turn (README, run R)."""
+    alone took 971 s against 807 s for the four in turn (run R, commit ae869ef)."""
     results = [evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, d, n)
                for (d, n), (ckpts, prefs, users) in runs.items()]
     header = (f"# FSPO report ({args.preset} preset)\n\nCommand: `python fspo.py "

@@ -665,7 +665,8 @@ PRESETS = {
     # column is a context length it has trained on, and runs 500 steps, into the loss drop
     # (~300-500) where the model learns to copy the question's subject: 700 steps and stage 2
     # at 800 ran 24 min, over the 20 the preset has. Stage 2 anchors the preference loss with the
-    # chosen answer's NLL, without which greedy answers drift off-format (README)
+    # chosen answer's NLL, without which greedy answers drift off-format (EXPERIMENTS.md,
+    # "Easy users")
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=4,
                 batch_size=8, grad_accum=1, sft_steps=500, sft_shots=8, pref_steps=600, nll=10.0,
                 warmup=50, lr=2e-3, pref_lr=5e-5, eval_every=100, ckpt_every=100, eval_episodes=128,
@@ -674,15 +675,15 @@ PRESETS = {
                       "--traits 2,3,4",
                 domains="roleplay", methods="fspo,pooled", eval_users=150, eval_questions=2),
     # annotated: the generator's default users, the paper's structure, which the cpu recipe does
-    # not learn, read through the shots' tally on the cpu model: a short SFT on 0-2 shot episodes
-    # (no lines to learn: the policy reads each shot itself at evaluation, README "The policy
-    # reads the shots itself"; the 4000-step SFT on 0-8 shots that wrote them took 46 of the
-    # run's 81 minutes); oracle learns to apply a stated description (val pair accuracy 83% at
-    # 2000 steps and 88% at 4000 at lr 3e-4, 88% at 2000 at 6e-4); FSPO starts from it and reads
-    # the shots' counted tally alone (README, "Annotated shots": the tally with signs only and
-    # the shots in the prompt read less); pooled's running metric is flat from 1000 steps (val
-    # win rate 49.5 at 1000 steps, 51.9 at 1500, pair accuracy 49.4 at both).
-    # Steps cut to 20 minutes: README "Twenty minutes". Batch 16 (README, "Batch 16"): the same
+    # not learn, read through the shots' tally on the cpu model (EXPERIMENTS.md has each step):
+    # a short SFT on 0-2 shot episodes (no lines to learn: the policy reads each shot itself at
+    # evaluation, "The policy reads the shots itself"; the 4000-step SFT on 0-8 shots that wrote
+    # them took 46 of the run's 81 minutes); oracle learns to apply a stated description (val
+    # pair accuracy 83% at 2000 steps and 88% at 4000 at lr 3e-4, 88% at 2000 at 6e-4); FSPO
+    # starts from it and reads the shots' counted tally alone ("Annotated shots": the tally with
+    # signs only and the shots in the prompt read less); pooled's running metric is flat from
+    # 1000 steps (val win rate 49.5 at 1000 steps, 51.9 at 1500, pair accuracy 49.4 at both).
+    # Steps cut to 20 minutes: "Twenty minutes". "Batch 16": the same
     # episodes as batch 8 in half the steps took 0.9x a stage's time (the bare step costs the
     # same per episode on 2 threads, `python bench.py --only batch`; the work around each step
     # halves), which pays for an oracle on twice the episodes (val 0.90 against 0.83; FSPO then
@@ -703,7 +704,7 @@ PRESETS = {
     # gpu: the annotated design on the larger model, roleplay (the domain it was measured on;
     # --domains adds ELIX and Reviews, as the paper preset trains them). Not yet run on a GPU: at batch
     # 32 each stage sees at least the annotated preset's episodes; its step counts are not
-    # measured (README, "The gpu preset")
+    # measured (EXPERIMENTS.md, "The gpu preset")
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=2000,
                 stage_steps="oracle:1500", fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
@@ -813,7 +814,7 @@ def main_job_flags(a):
       help="peak lr of oracle (main job, or --method oracle without --lr; default --pref-lr)")
     a("--fspo-init", choices=("sft", "oracle"), default=None,
       help="main job: the checkpoint FSPO (and Pref-FT, cot-sft) starts from: sft (the paper), or oracle, trained "
-           "first with the user's description in its prompt (README, 'Annotated shots')")
+           "first with the user's description in its prompt (EXPERIMENTS.md, 'Annotated shots')")
     a("--methods", default=None, help="main job: comma list of stage-2 methods to train, or one "
                                       "per domain, or per domain and N: 'roleplay:oracle,fspo "
                                       "elix:fspo,pref-ft reviews-8shot:oracle,fspo,cot-sft,cot'")

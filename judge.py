@@ -171,7 +171,7 @@ class Roleplay(Judge):
     # each side of an axis named by a word the other side's name does not contain: "no examples"
     # was " n", "o", " examples" to the tokenizer, and the oracle read it as "examples" (an
     # answer's example sentence moved its margin +0.63 nats under "examples", +0.56 under "no
-    # examples"; under "abstract", -0.25: README, "The example axis's name")
+    # examples"; under "abstract", -0.25: EXPERIMENTS.md, "The example axis's name")
     terms = {"formality": ("formal", "casual"), "confidence": ("confident", "hedged"),
              "format": ("lists", "prose"), "example": ("examples", "abstract"),
              "humor": ("humorous", "serious"), "order": ("answer first", "background first"),
