@@ -21,6 +21,7 @@ rows; win rate needs users in the generator's schema. Intervals resample users.
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -69,6 +70,22 @@ def interval(values, users, n_boot=2000, seed=0):
     pick = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
     lo, hi = np.percentile(sums[pick].sum(1) / counts[pick].sum(1), [2.5, 97.5])
     return {"rate": sums.sum() / counts.sum(), "lo": float(lo), "hi": float(hi), "n": int(counts.sum())}
+
+
+def gap_interval(model, reference, users, n_boot=2000, seed=0):
+    """{rate, lo, hi, n}: the share of the reference learner's gap a model closes, (model -
+    1/2) / (reference - 1/2), both mean credits over the same items, with interval()'s
+    bootstrap over whole users, one draw of users for both (they are scored on the same pairs,
+    so their errors move together). rate is nan where the reference is at or below chance, and
+    lo / hi where it is in more than 2.5% of the resamples: there is no gap to close."""
+    groups = user_groups(users)
+    per_user = lambda v: np.array([sum(float(v[i]) for i in g) for g in groups])  # (U,)
+    m, r, c = per_user(model), per_user(reference), np.array([len(g) for g in groups])
+    pick = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
+    gap = lambda m, r, c: (m / c - 0.5) / np.where(r / c > 0.5, r / c - 0.5, np.nan)
+    boot = gap(m[pick].sum(1), r[pick].sum(1), c[pick].sum(1))  # (n_boot,)
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if np.isnan(boot).mean() <= 0.025 else (np.nan, np.nan)
+    return {"rate": float(gap(m.sum(), r.sum(), c.sum())), "lo": float(lo), "hi": float(hi), "n": int(c.sum())}
 
 
 def win_rate(scores, base_scores, users):
@@ -521,24 +538,24 @@ def load_models(ckpts, tok, tok_path, device, domain=None, fit_rows=()):
     return models, anchors, shots, writers
 
 
-def reference_row(domain, w_population, episodes, k):
+def reference_credit(domain, w_population, episodes, k):
     """The few-shot learner that reads the judge's features (judge.reference_pair_credit) on
-    the same episodes and shots: what the shots reveal to it, not a ceiling (a model can
-    use text the features miss)."""
-    credit = [judge.reference_pair_credit(domain, shots[:k], q, w_population, judge.L2)
-              for shots, q in episodes]
-    return interval(credit, [q.user_id for _, q in episodes])
+    the same episodes and shots, per episode (ties 1/2): what the shots reveal to it, not a
+    ceiling (a model can use text the features miss)."""
+    return [judge.reference_pair_credit(domain, shots[:k], q, w_population, judge.L2) for shots, q in episodes]
 
 
 def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, label, keep=None,
-               writers=None, users=None):
+               writers=None, users=None, gaps=None):
     """{method: {k: interval}} for FSPO (IPO and DPO) and pooled, plus the reference learner's
     row. keep, a dict, receives FSPO's (margins, episodes) at the most shots. writers: see
     load_models. users: with an annotated FSPO, also the row "fspo-judge", the same model read
     with the judge's annotations (training's), which tells what the base's writing (or the
     policy's own reading) loses, and the row "tally", the judge's tally applied by rule: what
-    the annotations carry."""
+    the annotations carry. gaps, a dict, receives {method: {k: gap_interval}} for FSPO (IPO
+    and DPO) at every k >= 1 where there is a reference row."""
     out, block = {}, models["sft"].config.block_size
+    credits = {}  # (row, k) -> (per-episode credit, user ids), for the gap's interval
     judged = ("fspo-judge",) if users and "fspo" in (writers or {}) else ()
     counted = bool(judged) and bool(writers["fspo"].tally_domain)  # --annotate tally
     cells = [(m, k) for m in CURVE_METHODS[:1] + judged + CURVE_METHODS[1:] if m in models or m in judged
@@ -555,14 +572,20 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
         else:  # eps: the same (shots, query) episodes at every k, the first k shots used
             margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
                                          args, block, device, m, (writers or {}).get(m))
-            out.setdefault(m, {})[k] = interval((margins > 0).tolist(), [q.user_id for _, q in eps])
+            credits[m, k] = ((margins > 0).tolist(), [q.user_id for _, q in eps])
+            out.setdefault(m, {})[k] = interval(*credits[m, k])
         if keep is not None and m == cells[0][0] and m != "pooled" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
         if reference and m == cells[0][0]:  # every method's episodes are the same
-            out.setdefault("reference", {})[k] = reference_row(*reference, eps, k)
+            credits["reference", k] = (reference_credit(*reference, eps, k), [q.user_id for _, q in eps])
+            out.setdefault("reference", {})[k] = interval(*credits["reference", k])
             if judged:  # what the annotations' tally tells a reader that applies it exactly
                 credit = [judge.tally_pair_credit(reference[0], shots[:k], q, counted) for shots, q in eps]
                 out.setdefault("tally", {})[k] = interval(credit, [q.user_id for _, q in eps])
+    if gaps is not None:
+        for (m, k), (credit, ids) in credits.items():
+            if m in ("fspo", "fspo-dpo") and k and ("reference", k) in credits:
+                gaps.setdefault(m, {})[k] = gap_interval(credit, credits["reference", k][0], ids)
     return out
 
 
@@ -590,7 +613,8 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
         reference = (jdomain, judge.population_weights(jdomain, [r for r in prefs if r.split == "train"], judge.L2))
     keep = {}
     res["pair_accuracy"] = curve_rows(models, held_rows, ref, tok, args, device, curve_shots(held_rows, args),
-                                      reference, f"pair accuracy {domain}", keep, writers, users)
+                                      reference, f"pair accuracy {domain}", keep, writers, users,
+                                      gaps=res.setdefault("pair_accuracy_gap", {}))
     writer = (writers or {}).get("fspo")
     if writer is not None and writer.tally_domain and keep.get("episodes"):
         res["line_agreement"] = line_agreement_of(writer, keep["episodes"], keep["shots"])
@@ -604,7 +628,8 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
         res["unseen_family"] = sorted({users[u]["family"] for u in unseen})
         res["pair_accuracy_unseen"] = curve_rows(models, unseen, ref, tok, args, device,
                                                  curve_shots(unseen, args), reference, "left-out family",
-                                                 writers=writers, users=users)
+                                                 writers=writers, users=users,
+                                                 gaps=res.setdefault("pair_accuracy_unseen_gap", {}))
     if domain == "elix":
         res["pair_accuracy_by_difficulty"] = by_difficulty(models, held_rows, ref, tok, args, device,
                                                            n_shots, writers)
@@ -746,6 +771,13 @@ def win_table(r, label):
     return lines
 
 
+def gap_cell(g):
+    """A gap_interval as a table cell: '77% [64, 90]', '-' where there is no gap to close."""
+    if g is None or math.isnan(g["rate"]):
+        return "-"
+    return f"{100 * g['rate']:.0f}%" + ("" if math.isnan(g["lo"]) else f" [{100 * g['lo']:.0f}, {100 * g['hi']:.0f}]")
+
+
 def curve_table(r, label, key="pair_accuracy", title=""):
     rows = r[key]
     ks = sorted({k for v in rows.values() for k in v})
@@ -754,14 +786,11 @@ def curve_table(r, label, key="pair_accuracy", title=""):
              "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for m, acc in rows.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
+    gaps = r.get(f"{key}_gap", {})
     for m, name in {"fspo": "FSPO", "fspo-dpo": "FSPO (DPO)"}.items():
-        if m not in rows or "reference" not in rows:
-            continue
-        # how much of what the shots reveal the model uses
-        gap = lambda k: (rows[m][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
-        lines.append(f"| {name}: gap to the reference closed, ({name} - 50) / (reference - 50) | "
-                     + " | ".join(f"{100 * gap(k):.0f}%" if rows["reference"][k]["rate"] > 0.5 else "-"
-                                  for k in ks) + " |")
+        if m in gaps:  # how much of what the shots reveal the model uses
+            lines.append(f"| {name}: gap to the reference closed, ({name} - 50) / (reference - 50) | "
+                         + " | ".join(gap_cell(gaps[m].get(k)) for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
     lines.append(f"\nn = {n_pairs} held-out pairs of {r['split']} users per figure, the same queries "
                  "at every shot count." + (" Pooled reads no shots (it is trained on the question "
@@ -770,7 +799,9 @@ def curve_table(r, label, key="pair_accuracy", title=""):
         lines.append("The reference learner is a logistic regression on the judge's feature "
                      "differences, fitted on each user's k shots (k = 0: on the training users "
                      "pooled): what the shots reveal to a learner that knows the features. It is "
-                     "not a ceiling: a model can use text the features miss.")
+                     "not a ceiling: a model can use text the features miss." + (
+                         " The gap closed has a 95% interval from the same bootstrap over users, "
+                         "the model and the reference resampled together." if gaps else ""))
     n, sft = r["shots"], r.get("sft_shots") or 0
     seen = max(n, sft)
     if max(ks) > n:  # name the longest contexts each stage was trained on

@@ -46,6 +46,32 @@ def test_interval_resamples_users_not_items():
     assert (two["lo"], two["hi"]) == (0.0, 1.0)  # two users: all of one, or all of the other
 
 
+def test_gap_interval_resamples_users_for_model_and_reference_together():
+    """Exact reference: with 3 users the 27 equally likely resamples give the bootstrap
+    distribution of (model - 1/2) / (reference - 1/2), both means over the same resampled
+    users; resampling the two apart would give another one. A reference at chance has no gap."""
+    model = [1, 1, 0, 0] + [1, 0] + [1]
+    ref = [1, 1, 1, 0] + [1, 1] + [1]
+    users = ["a"] * 4 + ["b"] * 2 + ["c"]
+    per = {u: [(model[i], ref[i]) for i in range(7) if users[i] == u] for u in "abc"}
+    gaps = []
+    for pick in itertools.product("abc", repeat=3):
+        pairs = [p for u in pick for p in per[u]]
+        m, r = (sum(p[j] for p in pairs) / len(pairs) for j in (0, 1))
+        gaps.append((m - 0.5) / (r - 0.5))
+    got = evaluation.gap_interval(model, ref, users, n_boot=20000)
+    assert got["rate"] == pytest.approx((4 / 7 - 0.5) / (6 / 7 - 0.5)) and got["n"] == 7
+    assert got["lo"] == pytest.approx(np.quantile(gaps, 0.025, method="inverted_cdf"), abs=0.02)
+    assert got["hi"] == pytest.approx(np.quantile(gaps, 0.975, method="inverted_cdf"), abs=0.02)
+    assert evaluation.gap_cell(got) == f"{100 * got['rate']:.0f}% [{100 * got['lo']:.0f}, {100 * got['hi']:.0f}]"
+    chance = evaluation.gap_interval([1, 0], [1, 0], ["a", "b"])
+    assert math.isnan(chance["rate"]) and evaluation.gap_cell(chance) == "-"
+    # a reference at chance in 1 resample of 27 (user c alone): no interval, the estimate stays
+    rare = evaluation.gap_interval(model, ref[:6] + [0], users, n_boot=20000)
+    assert rare["rate"] == pytest.approx((4 / 7 - 0.5) / (5 / 7 - 0.5)) and np.isnan(rare["lo"])
+    assert evaluation.gap_cell(rare) == f"{100 * rare['rate']:.0f}%"
+
+
 def logp(model, ctx, y):
     """Summed log-prob of y after ctx, the sequence run alone (brute force)."""
     with torch.no_grad():
