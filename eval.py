@@ -21,7 +21,6 @@ rows; win rate needs users in the generator's schema. Intervals resample users.
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -76,16 +75,19 @@ def gap_interval(model, reference, users, n_boot=2000, seed=0):
     """{rate, lo, hi, n}: the share of the reference learner's gap a model closes, (model -
     1/2) / (reference - 1/2), both mean credits over the same items, with interval()'s
     bootstrap over whole users, one draw of users for both (they are scored on the same pairs,
-    so their errors move together). rate is nan where the reference is at or below chance, and
-    lo / hi where it is in more than 2.5% of the resamples: there is no gap to close."""
+    so their errors move together). A resample whose reference is at or below chance has no
+    gap to close: up to 2.5% of them are left out of the percentiles, more leave lo and hi
+    None; rate is None where the reference itself is at or below chance."""
     groups = user_groups(users)
     per_user = lambda v: np.array([sum(float(v[i]) for i in g) for g in groups])  # (U,)
     m, r, c = per_user(model), per_user(reference), np.array([len(g) for g in groups])
     pick = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
     gap = lambda m, r, c: (m / c - 0.5) / np.where(r / c > 0.5, r / c - 0.5, np.nan)
-    boot = gap(m[pick].sum(1), r[pick].sum(1), c[pick].sum(1))  # (n_boot,)
-    lo, hi = np.percentile(boot, [2.5, 97.5]) if np.isnan(boot).mean() <= 0.025 else (np.nan, np.nan)
-    return {"rate": float(gap(m.sum(), r.sum(), c.sum())), "lo": float(lo), "hi": float(hi), "n": int(c.sum())}
+    boot = gap(m[pick].sum(1), r[pick].sum(1), c[pick].sum(1))  # (n_boot,) nan: no gap
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if np.isnan(boot).mean() <= 0.025 else (np.nan, np.nan)
+    # None, not nan, where there is no figure: metrics.json stays strict JSON
+    num = lambda x: None if np.isnan(x) else float(x)
+    return {"rate": num(gap(m.sum(), r.sum(), c.sum())), "lo": num(lo), "hi": num(hi), "n": int(c.sum())}
 
 
 def win_rate(scores, base_scores, users):
@@ -582,9 +584,10 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
             if judged:  # what the annotations' tally tells a reader that applies it exactly
                 credit = [judge.tally_pair_credit(reference[0], shots[:k], q, counted) for shots, q in eps]
                 out.setdefault("tally", {})[k] = interval(credit, [q.user_id for _, q in eps])
-    if gaps is not None:
+    if gaps is not None:  # k = 0: no shots, nothing read, no gap
         for (m, k), (credit, ids) in credits.items():
             if m in ("fspo", "fspo-dpo") and k and ("reference", k) in credits:
+                assert ids == credits["reference", k][1], "the gap needs the reference's episodes"
                 gaps.setdefault(m, {})[k] = gap_interval(credit, credits["reference", k][0], ids)
     return out
 
@@ -772,10 +775,11 @@ def win_table(r, label):
 
 
 def gap_cell(g):
-    """A gap_interval as a table cell: '77% [64, 90]', '-' where there is no gap to close."""
-    if g is None or math.isnan(g["rate"]):
+    """A gap_interval as a table cell: '77% [64, 90]'; '-' where there is none (no shots, or a
+    reference at chance)."""
+    if g is None or g["rate"] is None:
         return "-"
-    return f"{100 * g['rate']:.0f}%" + ("" if math.isnan(g["lo"]) else f" [{100 * g['lo']:.0f}, {100 * g['hi']:.0f}]")
+    return f"{100 * g['rate']:.0f}%" + ("" if g["lo"] is None else f" [{100 * g['lo']:.0f}, {100 * g['hi']:.0f}]")
 
 
 def curve_table(r, label, key="pair_accuracy", title=""):
@@ -786,9 +790,13 @@ def curve_table(r, label, key="pair_accuracy", title=""):
              "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for m, acc in rows.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
-    gaps = r.get(f"{key}_gap", {})
+    gaps = r.get(f"{key}_gap")
+    if gaps is None and "reference" in rows:  # results written before the intervals: the estimates
+        gaps = {m: {k: {"rate": (rows[m][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
+                        if rows["reference"][k]["rate"] > 0.5 else None, "lo": None}
+                    for k in ks if int(k)} for m in ("fspo", "fspo-dpo") if m in rows}
     for m, name in {"fspo": "FSPO", "fspo-dpo": "FSPO (DPO)"}.items():
-        if m in gaps:  # how much of what the shots reveal the model uses
+        if m in (gaps or {}):  # how much of what the shots reveal the model uses
             lines.append(f"| {name}: gap to the reference closed, ({name} - 50) / (reference - 50) | "
                          + " | ".join(gap_cell(gaps[m].get(k)) for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
@@ -801,7 +809,8 @@ def curve_table(r, label, key="pair_accuracy", title=""):
                      "pooled): what the shots reveal to a learner that knows the features. It is "
                      "not a ceiling: a model can use text the features miss." + (
                          " The gap closed has a 95% interval from the same bootstrap over users, "
-                         "the model and the reference resampled together." if gaps else ""))
+                         "the model and the reference resampled together; with no shot there is "
+                         "nothing read and no gap." if r.get(f"{key}_gap") else ""))
     n, sft = r["shots"], r.get("sft_shots") or 0
     seen = max(n, sft)
     if max(ks) > n:  # name the longest contexts each stage was trained on
@@ -1055,7 +1064,7 @@ def write_report(results, out, header):
 def evaluate_runs(runs, tok, tok_path, args, out):
     """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}.
     One after the other on all the threads: side by side, one thread each (--jobs 2), roleplay's
-    alone took 971 s against 807 s for the four in turn (run R, commit ae869ef)."""
+    alone took 971 s in run R against 807 s for the four in turn in run Q (commit ae869ef)."""
     results = [evaluate(ckpts, prefs, users, tok, tok_path, args, args.device, d, n)
                for (d, n), (ckpts, prefs, users) in runs.items()]
     header = (f"# FSPO report ({args.preset} preset)\n\nCommand: `python fspo.py "

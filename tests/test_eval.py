@@ -65,11 +65,31 @@ def test_gap_interval_resamples_users_for_model_and_reference_together():
     assert got["hi"] == pytest.approx(np.quantile(gaps, 0.975, method="inverted_cdf"), abs=0.02)
     assert evaluation.gap_cell(got) == f"{100 * got['rate']:.0f}% [{100 * got['lo']:.0f}, {100 * got['hi']:.0f}]"
     chance = evaluation.gap_interval([1, 0], [1, 0], ["a", "b"])
-    assert math.isnan(chance["rate"]) and evaluation.gap_cell(chance) == "-"
-    # a reference at chance in 1 resample of 27 (user c alone): no interval, the estimate stays
+    assert chance["rate"] is None and evaluation.gap_cell(chance) == "-"
+    # a reference at chance in 1 resample of 27 (user c alone), over 2.5%: no interval
     rare = evaluation.gap_interval(model, ref[:6] + [0], users, n_boot=20000)
-    assert rare["rate"] == pytest.approx((4 / 7 - 0.5) / (5 / 7 - 0.5)) and np.isnan(rare["lo"])
+    assert rare["rate"] == pytest.approx((4 / 7 - 0.5) / (5 / 7 - 0.5)) and rare["lo"] is None
     assert evaluation.gap_cell(rare) == f"{100 * rare['rate']:.0f}%"
+
+
+def test_gap_interval_leaves_out_the_few_resamples_with_no_gap():
+    """5 users, user e's one pair missed by the reference: the 21 resamples of 3,125 that draw
+    e four or five times have the reference at or below chance (0.7%), no gap; the interval
+    is the quantiles of the 3,104 others."""
+    per = {"a": [(1, 1), (1, 1), (0, 1)], "b": [(1, 1), (0, 1), (0, 1)], "c": [(0, 1), (1, 1), (1, 1)],
+           "d": [(1, 1), (1, 1), (1, 1)], "e": [(0, 0)]}
+    users = [u for u in per for _ in per[u]]
+    model, ref = ([p[j] for u in per for p in per[u]] for j in (0, 1))
+    gaps = []
+    for pick in itertools.product(per, repeat=5):
+        pairs = [p for u in pick for p in per[u]]
+        m, r = (sum(p[j] for p in pairs) / len(pairs) for j in (0, 1))
+        if r > 0.5:
+            gaps.append((m - 0.5) / (r - 0.5))
+    assert len(gaps) == 3104
+    got = evaluation.gap_interval(model, ref, users, n_boot=40000)
+    assert got["lo"] == pytest.approx(np.quantile(gaps, 0.025, method="inverted_cdf"), abs=0.03)
+    assert got["hi"] == pytest.approx(np.quantile(gaps, 0.975, method="inverted_cdf"), abs=0.03)
 
 
 def logp(model, ctx, y):

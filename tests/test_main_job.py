@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as evaluation
 import fspo
 import judge
 
@@ -168,6 +169,15 @@ def test_tally_only_main_job_trains_fspo_on_the_tally_and_lets_it_read_the_shots
     report = (out / "report.md").read_text()
     assert "| FSPO (IPO), the shots' tally | 2 | " in report and "`fspo.py --annotate tally`" in report
     assert res["pair_accuracy"]["tally"]["0"]["rate"] == 0.5 and "fspo-judge" in res["pair_accuracy"]
+    # the gap closed, from 1 shot on: the curve's rates, and the report's cells with their intervals
+    acc, gaps = res["pair_accuracy"], res["pair_accuracy_gap"]["fspo"]
+    assert sorted(int(k) for k in gaps) == [1, 2, 4, 8]
+    for k, g in gaps.items():
+        ref = acc["reference"][k]["rate"]
+        assert g["rate"] == (None if ref <= 0.5 else pytest.approx((acc["fspo"][k]["rate"] - 0.5) / (ref - 0.5)))
+    row = next(l for l in report.splitlines() if l.startswith("| FSPO: gap to the reference closed"))
+    cells = [c.strip() for c in row.strip().strip("|").split("|")][1:]
+    assert cells == ["-"] + [evaluation.gap_cell(gaps[k]) for k in ("1", "2", "4", "8")]
     # FSPO's readings against the judge's lines, per axis, over the curve's held-out shots
     la = res["line_agreement"]  # every shot's reading found in the reader's cache
     assert la["shots"] > 0 and la["written"] == la["shots"] and list(la["axes"]) == list(judge.JUDGES["roleplay"].axes)
