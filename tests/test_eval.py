@@ -167,7 +167,7 @@ def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
         users[d].append(q.user_id)
     assert len(hits["easy"]) + len(hits["hard"]) == 16 and hits["easy"] and hits["hard"]
     for d in ("easy", "hard"):
-        assert got["fspo"][d] == evaluation.interval(hits[d], users[d])
+        assert got["fspo"][d] == evaluation.interval(hits[d], users[d], items=True)
     # prompted: the SFT after the shots against the SFT after none, the same episodes
     read = {"easy": [], "hard": []}
     for shots, q in stream.episodes:
@@ -175,7 +175,7 @@ def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
         read[q.tags["difficulty"]].append(with_shots - bare > 0)
     assert 0 < sum(read["easy"] + read["hard"]) < 16  # a mix: a flipped sign would show
     for d in ("easy", "hard"):
-        assert got["prompted"][d] == evaluation.interval(read[d], users[d])
+        assert got["prompted"][d] == evaluation.interval(read[d], users[d], items=True)
     # the point of the split: a hard query may follow easy shots (the user's ordinary ones)
     assert any(q.tags["difficulty"] == "hard" and any(s.tags["difficulty"] == "easy" for s in shots)
                for shots, q in stream.episodes)
@@ -536,6 +536,40 @@ def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
     results[0]["win_rate"]["oracle"]["all"] = iv(.5, .45, .55)  # below cot's, apart
     assert "| roleplay: oracle description >= FSPO + user-description CoT | 50.0 vs 70.0 | reversed, intervals apart |" \
         in "\n".join(evaluation.paper_tables(results[:1]))
+
+
+def test_diff_interval_resamples_the_users_of_either_side_together():
+    """Exact reference: 3 users, the 27 equally likely resamples of them, each side's mean over
+    the items of the users drawn (a draw with none of a side's users has no difference). Paired:
+    two methods on the same items, whose difference is steadier than either; unpaired: sides of
+    disjoint users, as trained vs interpolated. Verdicts: outside or within that interval."""
+    def exact(a, b):
+        diffs = []
+        for pick in itertools.product(sorted(set(a["users"]) | set(b["users"])), repeat=3):
+            drawn = [[v for u in pick for v, w in zip(x["values"], x["users"]) if w == u] for x in (a, b)]
+            if all(drawn):
+                diffs.append(np.mean(drawn[0]) - np.mean(drawn[1]))
+        return np.quantile(diffs, [0.025, 0.975], method="inverted_cdf")
+    users = ["a", "a", "b", "b", "c", "c"]
+    a = evaluation.interval([1, 1, 0, 0, 1, 1], users, items=True)
+    b = evaluation.interval([1, 0, 0, 0, 1, 1], users, items=True)
+    d = evaluation.diff_interval(a, b, n_boot=20000)
+    assert d["rate"] == pytest.approx(4 / 6 - 3 / 6)
+    # [0, 0.5]; resampling the two sides apart would give [-0.5, 0.83]
+    assert (d["lo"], d["hi"]) == pytest.approx(tuple(exact(a, b)), abs=0.02) == (0.0, 0.5)
+    x = evaluation.interval([1, 1, 0], ["a", "a", "b"], items=True)
+    y = evaluation.interval([0, 1], ["c", "c"], items=True)
+    d = evaluation.diff_interval(x, y, n_boot=20000)
+    assert d["rate"] == pytest.approx(2 / 3 - 1 / 2)
+    assert (d["lo"], d["hi"]) == pytest.approx(tuple(exact(x, y)), abs=0.02)
+    # verdicts: 40 users, each method scored on all: a clear win, a small one, a reversal
+    many = [f"u{i}" for i in range(40)]
+    iv = lambda wins: evaluation.interval([1] * wins + [0] * (40 - wins), many, items=True)
+    assert evaluation.apart(iv(38), iv(10)) == "holds, outside the difference's interval (the intervals apart)"
+    assert evaluation.apart(iv(22), iv(20)) == "holds, within the difference's interval"
+    assert evaluation.apart(iv(20), iv(22), strict=False) == "reversed, within the difference's interval"
+    assert evaluation.apart(iv(20), iv(20)) == "tied"
+    assert evaluation.diff_text(iv(22), iv(20)).startswith("55.0 vs 50.0 (+5.0 [")
 
 
 def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
