@@ -77,7 +77,8 @@ def diff_interval(a, b, n_boot=2000, seed=0):
     """{rate, lo, hi}: a's mean minus b's, two intervals kept with their items, and a 95%
     interval from one bootstrap over the users of either: one draw of users for both, so a
     user scored by both counts as a pair (two methods on the same items) and users of one
-    alone as independent (trained vs interpolated users)."""
+    alone as independent (trained vs interpolated users). A draw without one side's users has
+    no difference: up to 2.5% of them are left out, more leave lo and hi None."""
     ids = {u: i for i, u in enumerate(sorted(set(a["users"]) | set(b["users"])))}
     def per_user(x):  # (U,) sums and counts of x's items, 0 for a user x does not hold
         s, c = np.zeros(len(ids)), np.zeros(len(ids))
@@ -88,8 +89,9 @@ def diff_interval(a, b, n_boot=2000, seed=0):
     pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
     with np.errstate(invalid="ignore", divide="ignore"):  # a draw without one side's users: nan
         boot = sa[pick].sum(1) / ca[pick].sum(1) - sb[pick].sum(1) / cb[pick].sum(1)
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-    return {"rate": float(sa.sum() / ca.sum() - sb.sum() / cb.sum()), "lo": float(lo), "hi": float(hi)}
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if np.isnan(boot).mean() <= 0.025 else (None, None)
+    return {"rate": float(sa.sum() / ca.sum() - sb.sum() / cb.sum()),
+            "lo": None if lo is None else float(lo), "hi": None if hi is None else float(hi)}
 
 
 def gap_interval(model, reference, users, n_boot=2000, seed=0):
@@ -914,13 +916,14 @@ def apart(a, b, strict=True):
     both intervals keep their items) or 'within' it, and whether the two intervals themselves
     are apart (a stricter test)."""
     d = diff_interval(a, b) if "values" in a and "values" in b else None
+    d = d if d and d["lo"] is not None else None
     sep = " (the intervals apart)" if a["lo"] > b["hi"] or b["lo"] > a["hi"] else ""
     if a["rate"] == b["rate"] and strict:
         return "tied"
     side = "holds" if a["rate"] >= b["rate"] else "reversed"
     if d is None:  # no items: the two intervals only
         return f"{side}, intervals apart" if sep else f"{side} within the intervals"
-    outside = d["lo"] > 0 or d["hi"] < 0
+    outside = d["lo"] > 0 if side == "holds" else d["hi"] < 0
     return f"{side}, {'outside' if outside else 'within'} the difference's interval{sep}"
 
 
@@ -930,7 +933,8 @@ def diff_text(a, b):
     if "values" not in a or "values" not in b:
         return text
     d = diff_interval(a, b)
-    return text + f" ({100 * d['rate']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}])"
+    ci = "" if d["lo"] is None else f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+    return text + f" ({100 * d['rate']:+.1f}{ci})"
 
 
 def roleplay_table(r, orders):

@@ -557,11 +557,22 @@ def test_diff_interval_resamples_the_users_of_either_side_together():
     assert d["rate"] == pytest.approx(4 / 6 - 3 / 6)
     # [0, 0.5]; resampling the two sides apart would give [-0.5, 0.83]
     assert (d["lo"], d["hi"]) == pytest.approx(tuple(exact(a, b)), abs=0.02) == (0.0, 0.5)
+    # disjoint users: in 30% of the 27 draws one side has none (more than 2.5%): no interval
     x = evaluation.interval([1, 1, 0], ["a", "a", "b"], items=True)
     y = evaluation.interval([0, 1], ["c", "c"], items=True)
     d = evaluation.diff_interval(x, y, n_boot=20000)
-    assert d["rate"] == pytest.approx(2 / 3 - 1 / 2)
-    assert (d["lo"], d["hi"]) == pytest.approx(tuple(exact(x, y)), abs=0.02)
+    assert d["rate"] == pytest.approx(2 / 3 - 1 / 2) and d["lo"] is None and d["hi"] is None
+    assert evaluation.diff_text(x, y) == "66.7 vs 50.0 (+16.7)"
+    # 30 and 30 disjoint users: as resampling each side on its own (independent samples)
+    rng = np.random.default_rng(1)
+    xs, ys = rng.integers(0, 2, 60), rng.integers(0, 2, 60)
+    x = evaluation.interval(xs, [f"x{i // 2}" for i in range(60)], items=True)
+    y = evaluation.interval(ys, [f"y{i // 2}" for i in range(60)], items=True)
+    px, py = xs.reshape(30, 2).mean(1), ys.reshape(30, 2).mean(1)  # per-user means, 2 items each
+    draws = rng.integers(0, 30, (20000, 30))
+    ref = np.quantile(px[draws].mean(1) - py[rng.integers(0, 30, (20000, 30))].mean(1), [0.025, 0.975])
+    d = evaluation.diff_interval(x, y, n_boot=20000)
+    assert d["rate"] == pytest.approx(xs.mean() - ys.mean()) and (d["lo"], d["hi"]) == pytest.approx(tuple(ref), abs=0.03)
     # verdicts: 40 users, each method scored on all: a clear win, a small one, a reversal
     many = [f"u{i}" for i in range(40)]
     iv = lambda wins: evaluation.interval([1] * wins + [0] * (40 - wins), many, items=True)
