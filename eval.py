@@ -73,6 +73,16 @@ def interval(values, users, n_boot=2000, seed=0, items=False):
     return {**out, "values": values, "users": list(users)} if items else out
 
 
+def percentiles(boot):
+    """(lo, hi): the 2.5% and 97.5% percentiles of bootstrap draws (n_boot,), nan where a draw
+    has no figure. Up to 2.5% such draws are left out; more leave (None, None): the tail the
+    interval would cut is not there."""
+    if np.isnan(boot).mean() > 0.025:
+        return None, None
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def diff_interval(a, b, n_boot=2000, seed=0):
     """{rate, lo, hi}: a's mean minus b's, two intervals kept with their items, and a 95%
     interval from one bootstrap over the users of either: one draw of users for both, so a
@@ -89,9 +99,8 @@ def diff_interval(a, b, n_boot=2000, seed=0):
     pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
     with np.errstate(invalid="ignore", divide="ignore"):  # a draw without one side's users: nan
         boot = sa[pick].sum(1) / ca[pick].sum(1) - sb[pick].sum(1) / cb[pick].sum(1)
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if np.isnan(boot).mean() <= 0.025 else (None, None)
-    return {"rate": float(sa.sum() / ca.sum() - sb.sum() / cb.sum()),
-            "lo": None if lo is None else float(lo), "hi": None if hi is None else float(hi)}
+    lo, hi = percentiles(boot)
+    return {"rate": float(sa.sum() / ca.sum() - sb.sum() / cb.sum()), "lo": lo, "hi": hi}
 
 
 def gap_interval(model, reference, users, n_boot=2000, seed=0):
@@ -107,10 +116,9 @@ def gap_interval(model, reference, users, n_boot=2000, seed=0):
     pick = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
     gap = lambda m, r, c: (m / c - 0.5) / np.where(r / c > 0.5, r / c - 0.5, np.nan)
     boot = gap(m[pick].sum(1), r[pick].sum(1), c[pick].sum(1))  # (n_boot,) nan: no gap
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5]) if np.isnan(boot).mean() <= 0.025 else (np.nan, np.nan)
-    # None, not nan, where there is no figure: metrics.json stays strict JSON
-    num = lambda x: None if np.isnan(x) else float(x)
-    return {"rate": num(gap(m.sum(), r.sum(), c.sum())), "lo": num(lo), "hi": num(hi), "n": int(c.sum())}
+    lo, hi = percentiles(boot)
+    rate = gap(m.sum(), r.sum(), c.sum())  # None, not nan, where there is none: strict JSON
+    return {"rate": None if np.isnan(rate) else float(rate), "lo": lo, "hi": hi, "n": int(c.sum())}
 
 
 def win_rate(scores, base_scores, users):
@@ -814,13 +822,9 @@ def curve_table(r, label, key="pair_accuracy", title=""):
              "| method | " + " | ".join(f"{k} shots" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for m, acc in rows.items():
         lines.append(f"| {label(m)} | " + " | ".join(cell(acc[k]) for k in ks) + " |")
-    gaps = r.get(f"{key}_gap")
-    if gaps is None and "reference" in rows:  # results written before the intervals: the estimates
-        gaps = {m: {k: {"rate": (rows[m][k]["rate"] - 0.5) / (rows["reference"][k]["rate"] - 0.5)
-                        if rows["reference"][k]["rate"] > 0.5 else None, "lo": None}
-                    for k in ks if int(k)} for m in ("fspo", "fspo-dpo") if m in rows}
+    gaps = r.get(f"{key}_gap", {})  # shot_curve's, beside every curve with a reference row
     for m, name in {"fspo": "FSPO", "fspo-dpo": "FSPO (DPO)"}.items():
-        if m in (gaps or {}):  # how much of what the shots reveal the model uses
+        if m in gaps:  # how much of what the shots reveal the model uses
             lines.append(f"| {name}: gap to the reference closed, ({name} - 50) / (reference - 50) | "
                          + " | ".join(gap_cell(gaps[m].get(k)) for k in ks) + " |")
     n_pairs = next(iter(next(iter(rows.values())).values()))["n"]
@@ -834,7 +838,7 @@ def curve_table(r, label, key="pair_accuracy", title=""):
                      "not a ceiling: a model can use text the features miss." + (
                          " The gap closed has a 95% interval from the same bootstrap over users, "
                          "the model and the reference resampled together; with no shot there is "
-                         "nothing read and no gap." if r.get(f"{key}_gap") else ""))
+                         "nothing read and no gap." if gaps else ""))
     n, sft = r["shots"], r.get("sft_shots") or 0
     seen = max(n, sft)
     if max(ks) > n:  # name the longest contexts each stage was trained on
@@ -910,31 +914,25 @@ PAPER = {"roleplay": {"base": 50.0, "pooled": 72.4, "prompted": 63.2, "pref-ft":
                          "cot": (92.3, 84.6)}}}
 
 
-def apart(a, b, strict=True):
-    """The paper's order a > b (a >= b where not strict) against the figures here: 'holds' or
-    'reversed', each 'outside' the 95% interval of the difference a - b (diff_interval, where
-    both intervals keep their items) or 'within' it, and whether the two intervals themselves
-    are apart (a stricter test)."""
+def compare(a, b, strict=True):
+    """(here, verdict) for the paper's order a > b (a >= b where not strict): here, the two rates
+    and, where both intervals keep their items, their difference with its 95% interval
+    (diff_interval), '87.8 vs 88.5 (-0.7 [-5.1, +3.6])'; verdict, 'holds' or 'reversed', each
+    'outside' or 'within' the difference's interval, and whether the two intervals themselves
+    are apart (a stricter test; the only one where there are no items or no interval)."""
+    here = f"{100 * a['rate']:.1f} vs {100 * b['rate']:.1f}"
     d = diff_interval(a, b) if "values" in a and "values" in b else None
-    d = d if d and d["lo"] is not None else None
+    if d is not None:
+        ci = "" if d["lo"] is None else f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+        here += f" ({100 * d['rate']:+.1f}{ci})"
     sep = " (the intervals apart)" if a["lo"] > b["hi"] or b["lo"] > a["hi"] else ""
     if a["rate"] == b["rate"] and strict:
-        return "tied"
+        return here, "tied"
     side = "holds" if a["rate"] >= b["rate"] else "reversed"
-    if d is None:  # no items: the two intervals only
-        return f"{side}, intervals apart" if sep else f"{side} within the intervals"
+    if d is None or d["lo"] is None:
+        return here, f"{side}, intervals apart" if sep else f"{side} within the intervals"
     outside = d["lo"] > 0 if side == "holds" else d["hi"] < 0
-    return f"{side}, {'outside' if outside else 'within'} the difference's interval{sep}"
-
-
-def diff_text(a, b):
-    """'87.8 vs 88.5 (-0.7 [-5.1, +3.6])': the two rates and their difference with its interval."""
-    text = f"{100 * a['rate']:.1f} vs {100 * b['rate']:.1f}"
-    if "values" not in a or "values" not in b:
-        return text
-    d = diff_interval(a, b)
-    ci = "" if d["lo"] is None else f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-    return text + f" ({100 * d['rate']:+.1f}{ci})"
+    return here, f"{side}, {'outside' if outside else 'within'} the difference's interval{sep}"
 
 
 def roleplay_table(r, orders):
@@ -1004,7 +1002,7 @@ def paper_tables(results):
     if orders:
         lines += ["\n### The paper's orderings, here\n",
                   "| ordering | here (difference, 95% CI) | verdict |", "|---|---|---|"]
-        lines += [f"| {what} | {diff_text(a, b)} | {apart(a, b, strict)} |" for what, a, b, strict in orders]
+        lines += ["| {} | {} | {} |".format(what, *compare(a, b, strict)) for what, a, b, strict in orders]
         lines.append("\nThe difference's interval: one bootstrap over the users of either side, the "
                      "same draw for both (a user scored by both is a pair). The intervals apart: the "
                      "two 95% intervals do not overlap, a stricter test.")

@@ -562,7 +562,7 @@ def test_diff_interval_resamples_the_users_of_either_side_together():
     y = evaluation.interval([0, 1], ["c", "c"], items=True)
     d = evaluation.diff_interval(x, y, n_boot=20000)
     assert d["rate"] == pytest.approx(2 / 3 - 1 / 2) and d["lo"] is None and d["hi"] is None
-    assert evaluation.diff_text(x, y) == "66.7 vs 50.0 (+16.7)"
+    assert evaluation.compare(x, y)[0] == "66.7 vs 50.0 (+16.7)"
     # 30 and 30 disjoint users: as resampling each side on its own (independent samples)
     rng = np.random.default_rng(1)
     xs, ys = rng.integers(0, 2, 60), rng.integers(0, 2, 60)
@@ -576,11 +576,11 @@ def test_diff_interval_resamples_the_users_of_either_side_together():
     # verdicts: 40 users, each method scored on all: a clear win, a small one, a reversal
     many = [f"u{i}" for i in range(40)]
     iv = lambda wins: evaluation.interval([1] * wins + [0] * (40 - wins), many, items=True)
-    assert evaluation.apart(iv(38), iv(10)) == "holds, outside the difference's interval (the intervals apart)"
-    assert evaluation.apart(iv(22), iv(20)) == "holds, within the difference's interval"
-    assert evaluation.apart(iv(20), iv(22), strict=False) == "reversed, within the difference's interval"
-    assert evaluation.apart(iv(20), iv(20)) == "tied"
-    assert evaluation.diff_text(iv(22), iv(20)).startswith("55.0 vs 50.0 (+5.0 [")
+    assert evaluation.compare(iv(38), iv(10))[1] == "holds, outside the difference's interval (the intervals apart)"
+    assert evaluation.compare(iv(22), iv(20))[1] == "holds, within the difference's interval"
+    assert evaluation.compare(iv(20), iv(22), strict=False)[1] == "reversed, within the difference's interval"
+    assert evaluation.compare(iv(20), iv(20))[1] == "tied"
+    assert evaluation.compare(iv(22), iv(20))[0].startswith("55.0 vs 50.0 (+5.0 [")
 
 
 def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
