@@ -476,10 +476,17 @@ def written_batches(writer, tok, stream, n_batches, shots, block_size, args, dev
 
 def curve_hits(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
                writer=None):
-    """-> (hits, episodes): curve_margins ranked, True where chosen comes first."""
+    """-> (credit, episodes): curve_margins ranked (pair_credit)."""
     margins, episodes = curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size,
                                       device, name, writer)
-    return margins > 0, episodes
+    return pair_credit(margins), episodes
+
+
+def pair_credit(margins):
+    """(n,) margins -> (n,) float credit: 1 where the chosen answer ranks first, 0 where the
+    rejected does, 1/2 on a tie (a policy equal to its reference scores chance, not 0), as the
+    reference learner and the rule are credited (judge.reference_pair_credit)."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
 
 
 def held_out_sets(args, tok, rows, users, device):
@@ -509,12 +516,12 @@ def held_out_sets(args, tok, rows, users, device):
 def running_metrics(model, ref_scorer, held, autocast):
     """Pair accuracy of beta*log(pi/ref) on the held_out_sets: at N shots (eval/pair_accuracy), on
     the left-out family's users, and with no shots on the same queries."""
-    hits = (held_margins(model, ref_scorer, held, "batches", autocast) > 0).float()
+    hits = pair_credit(held_margins(model, ref_scorer, held, "batches", autocast))
     row = {"eval/pair_accuracy": hits.mean().item(), "eval/episodes": len(hits)}
     if held["left_out"] is not None:
         row["eval/pair_accuracy_left_out"] = hits[held["left_out"]].mean().item()
     if held["bare"] is not None:
-        bare = (held_margins(model, ref_scorer, held, "bare", autocast) > 0).float()
+        bare = pair_credit(held_margins(model, ref_scorer, held, "bare", autocast))
         row["eval/pair_accuracy_0shot"] = bare.mean().item()
     return row
 
@@ -598,14 +605,14 @@ def curve_rows(models, held_rows, ref, tok, args, device, max_shots, reference, 
             margins, eps = curve_margins(models["fspo"].token_logprobs, ref, tok, held_rows, k, max_shots,
                                          args, block, device, "fspo", judge_users=users,
                                          annotate="tally" if counted else True)
-            out.setdefault(m, {0: out["fspo"][0]})[k] = interval((margins > 0).tolist(),
+            out.setdefault(m, {0: out["fspo"][0]})[k] = interval(pair_credit(margins).tolist(),
                                                                  [q.user_id for _, q in eps])
         elif k and not data.method(m).reads_shots:  # pooled: the same prompt at every k, scored once
             out[m][k] = out[m][0]
         else:  # eps: the same (shots, query) episodes at every k, the first k shots used
             margins, eps = curve_margins(models[m].token_logprobs, ref, tok, held_rows, k, max_shots,
                                          args, block, device, m, (writers or {}).get(m))
-            credits[m, k] = ((margins > 0).tolist(), [q.user_id for _, q in eps])
+            credits[m, k] = (pair_credit(margins).tolist(), [q.user_id for _, q in eps])
             out.setdefault(m, {})[k] = interval(*credits[m, k])
         if keep is not None and m == cells[0][0] and m != "pooled" and k == cells[-1][1]:
             keep.update(shots=k, margins=margins, episodes=eps)
@@ -683,14 +690,14 @@ def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=No
             read, eps = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, m,
                                       (writers or {}).get(m))
             bare, _ = curve_margins(sft, None, tok, held_rows, n_shots, n_shots, args, block, device, "base")
-            hits = read - bare > 0
+            hits = pair_credit(read - bare)
         else:
             hits, eps = curve_hits(models[m].token_logprobs, ref, tok, held_rows, n_shots, n_shots,
                                    args, block, device, m, (writers or {}).get(m))
         for d in ("easy", "hard"):
             idx = [i for i, (_, q) in enumerate(eps) if q.tags.get("difficulty") == d]
             if idx:
-                out.setdefault(m, {})[d] = interval([bool(hits[i]) for i in idx], [eps[i][1].user_id for i in idx],
+                out.setdefault(m, {})[d] = interval([float(hits[i]) for i in idx], [eps[i][1].user_id for i in idx],
                                                     items=True)
     return out
 

@@ -141,6 +141,10 @@ def test_pair_accuracy_counts_against_brute_force(k):
         want.append(logp(policy, ctx, y_w) - logp(ref, ctx, y_w) > logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
         assert eps[len(want) - 1][1] is q  # the episodes scored are the ones brute-forced
     assert hits.tolist() == want and 0 < sum(want) < 12  # a mix, so a flipped sign would show
+    # a policy scored against itself: every margin exactly 0, a tie on every pair, chance
+    same = evaluation.curve_hits(policy.token_logprobs, policy.token_logprobs, tok, by_user(rows),
+                                 k, 2, args, 512, "cpu")[0]
+    assert same.tolist() == [0.5] * 12
     args.curve_episodes = 3  # rounded up to whole batches
     assert len(evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                      k, 2, args, 512, "cpu")[0]) == 4
