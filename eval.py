@@ -443,8 +443,11 @@ def pair_margins(policy, ref, batches, amp=nullcontext()):
 
 def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_size, device, name="fspo",
                   writer=None, judge_users=None, annotate=True):
-    """-> (margins, episodes) over the first args.curve_episodes held-out episodes (0 = all),
-    each with `shots` of its max_shots shots: the same queries at every shot count. name: the
+    """-> (margins, episodes) over the first args.curve_episodes held-out episodes of an epoch
+    (every held-out row once, as a shot or as a query), or with curve_episodes 0 over
+    args.curve_epochs epochs (each a new draw: every row again, among other shots; a finer
+    figure for tuning on val users), each with `shots` of its max_shots shots: the same queries
+    at every shot count. name: the
     method whose prompt the policy is scored with (pooled's holds no shots, whatever `shots`).
     writer: the Writer that annotates the shots for a policy trained with --annotate;
     judge_users: the judge annotates them instead, as in training (these users' domain), as
@@ -452,20 +455,28 @@ def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_siz
     stream = data.EpisodeStream(tok, held_rows, judge_users, name, max_shots, args.batch_size,
                                 block_size, args.seed + 17, which="both", use_shots=shots,
                                 annotate=judge_users is not None and annotate)
-    n_batches = -(-args.curve_episodes // args.batch_size) if args.curve_episodes else stream.per_epoch
-    n_batches = min(stream.per_epoch, n_batches)
+    n_batches = (min(stream.per_epoch, -(-args.curve_episodes // args.batch_size)) if args.curve_episodes
+                 else stream.per_epoch * args.curve_epochs)
+    episodes = drawn_episodes(stream, n_batches)
     if writer is not None and shots:
-        batches = written_batches(writer, tok, stream, n_batches, shots, block_size, args, device)
+        batches = written_batches(writer, tok, stream, episodes, shots, block_size, args, device)
     else:
         batches = (data.to_device(stream.batch(i), device) for i in range(n_batches))
     margins = pair_margins(policy, ref, batches, autocast(device, args.dtype))
-    return margins, stream.episodes[:len(margins)]
+    return margins, episodes
 
 
-def written_batches(writer, tok, stream, n_batches, shots, block_size, args, device):
-    """The stream's first n_batches batches with their contexts annotated by the writer."""
-    stream.batch(0)  # draws the episodes
-    eps = stream.episodes[:n_batches * stream.B]
+def drawn_episodes(stream, n_batches):
+    """The (shots, query) episodes of the stream's first n_batches batches, epoch after epoch."""
+    eps = []
+    for epoch in range(-(-n_batches // stream.per_epoch)):
+        stream.batch(epoch * stream.per_epoch)  # draws the epoch's episodes
+        eps += stream.episodes[:stream.per_epoch * stream.B]
+    return eps[:n_batches * stream.B]
+
+
+def written_batches(writer, tok, stream, eps, shots, block_size, args, device):
+    """The batches of the stream's episodes eps with their contexts annotated by the writer."""
     pairs = [[data.completion_tokens(tok, "fspo", t) for t in (q.chosen, q.rejected)] for _, q in eps]
     rooms = [block_size - max(len(c), len(r)) - 1 for c, r in pairs]
     ctxs = writer.prompts(tok, [(s[:shots], q.prompt) for s, q in eps], rooms, args)
@@ -1207,7 +1218,10 @@ def main(argv=None):
     p.add_argument("--eval-users", type=int, default=150)
     p.add_argument("--eval-questions", type=int, default=2)
     p.add_argument("--curve-episodes", type=int, default=0,
-                   help="held-out episodes per pair-accuracy figure (0 = all)")
+                   help="held-out episodes per pair-accuracy figure, at most an epoch's (0 = all)")
+    p.add_argument("--curve-epochs", type=int, default=1,
+                   help="with --curve-episodes 0: epochs of held-out episodes per figure, each "
+                        "row again among other shots (finer figures for tuning on val users)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=96)

@@ -827,6 +827,8 @@ def main_job_flags(a):
     a("--synth", default=None, help="main job: more generate_synthetic.py flags, one string")
     a("--curve-episodes", type=int, default=None,
       help="main job: held-out episodes per pair-accuracy figure of the report (0 = all)")
+    a("--curve-epochs", type=int, default=1,
+      help="main job, with --curve-episodes 0: epochs of held-out episodes per figure (eval.py's)")
     a("--eval-users", type=int, default=None, help="held-out users in the win-rate eval")
     a("--eval-questions", type=int, default=None, help="held-out questions per user")
     a("--max-new-tokens", type=int, default=96, help="generation length cap in eval")

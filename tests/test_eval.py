@@ -127,25 +127,39 @@ def test_pair_accuracy_counts_against_brute_force(k):
     torch.manual_seed(0)
     policy, ref = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32")
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, curve_epochs=1, dtype="fp32")
     hits, eps = evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                        k, 2, args, 512, "cpu")
     assert len(hits) == len(eps) == 12  # 12 users x 1 episode of 2 shots + a query
 
     stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 256, 17)
-    stream.batch(0)  # draws the epoch's episodes: which rows are shots is the stream's choice
-    want = []
-    for shots, q in stream.episodes[:12]:
-        ctx = plain_prompt(shots[:k], q)
-        y_w, y_l = (list(f"## Preferred Response\n{y}".encode()) + [tok.eot_id] for y in (q.chosen, q.rejected))
-        want.append(logp(policy, ctx, y_w) - logp(ref, ctx, y_w) > logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
-        assert eps[len(want) - 1][1] is q  # the episodes scored are the ones brute-forced
+
+    def brute(first_batch):  # the hits of one epoch's 12 episodes, each prompt written by hand
+        stream.batch(first_batch)  # draws the epoch's episodes: which rows are shots is the stream's choice
+        want = []
+        for shots, q in stream.episodes[:12]:
+            ctx = plain_prompt(shots[:k], q)
+            y_w, y_l = (list(f"## Preferred Response\n{y}".encode()) + [tok.eot_id] for y in (q.chosen, q.rejected))
+            want.append(logp(policy, ctx, y_w) - logp(ref, ctx, y_w) > logp(policy, ctx, y_l) - logp(ref, ctx, y_l))
+        return want, list(stream.episodes[:12])
+
+    want, drawn = brute(0)
+    assert [q for _, q in eps] == [q for _, q in drawn]  # the episodes scored are the ones brute-forced
     assert hits.tolist() == want and 0 < sum(want) < 12  # a mix, so a flipped sign would show
+    # two epochs: the next epoch's draw, every row again among new shots
+    args.curve_epochs = 2
+    hits2, eps2 = evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
+                                        k, 2, args, 512, "cpu")
+    want2, drawn2 = brute(stream.per_epoch)
+    assert [q for _, q in eps2] == [q for _, q in drawn + drawn2] and hits2.tolist() == want + want2
+    assert {(q.user_id, q.prompt) for _, q in drawn2} != {(q.user_id, q.prompt) for _, q in drawn}  # other queries
+    args.curve_epochs = 1
     # a policy scored against itself: every margin exactly 0, a tie on every pair, chance
     same = evaluation.curve_hits(policy.token_logprobs, policy.token_logprobs, tok, by_user(rows),
                                  k, 2, args, 512, "cpu")[0]
     assert same.tolist() == [0.5] * 12
-    args.curve_episodes = 3  # rounded up to whole batches
+    args.curve_episodes = 3  # rounded up to whole batches, whatever curve_epochs
+    args.curve_epochs = 2
     assert len(evaluation.curve_hits(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                      k, 2, args, 512, "cpu")[0]) == 4
 
@@ -160,7 +174,7 @@ def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
     torch.manual_seed(2)
     sft, fspo = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
                  for _ in range(2))
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32")
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, curve_epochs=1, dtype="fp32")
     got = evaluation.by_difficulty({"sft": sft, "fspo": fspo}, by_user(rows), sft.token_logprobs, tok, args, "cpu", 2)
     stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 512, args.seed + 17)
     stream.batch(0)
@@ -196,7 +210,7 @@ def test_pooled_row_of_the_curve_is_scored_without_shots():
     with torch.no_grad():  # sharper attention, so that shots in the context move the margins
         for p in [*fspo.parameters(), *dpo.parameters(), *pooled.parameters()]:
             p.mul_(4)
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", no_progress=True)
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, curve_epochs=1, dtype="fp32", no_progress=True)
     held = by_user(rows)
     out = evaluation.curve_rows({"sft": sft, "fspo": fspo, "fspo-dpo": dpo, "pooled": pooled}, held,
                                 sft.token_logprobs, tok, args, "cpu", 2, None, "curve")
@@ -436,7 +450,7 @@ def test_annotated_curve_scores_the_written_prompts():
     torch.manual_seed(0)
     policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", gen_batch=4, device="cpu")
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, curve_epochs=1, dtype="fp32", gen_batch=4, device="cpu")
     margins, eps = evaluation.curve_margins(policy.token_logprobs, ref.token_logprobs, tok, by_user(rows),
                                             2, 2, args, 1024, "cpu", writer=evaluation.Writer(LengthWriter(tok, 1024)))
 
@@ -458,7 +472,7 @@ def judge_curve_setup(n_questions):
     torch.manual_seed(0)
     policy, ref = (GPT(GPTConfig(block_size=1024, vocab_size=tok.n_vocab, n_layer=1, n_head=2,
                                  n_embd=16)).eval() for _ in range(2))
-    args = Namespace(batch_size=2, seed=0, curve_episodes=0, dtype="fp32", device="cpu")
+    args = Namespace(batch_size=2, seed=0, curve_episodes=0, curve_epochs=1, dtype="fp32", device="cpu")
     return tok, rows, users, policy, ref, args
 
 
