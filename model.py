@@ -391,7 +391,7 @@ def ckpt_dir(run):
 
 def save_model(path, model, meta, extra=None):
     """The weights, the model config in meta, and `extra` tensors (optimizer and RNG state
-    for resuming: names that start with "optim." or "rng.")."""
+    for resuming: names that start with "optim.", "ema." or "rng.")."""
     save_checkpoint(path, {**model_tensors(model), **(extra or {})},
                     {**meta, "model": asdict(unwrap(model).config)})
 
@@ -407,7 +407,7 @@ def load_model(path, device="cpu"):
     model = GPT(GPTConfig(**meta["model"]))
     names = model_tensors(model).keys()  # lm_head is wte's Parameter: loading wte fills both
     missing = [k for k in names if k not in tensors]
-    unexpected = [k for k in tensors if k not in names and not k.startswith(("optim.", "rng."))]
+    unexpected = [k for k in tensors if k not in names and not k.startswith(("optim.", "rng.", "ema."))]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")

@@ -156,6 +156,47 @@ def test_a_resumed_stage_keeps_the_dtype_auto_chose(tiny, monkeypatch):
     assert fspo.stage_amp(args("bf16", False), "cpu", None) == "bf16"
 
 
+def test_ema_writes_the_average_of_each_steps_weights(tiny, monkeypatch):
+    """--ema d: the stage writes a_T, a_t = d a_(t-1) + (1 - d) w_t from a_0 = w_0, the weights
+    after each step; each w_t is read from a run of t steps (a constant lr after a one-step
+    warmup makes step t the same in runs of any length). A run cut after step 2 and resumed
+    writes the same average: the checkpoint carries it."""
+    common = ["--dtype", "fp32", "--warmup", "1", "--min-lr-frac", "1", "--eval-every", "1000"]
+    sft = lambda out, *extra: fspo.main(stage_args(tiny, tiny / out, "--method", "sft", *common, *extra)[1:])
+    sft("ema_w0", "--steps", "1")
+    weights = lambda out: {k: v for k, v in load_checkpoint(str(tiny / out / "ckpt"))[0].items()
+                           if not k.startswith(("optim.", "rng.", "ema."))}
+    for t in (1, 2, 3):
+        sft(f"ema_w{t}", "--steps", str(t), "--init", str(tiny / "ema_w0"))
+    w = [weights(f"ema_w{t}") for t in range(4)]
+    sft("ema_avg", "--steps", "3", "--init", str(tiny / "ema_w0"), "--ema", "0.25")
+    got, meta = weights("ema_avg"), load_checkpoint(str(tiny / "ema_avg" / "ckpt"))[1]
+    assert meta["ema"] == 0.25 and set(got) == set(w[3])
+    for k in got:
+        want = w[0][k]
+        for t in (1, 2, 3):
+            want = 0.25 * want + 0.75 * w[t][k]
+        assert torch.allclose(got[k], want, atol=1e-6), k
+        assert not torch.allclose(got[k], w[3][k], atol=1e-6) or w[0][k].dim() < 2  # the average moved
+    calls = []
+
+    def stop_at_third(ema, model, decay, last, real=fspo.average):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash in step 3")
+        real(ema, model, decay, last)
+
+    monkeypatch.setattr(fspo, "average", stop_at_third)
+    with pytest.raises(RuntimeError):
+        sft("ema_cut", "--steps", "3", "--init", str(tiny / "ema_w0"), "--ema", "0.25", "--ckpt-every", "1")
+    monkeypatch.undo()
+    sft("ema_cut", "--steps", "3", "--init", str(tiny / "ema_w0"), "--ema", "0.25", "--ckpt-every", "1", "--resume")
+    cut = weights("ema_cut")
+    assert all(torch.equal(cut[k], got[k]) for k in got)
+    with pytest.raises(ValueError, match="ema"):  # a cached stage made without the average is stale
+        sft("ema_w3", "--steps", "3", "--init", str(tiny / "ema_w0"), "--ema", "0.25", "--resume")
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tiny):
     common = ["--method", "sft", "--steps", "24", "--ckpt-every", "4", "--eval-every", "8"]
     full, cut = tiny / "full", tiny / "cut"
