@@ -740,13 +740,10 @@ PRESETS = {
     # 22% in FSPO's tally episodes
     # eval_every: the running metric (256 val episodes) takes 2.6 s; every 250 steps it was 50 s a
     # stage; it is read for monitoring only (the checkpoint is the last step's)
-    # ema: FSPO writes the average of its weights (decay 0.998), which ranked val pairs 0.2-1.3
-    # points better at 1-8 shots and the left-out family's 0.6-1.9 ("Weight averaging"); the
-    # paper preset, whose other domains it was not measured on, keeps the last step's
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=16, group=16, grad_accum=1, sft_steps=750, sft_shots=2, pref_steps=2500,
                       stage_steps="oracle:2000,pooled:500", oracle_lr=8.5e-4, fspo_init="oracle",
-                      annotate="tally", mirror=0.5, nll=10.0, ema="fspo:0.998",
+                      annotate="tally", mirror=0.5, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=4.2e-4, eval_every=1000, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
@@ -767,7 +764,7 @@ PRESETS = {
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
 # table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft and cot are shorter
 # stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each
-PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k not in ("shots", "ema")} | dict(
+PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
     stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750,cot:750", jobs=2,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
