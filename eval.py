@@ -1117,6 +1117,13 @@ def write_report(results, out, header):
     return body
 
 
+def load_results(path):
+    """metrics.json as write_report wrote it, read back so that format_tables takes it: JSON
+    keeps dict keys as strings, and the curves' shot counts are ints again here."""
+    with open(path) as f:
+        return json.load(f, object_hook=lambda d: {int(k) if k.isdigit() else k: v for k, v in d.items()})
+
+
 def evaluate_runs(runs, tok, tok_path, args, out):
     """Main-job entry: runs is {(domain, n_shots): ({method: ckpt dir}, prefs, users or None)}.
     One after the other on all the threads: side by side, one thread each (--jobs 2), roleplay's

@@ -42,6 +42,8 @@ def test_tiny_main_job_writes_a_report_whose_numbers_parse(tmp_path):
         accs = res["pair_accuracy"][m]
         assert sorted(int(k) for k in accs) == [0, 1, 2, 4, 8]
         assert all(0 <= a["lo"] <= a["rate"] <= a["hi"] <= 1 and a["n"] > 0 for a in accs.values())
+    # metrics.json read back formats to the report's tables, character for character
+    assert evaluation.format_tables(evaluation.load_results(out / "metrics.json")) in report
     # every table row of the report carries numbers that parse and match metrics.json
     rows = [l for l in report.splitlines() if l.startswith("| FSPO (IPO)")]
     assert len(rows) == 3 and rows[0].startswith("| FSPO (IPO) | 2 | ")  # win rate, curve, left-out family
