@@ -579,13 +579,19 @@ class EpisodeStream:
         # a note's last token sits at position end + len(ids) - 1: one past the block is left out
         return [(end, ids) for end, ids in notes if end + len(ids) <= self.max_len]
 
-    def batch(self, i):
-        epoch, j = divmod(i, self.per_epoch)
+    def draw(self, epoch):
+        """The (shots, query) episodes of an epoch, kept in self.episodes: batch j of the epoch
+        holds episodes[j * B:(j + 1) * B]."""
         if epoch != self.epoch:
             rng = random.Random(self.seed * 100003 + epoch)
             self.episodes = make_episodes(self.prefs_by_user, self.n, rng, report=False)
             rng.shuffle(self.episodes)
             self.epoch = epoch
+        return self.episodes
+
+    def batch(self, i):
+        epoch, j = divmod(i, self.per_epoch)
+        self.draw(epoch)
         if self.group == 1:
             return self.pack(self.encoded(epoch * self.per_epoch + j))
         # --group K: the K batches of a pool hold the same episodes as without grouping, sorted

@@ -468,10 +468,8 @@ def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_siz
 
 def drawn_episodes(stream, n_batches):
     """The (shots, query) episodes of the stream's first n_batches batches, epoch after epoch."""
-    eps = []
-    for epoch in range(-(-n_batches // stream.per_epoch)):
-        stream.batch(epoch * stream.per_epoch)  # draws the epoch's episodes
-        eps += stream.episodes[:stream.per_epoch * stream.B]
+    epochs = range(-(-n_batches // stream.per_epoch))
+    eps = [e for epoch in epochs for e in stream.draw(epoch)[:stream.per_epoch * stream.B]]
     return eps[:n_batches * stream.B]
 
 
