@@ -409,6 +409,21 @@ def stage_steps(name, args):
     return steps.get(name, steps.get(base, default))
 
 
+def parse_stages(text, flag, value, form, bare=False):
+    """Per-stage entries 'oracle:2000,pooled:1000' -> {"oracle": value("2000"), ...}; value(text)
+    is None where an entry is malformed (an error naming the flag and form). bare: an entry
+    without a stage name is allowed, under key "", for every stage."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, v = (x.strip() for x in item.rpartition(":"))
+        got = value(v)
+        if got is None or name not in ([""] if bare else []) + [*TRAINED, "fspo-dpo"]:
+            raise SystemExit(f"fspo.py: {flag}: '{item}' is not {form} "
+                             f"(methods: {', '.join(TRAINED)}, fspo-dpo)")
+        out[name] = got
+    return out
+
+
 def stage_name(args):
     """The stage's name as --stage-steps and --ema spell it: the method, "-dpo" for its DPO loss."""
     return args.method + ("-dpo" if getattr(args, "loss", "ipo") == "dpo" else "")
@@ -417,32 +432,19 @@ def stage_name(args):
 def stage_ema(name, spec):
     """The --ema decay of stage `name` (may end in "-dpo"; 0.0: no average): spec 'fspo:0.998'
     names stages (fspo-dpo takes fspo's unless named), a bare number applies to every stage."""
-    if not spec:
-        return 0.0
-    decays = {}
-    for item in str(spec).split(","):
-        stage, _, d = item.rpartition(":")
+    def decay(v):
         try:
-            decay = float(d)
+            return float(v) if 0.0 <= float(v) < 1.0 else None
         except ValueError:
-            decay = -1.0
-        if stage not in ("", *TRAINED, "fspo-dpo") or not 0.0 <= decay < 1.0:
-            raise SystemExit(f"fspo.py: --ema: '{item}' is not a decay in [0, 1) or method:decay "
-                             f"(methods: {', '.join(TRAINED)}, fspo-dpo)")
-        decays[stage] = decay
+            return None
+    decays = parse_stages(spec and str(spec), "--ema", decay, "a decay in [0, 1) or method:decay", bare=True)
     return decays.get(name, decays.get(name.removesuffix("-dpo"), decays.get("", 0.0)))
 
 
 def parse_stage_steps(text):
     """'oracle:2000,pooled:1000' -> {"oracle": 2000, "pooled": 1000}."""
-    steps = {}
-    for item in filter(None, (text or "").split(",")):
-        name, _, n = (x.strip() for x in item.partition(":"))
-        if name not in [*TRAINED, "fspo-dpo"] or not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"fspo.py: --stage-steps: '{item}' is not method:steps, steps >= 1 "
-                             f"(methods: {', '.join(TRAINED)}, fspo-dpo)")
-        steps[name] = int(n)
-    return steps
+    return parse_stages(text, "--stage-steps", lambda n: int(n) if n.isdigit() and int(n) >= 1 else None,
+                        "method:steps, steps >= 1")
 
 
 def stage_lr(name, args):
