@@ -524,7 +524,7 @@ class EpisodeStream:
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0,
-                 describe=False, annotate=False, group=1):
+                 describe=False, annotate=False, group=1, mirror_pairs=False):
         self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
         learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
@@ -533,26 +533,35 @@ class EpisodeStream:
         self.shot_pairs = shot_pairs and learns == "preference"
         # a mirror image only for methods that learn the user from the shots alone: pooled has
         # none to read, oracle and cot are given the unmirrored user's description
-        self.mirror = mirror if (learns == "preference" and self.spec.prompt == "shots"
-                                and not self.spec.cot) else 0.0
+        mirrors = learns == "preference" and self.spec.prompt == "shots" and not self.spec.cot
+        self.mirror = mirror if mirrors else 0.0
+        # mirror_pairs: each episode beside its mirror image in one batch, so a taste for one
+        # answer that ignores the shots pulls both ways in the same step and cancels
+        self.paired = bool(mirror_pairs and mirrors)
+        if self.paired and batch_size % 2:
+            raise ValueError(f"mirror pairs need an even batch size, not {batch_size}")
+        self.per_batch = batch_size // 2 if self.paired else batch_size  # distinct episodes a batch
         # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots
         self.annotate = annotate if users is not None else False  # the judge's (--annotate [tally])
         self.multiple = 8 if torch.cuda.is_available() else 1  # aligned masks for CUDA kernels
         # methods without shots still cut chunks of N+1 rows so every method sees the same queries
         eps = make_episodes(prefs_by_user, n_shots, random.Random(seed), report=False)
-        self.per_epoch = len(eps) // batch_size
+        self.per_epoch = len(eps) // self.per_batch
         if self.per_epoch == 0:
             enough = sum(len(v) > n_shots for v in prefs_by_user.values())
             raise ValueError(
-                f"{len(eps)} episodes is less than one batch of {batch_size}: {len(prefs_by_user)} users, "
+                f"{len(eps)} episodes is less than one batch of {self.per_batch}: {len(prefs_by_user)} users, "
                 f"{enough} of them with the {n_shots + 1} rows an episode of {n_shots} shots + a query "
                 f"needs; add users or rows, or lower --batch-size or --shots")
         self.epoch, self.episodes = None, None
         self.group, self.pool = max(1, group), (None, None)  # pool: (its key, its batches)
 
-    def encode(self, shots, query, rng):
-        flip = self.mirror and rng.random() < self.mirror
+    def encode(self, shots, query, rng, flip=None):
+        """One training episode: its mirror image drawn (--mirror) unless `flip` says, its shots
+        cut as its method draws them."""
+        if flip is None:
+            flip = self.mirror and rng.random() < self.mirror
         if flip:  # the user's mirror image (--mirror)
             shots, query = [swapped(s) for s in shots], swapped(query)
         if self.spec.prompt == "some shots":  # the base also answers with fewer shots
@@ -581,7 +590,7 @@ class EpisodeStream:
 
     def draw(self, epoch):
         """The (shots, query) episodes of an epoch, kept in self.episodes: batch j of the epoch
-        holds episodes[j * B:(j + 1) * B]."""
+        holds episodes[j * per_batch:(j + 1) * per_batch]."""
         if epoch != self.epoch:
             rng = random.Random(self.seed * 100003 + epoch)
             self.episodes = make_episodes(self.prefs_by_user, self.n, rng, report=False)
@@ -593,7 +602,7 @@ class EpisodeStream:
         epoch, j = divmod(i, self.per_epoch)
         self.draw(epoch)
         if self.group == 1:
-            return self.pack(self.encoded(epoch * self.per_epoch + j))
+            return self.pack([e for u in self.encoded(epoch * self.per_epoch + j) for e in u])
         # --group K: the K batches of a pool hold the same episodes as without grouping, sorted
         # by length and cut again, so a batch of short episodes is not padded to a long one's
         # length (the padding cost 40% of the annotated SFT's tokens, and attention grows with T)
@@ -601,9 +610,10 @@ class EpisodeStream:
         if self.pool[0] != (epoch, j0):
             first = epoch * self.per_epoch + j0  # the pool's batches; an epoch's last pool may be short
             ids = range(first, first + min(self.group, self.per_epoch - j0))
-            eps = sorted((e for k in ids for e in self.encoded(k)),
-                         key=lambda e: (len(e.ctx) + len(e.chosen), len(e.rejected)))
-            batches = [self.pack(eps[s:s + self.B]) for s in range(0, len(eps), self.B)]
+            units = sorted((u for k in ids for u in self.encoded(k)),
+                           key=lambda u: max((len(e.ctx) + len(e.chosen), len(e.rejected)) for e in u))
+            per = self.per_batch  # units a batch: a mirror pair is never split
+            batches = [self.pack([e for u in units[s:s + per] for e in u]) for s in range(0, len(units), per)]
             random.Random(self.seed * 15485863 + ids[0]).shuffle(batches)  # long and short interleaved
             # SFT's token-mean over the pool's mean tokens per batch: the pool's tokens share its
             # K steps evenly, as K ungrouped batches of the mean size would (a batch of short
@@ -613,10 +623,20 @@ class EpisodeStream:
         return self.pool[1][j - j0]
 
     def encoded(self, i):
-        """The episodes of batch i, encoded (their shot counts and mirror images drawn per i)."""
+        """The units of batch i, encoded (their shot counts and mirror images drawn per i): [an
+        episode] each, or under mirror pairs [an episode, its mirror image] from the same shots."""
         j = i % self.per_epoch
         rng = random.Random(self.seed * 7919 + i)
-        return [self.encode(s, q, rng) for s, q in self.episodes[j * self.B:(j + 1) * self.B]]
+        eps = self.episodes[j * self.per_batch:(j + 1) * self.per_batch]
+        if not self.paired:
+            return [[self.encode(s, q, rng)] for s, q in eps]
+        units = []
+        for s, q in eps:
+            state = rng.getstate()  # the mirror image draws the same shots
+            plain = self.encode(s, q, rng, flip=False)
+            rng.setstate(state)
+            units.append([plain, self.encode(s, q, rng, flip=True)])
+        return units
 
     def pack(self, eps):
         return pack_sft(eps, self.tok.eot_id, which=self.which, multiple=self.multiple,

@@ -58,15 +58,26 @@ def user_groups(users):
     return list(by_user.values())
 
 
+def user_sums(values, users, order=None):
+    """(sums, counts), each (U,) float: the items' values summed per user, and their number,
+    the users in `order` (default: first seen first, user_groups' order; 0 for a user of
+    `order` without items). The bootstrap below draws users, so each figure needs only these."""
+    ids = {u: i for i, u in enumerate(dict.fromkeys(users) if order is None else order)}
+    rows = [ids[u] for u in users]
+    sums, counts = np.zeros(len(ids)), np.zeros(len(ids))
+    np.add.at(sums, rows, np.asarray(values, dtype=np.float64))
+    np.add.at(counts, rows, 1)
+    return sums, counts
+
+
 def interval(values, users, n_boot=2000, seed=0, items=False):
     """{rate, lo, hi, n}: the mean of per-item values and a 95% percentile interval from a
-    bootstrap that resamples whole users (user_groups). items: also the per-item "values" and
+    bootstrap that resamples whole users (user_sums). items: also the per-item "values" and
     "users", which diff_interval compares."""
-    groups, values = user_groups(users), [float(v) for v in values]
-    if not groups:
+    values = [float(v) for v in values]
+    if not values:
         return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    sums = np.array([sum(values[i] for i in g) for g in groups])  # (U,)
-    counts = np.array([len(g) for g in groups])  # (U,)
+    sums, counts = user_sums(values, users)  # (U,), (U,)
     pick = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
     lo, hi = np.percentile(sums[pick].sum(1) / counts[pick].sum(1), [2.5, 97.5])
     out = {"rate": sums.sum() / counts.sum(), "lo": float(lo), "hi": float(hi), "n": int(counts.sum())}
@@ -89,13 +100,8 @@ def diff_interval(a, b, n_boot=2000, seed=0):
     user scored by both counts as a pair (two methods on the same items) and users of one
     alone as independent (trained vs interpolated users). A draw without one side's users has
     no difference: up to 2.5% of them are left out, more leave lo and hi None."""
-    ids = {u: i for i, u in enumerate(sorted(set(a["users"]) | set(b["users"])))}
-    def per_user(x):  # (U,) sums and counts of x's items, 0 for a user x does not hold
-        s, c = np.zeros(len(ids)), np.zeros(len(ids))
-        np.add.at(s, [ids[u] for u in x["users"]], x["values"])
-        np.add.at(c, [ids[u] for u in x["users"]], 1)
-        return s, c
-    (sa, ca), (sb, cb) = per_user(a), per_user(b)
+    ids = sorted(set(a["users"]) | set(b["users"]))
+    (sa, ca), (sb, cb) = (user_sums(x["values"], x["users"], ids) for x in (a, b))
     pick = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
     with np.errstate(invalid="ignore", divide="ignore"):  # a draw without one side's users: nan
         boot = sa[pick].sum(1) / ca[pick].sum(1) - sb[pick].sum(1) / cb[pick].sum(1)
@@ -110,10 +116,8 @@ def gap_interval(model, reference, users, n_boot=2000, seed=0):
     so their errors move together). A resample whose reference is at or below chance has no
     gap to close: up to 2.5% of them are left out of the percentiles, more leave lo and hi
     None; rate is None where the reference itself is at or below chance."""
-    groups = user_groups(users)
-    per_user = lambda v: np.array([sum(float(v[i]) for i in g) for g in groups])  # (U,)
-    m, r, c = per_user(model), per_user(reference), np.array([len(g) for g in groups])
-    pick = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
+    (m, c), (r, _) = user_sums(model, users), user_sums(reference, users)  # (U,) each
+    pick = np.random.default_rng(seed).integers(0, len(c), size=(n_boot, len(c)))
     gap = lambda m, r, c: (m / c - 0.5) / np.where(r / c > 0.5, r / c - 0.5, np.nan)
     boot = gap(m[pick].sum(1), r[pick].sum(1), c[pick].sum(1))  # (n_boot,) nan: no gap
     lo, hi = percentiles(boot)
@@ -469,8 +473,8 @@ def curve_margins(policy, ref, tok, held_rows, shots, max_shots, args, block_siz
 def drawn_episodes(stream, n_batches):
     """The (shots, query) episodes of the stream's first n_batches batches, epoch after epoch."""
     epochs = range(-(-n_batches // stream.per_epoch))
-    eps = [e for epoch in epochs for e in stream.draw(epoch)[:stream.per_epoch * stream.B]]
-    return eps[:n_batches * stream.B]
+    eps = [e for epoch in epochs for e in stream.draw(epoch)[:stream.per_epoch * stream.per_batch]]
+    return eps[:n_batches * stream.per_batch]
 
 
 def written_batches(writer, tok, stream, eps, shots, block_size, args, device):

@@ -171,6 +171,7 @@ def make_streams(args, tok, prefs_path, users_path, device):
                                     args.block_size, args.seed,
                                     context=args.method == "sft" and args.context_loss,
                                     shot_pairs=bool(args.shot_pairs), mirror=args.mirror or 0.0,
+                                    mirror_pairs=bool(args.mirror_pairs),
                                     describe=bool(args.describe), annotate=args.annotate,
                                     group=group)
     except ValueError as e:
@@ -531,7 +532,7 @@ def starts_from(args, name):
 RECIPE = ("method", "init", "shots", "steps", "lr", "context_loss", "batch_size", "grad_accum",
           "warmup", "min_lr_frac", "weight_decay", "grad_clip", "n_layer", "n_head", "n_embd",
           "block_size", "seed", "dtype", "describe", "annotate", "ref", "group")
-PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror")  # only the preference stages read these
+PREF_RECIPE = ("loss", "beta", "nll", "shot_pairs", "mirror", "mirror_pairs")  # only the preference stages read these
 
 
 def changed_settings(saved, now):
@@ -742,10 +743,13 @@ PRESETS = {
     # 22% in FSPO's tally episodes
     # eval_every: the running metric (256 val episodes) takes 2.6 s; every 250 steps it was 50 s a
     # stage; it is read for monitoring only (the checkpoint is the last step's)
+    # mirror_pairs: each FSPO episode beside its mirror image in its batch, where --mirror 0.5 drew
+    # them apart: the margin's offset per answer pair, which ignores the user, cancels in each
+    # step ("Mirror pairs": val pair accuracy at 8 shots 0-1.6 points higher over two oracles)
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=16, group=16, grad_accum=1, sft_steps=750, sft_shots=2, pref_steps=2500,
                       stage_steps="oracle:2000,pooled:500", oracle_lr=8.5e-4, fspo_init="oracle",
-                      annotate="tally", mirror=0.5, nll=10.0,
+                      annotate="tally", mirror_pairs=True, nll=10.0,
                       warmup=50, lr=2e-3, pref_lr=4.2e-4, eval_every=1000, ckpt_every=100,
                       eval_episodes=256, curve_episodes=0, scale="default", synth="",
                       domains="roleplay", methods="oracle,fspo,pooled", eval_users=150,
@@ -756,7 +760,7 @@ PRESETS = {
     # measured (EXPERIMENTS.md, "The gpu preset")
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, vocab_size=4096, block_size=2048,
                 batch_size=32, grad_accum=1, sft_steps=4000, sft_shots=8, pref_steps=2000,
-                stage_steps="oracle:1500", fspo_init="oracle", annotate="tally", mirror=0.5, nll=10.0,
+                stage_steps="oracle:1500", fspo_init="oracle", annotate="tally", mirror_pairs=True, nll=10.0,
                 warmup=150, lr=6e-4, pref_lr=2e-4, eval_every=250, ckpt_every=500,
                 eval_episodes=512, curve_episodes=0, scale="default", synth="",
                 domains="roleplay", compile=True, methods="oracle,fspo,pooled",
@@ -765,8 +769,10 @@ PRESETS = {
 # paper: the paper's three tables (README, "The paper's tables"): the annotated recipe on every
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
 # table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft and cot are shorter
-# stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each
+# stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each; its
+# mirror images drawn per episode, as in its measured run P17 (mirror pairs came after it)
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
+    mirror=0.5, mirror_pairs=None,
     stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750,cot:750", jobs=2,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
@@ -797,6 +803,9 @@ def stage_flags(a):
     a("--mirror", type=float, default=None,
       help="this share of training episodes swaps chosen and rejected in every shot and the "
            "query: the user's mirror image, so a rule that ignores the shots scores chance")
+    a("--mirror-pairs", action=argparse.BooleanOptionalAction, default=None,
+      help="every training episode beside its mirror image in the same batch (half the distinct "
+           "episodes a batch; in place of --mirror's draw): a taste that ignores the shots cancels")
     a("--describe", type=float, default=None,
       help="also learn to write notes (users file): after each shot the axes its two answers "
            "differ on, after the context the user's description; this weight times their "
@@ -912,6 +921,11 @@ def get_args(argv=None):
     args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
     args.annotate = args.annotate or None
     args.group = args.group if (args.group or 0) > 1 else None  # 0 and 1 = off = unset, as describe
+    args.mirror_pairs = args.mirror_pairs or None
+    if args.mirror_pairs and args.mirror:
+        raise SystemExit(f"fspo.py: --mirror-pairs (the command's or the {args.preset} preset's) shows every "
+                         f"episode beside its mirror image and goes without --mirror {args.mirror}: pass "
+                         f"--mirror 0 or --no-mirror-pairs")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

@@ -467,6 +467,52 @@ def test_tally_only_prompt_counts_the_shots_and_training_draws_one_to_n():
     assert t.decode(at(3).encode(mixed, q, random.Random(0)).ctx) == \
         "# User Description\nPrefers: formal, serious.\n" + task
 
+def test_mirror_pairs_put_each_episode_beside_its_mirror_image():
+    """--mirror-pairs: a batch holds B/2 episodes of the epoch, each beside its mirror image
+    (every label swapped, the tally of the same shots, so its terms flipped), under --group too:
+    a pair is never split across batches; an epoch is twice the batches. Checked against
+    encode_episode on the stream's own draws, and the flag against --mirror."""
+    import fspo
+    t = byte_tok()
+    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(16)}
+    rows = {u: [Pref(u, f"Tell me about {u}q{i}?" + "x" * (3 * i), f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
+                for i in range(8)] for u in users}
+    make = lambda g, **kw: data.EpisodeStream(t, rows, users, "fspo", 3, 4, 10_000, 5, annotate="tally",
+                                              group=g, **kw)
+    plain, paired = make(1), make(1, mirror_pairs=True)
+    assert paired.per_epoch == 2 * plain.per_epoch == 16
+    rows_of = lambda b: [tuple(r[s != data.PAD].tolist()) for r, s in zip(b["idx"], b["seg"])]
+    packed = lambda e: rows_of(paired.pack([e]))[0]  # an episode's row, its padding left out
+    swap = lambda xs: [data.swapped(x) for x in xs]
+    paired.draw(0)
+    for i in range(paired.per_epoch):
+        units = paired.encoded(i)
+        j = i % paired.per_epoch
+        assert len(units) == 2
+        for (a, b), (shots, q) in zip(units, paired.episodes[j * 2:(j + 1) * 2]):
+            k = t.decode(a.ctx).count("formal")
+            assert 1 <= k <= 3 and t.decode(b.ctx).count("casual") == k
+            enc = lambda s, q: encode_episode(t, s, q, 10_000, "fspo", users[q.user_id], annotate="tally")
+            assert a == enc(shots[:k], q) and b == enc(swap(shots[:k]), data.swapped(q))
+        assert rows_of(paired.batch(i)) == [packed(e) for u in units for e in u]
+    grouped = make(3, mirror_pairs=True)
+    grouped.draw(0)
+    for ids in (range(0, 3), range(3, 6), range(15, 16)):  # the epoch's last pool is short
+        units = [u for k in ids for u in grouped.encoded(k)]
+        batches = [set(rows_of(grouped.batch(i))) for i in ids]
+        for a, b in units:  # both halves of a pair in one batch, the same batch
+            assert [packed(a) in x and packed(b) in x for x in batches].count(True) == 1
+    with pytest.raises(ValueError, match="even batch size"):
+        data.EpisodeStream(t, rows, users, "fspo", 3, 3, 10_000, 5, mirror_pairs=True)
+    assert not data.EpisodeStream(t, rows, users, "oracle", 3, 3, 10_000, 5, mirror_pairs=True).paired
+    for argv in (["--preset", "annotated", "--mirror", "0.5"], ["--preset", "paper", "--mirror-pairs"]):
+        with pytest.raises(SystemExit, match="without --mirror 0.5"):
+            fspo.get_args(argv)
+    assert fspo.get_args(["--preset", "annotated"]).mirror_pairs
+    assert fspo.get_args(["--preset", "paper", "--mirror-pairs", "--mirror", "0"]).mirror_pairs
+    assert fspo.get_args(["--preset", "annotated", "--no-mirror-pairs", "--mirror", "0.5"]).mirror == 0.5
+
+
 def test_grouped_batches_hold_the_same_episodes_less_padded():
     """--group K: the K batches of a pool hold the episodes the K ungrouped batches hold (the
     same shot counts drawn), in fewer tokens, the last pool of an epoch short when K does not
