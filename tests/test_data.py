@@ -486,10 +486,9 @@ def test_mirror_pairs_put_each_episode_beside_its_mirror_image():
     swap = lambda xs: [data.swapped(x) for x in xs]
     paired.draw(0)
     for i in range(paired.per_epoch):
-        units = paired.encoded(i)
-        j = i % paired.per_epoch
+        units = paired.encoded(i)  # batch i of epoch 0: episodes[2i:2i + 2], each with its twin
         assert len(units) == 2
-        for (a, b), (shots, q) in zip(units, paired.episodes[j * 2:(j + 1) * 2]):
+        for (a, b), (shots, q) in zip(units, paired.episodes[i * 2:(i + 1) * 2]):
             k = t.decode(a.ctx).count("formal")
             assert 1 <= k <= 3 and t.decode(b.ctx).count("casual") == k
             enc = lambda s, q: encode_episode(t, s, q, 10_000, "fspo", users[q.user_id], annotate="tally")
