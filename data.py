@@ -536,10 +536,14 @@ class EpisodeStream:
         mirrors = learns == "preference" and self.spec.prompt == "shots" and not self.spec.cot
         self.mirror = mirror if mirrors else 0.0
         # mirror_pairs: each episode beside its mirror image in one batch, so a taste for one
-        # answer that ignores the shots pulls both ways in the same step and cancels
-        self.paired = bool(mirror_pairs and mirrors)
+        # answer that ignores the user pulls both ways in the same step and cancels; the oracle's
+        # mirror image reads the mirrored user's description, every trait negated
+        described = learns == "preference" and self.spec.prompt == "description"
+        self.paired = bool(mirror_pairs and (mirrors or described))
         if self.paired and batch_size % 2:
             raise ValueError(f"mirror pairs need an even batch size, not {batch_size}")
+        if self.paired and described and any(users[u]["domain"] == "elix" for u in prefs_by_user):
+            raise ValueError("--oracle-pairs: an elix user's level has no mirror image (pass --no-oracle-pairs)")
         self.per_batch = batch_size // 2 if self.paired else batch_size  # distinct episodes a batch
         # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots
@@ -562,15 +566,17 @@ class EpisodeStream:
         cut as its method draws them."""
         if flip is None:
             flip = self.mirror and rng.random() < self.mirror
+        user = self.users[query.user_id] if self.users else None
         if flip:  # the user's mirror image (--mirror)
             shots, query = [swapped(s) for s in shots], swapped(query)
+            if self.spec.prompt == "description":  # the oracle's: the mirrored user's own
+                user = dict(user, traits={a: -w for a, w in user["traits"].items()})
         if self.spec.prompt == "some shots":  # the base also answers with fewer shots
             shots = shots[: rng.randint(0, len(shots))]
         elif self.use_shots is not None:  # evaluation at fewer shots, same queries
             shots = shots[: self.use_shots]
         elif self.annotate == "tally" and shots:  # tallies of 1..N shots: the curve's every k up to N
             shots = shots[: rng.randint(1, len(shots))]
-        user = self.users[query.user_id] if self.users else None
         e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs,
                            self.annotate)
         if self.describe and e.n_shots:

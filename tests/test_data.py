@@ -503,13 +503,38 @@ def test_mirror_pairs_put_each_episode_beside_its_mirror_image():
             assert [packed(a) in x and packed(b) in x for x in batches].count(True) == 1
     with pytest.raises(ValueError, match="even batch size"):
         data.EpisodeStream(t, rows, users, "fspo", 3, 3, 10_000, 5, mirror_pairs=True)
-    assert not data.EpisodeStream(t, rows, users, "oracle", 3, 3, 10_000, 5, mirror_pairs=True).paired
+    for name in ("pooled", "cot", "pref-ft"):  # no shots to swap, or the unmirrored user's description
+        assert not data.EpisodeStream(t, rows, users, name, 3, 4, 10_000, 5, mirror_pairs=True).paired
     for argv in (["--preset", "annotated", "--mirror", "0.5"], ["--preset", "paper", "--mirror-pairs"]):
         with pytest.raises(SystemExit, match="without --mirror 0.5"):
             fspo.get_args(argv)
     assert fspo.get_args(["--preset", "annotated"]).mirror_pairs
     assert fspo.get_args(["--preset", "paper", "--mirror-pairs", "--mirror", "0"]).mirror_pairs
     assert fspo.get_args(["--preset", "annotated", "--no-mirror-pairs", "--mirror", "0.5"]).mirror == 0.5
+
+
+def test_oracle_pairs_show_the_mirror_image_its_own_description():
+    """--oracle-pairs: the oracle's episode beside its mirror image, the query's labels swapped
+    and the description's every trait negated; refused on elix (a level has no mirror image);
+    the flag reaches the oracle's stream alone and only the oracle's recipe."""
+    import fspo
+    t = byte_tok()
+    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0, "humor": -0.5}} for u in range(4)}
+    rows = {u: [Pref(u, f"Tell me about {u}q{i}?", f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
+                for i in range(4)] for u in users}
+    stream = data.EpisodeStream(t, rows, users, "oracle", 3, 2, 10_000, 5, mirror_pairs=True)
+    assert stream.paired and stream.per_batch == 1
+    stream.draw(0)
+    (a, b), = stream.encoded(0)
+    _, q = stream.episodes[0]
+    mirrored = dict(users[q.user_id], traits={"formality": -1.0, "humor": 0.5})
+    assert a == encode_episode(t, [], q, 10_000, "oracle", users[q.user_id])
+    assert b == encode_episode(t, [], data.swapped(q), 10_000, "oracle", mirrored)
+    assert "Prefers: formal, serious." in t.decode(a.ctx) and "Prefers: casual, humorous." in t.decode(b.ctx)
+    assert (a.chosen, a.rejected) == (b.rejected, b.chosen)
+    elix = {u: dict(v, domain="elix", group="expert") for u, v in users.items()}
+    with pytest.raises(ValueError, match="elix user.s level has no mirror image"):
+        data.EpisodeStream(t, rows, elix, "oracle", 3, 2, 10_000, 5, mirror_pairs=True)
 
 
 def test_grouped_batches_hold_the_same_episodes_less_padded():

@@ -197,6 +197,28 @@ def test_ema_writes_the_average_of_each_steps_weights(tiny, monkeypatch):
         sft("ema_w3", "--steps", "3", "--init", str(tiny / "ema_w0"), "--ema", "0.25", "--resume")
 
 
+def test_oracle_pairs_reach_the_oracle_alone(tiny, monkeypatch):
+    """--oracle-pairs pairs the oracle's training stream and no other stage's, and joins the
+    oracle's recipe alone: the main job's other stages stay cached whatever it says."""
+    tok, rp = data.Tokenizer.load(str(tiny / "tokenizer.txt")), tiny / "data" / "roleplay"
+    prefs, users = str(rp / "prefs.jsonl"), str(rp / "users.jsonl")
+    for flags, want in ((["--oracle-pairs"], {"oracle": True, "fspo": False}),
+                        (["--mirror-pairs"], {"oracle": False, "fspo": True})):
+        for name in want:
+            args = fspo.get_args(stage_args(tiny, tiny / "op", "--method", name, *flags)[1:])
+            assert fspo.make_streams(args, tok, prefs, users, "cpu")[0].paired == want[name], (flags, name)
+    seen = {}
+
+    def recipe(a, *rest):  # run_stage's stand-in for training: the flags the stage is made with
+        seen[a.method] = a.oracle_pairs
+        return {}
+    monkeypatch.setattr(fspo, "train", recipe)
+    args = fspo.get_args(stage_args(tiny, tiny / "op", "--oracle-pairs")[1:])
+    for name in ("oracle", "fspo", "pooled"):
+        fspo.run_stage(args, tok, str(tiny / "tokenizer.txt"), name, str(tiny / "op" / name), prefs, users)
+    assert seen == {"oracle": True, "fspo": None, "pooled": None}
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tiny):
     common = ["--method", "sft", "--steps", "24", "--ckpt-every", "4", "--eval-every", "8"]
     full, cut = tiny / "full", tiny / "cut"
