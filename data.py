@@ -543,7 +543,7 @@ class EpisodeStream:
         if self.paired and batch_size % 2:
             raise ValueError(f"mirror pairs need an even batch size, not {batch_size}")
         if self.paired and described and any(users[u]["domain"] == "elix" for u in prefs_by_user):
-            raise ValueError("--oracle-pairs: an elix user's level has no mirror image (pass --no-oracle-pairs)")
+            raise ValueError("mirror pairs for the oracle: an elix user's level has no mirror image")
         self.per_batch = batch_size // 2 if self.paired else batch_size  # distinct episodes a batch
         # notes only where users are known and the prompt holds shots to read them from
         self.describe = describe and users is not None and self.spec.reads_shots

@@ -558,14 +558,26 @@ def check_recipe(saved, args, inputs, where):
                          f"delete it or pick another --out")
 
 
+def stage_oracle_pairs(args, name, users):
+    """--oracle-pairs as stage `name` takes it: the oracle's alone (None elsewhere, so the other
+    stages' recipes and caches are those of a run without it), and not on ELIX users, whose
+    description states a level that has no mirror image."""
+    if not args.oracle_pairs or data.method(name).prompt != "description" or users is None:
+        return None
+    if any(u["domain"] == "elix" for u in judge.load_users(users).values()):
+        print(f"[{name}] --oracle-pairs skipped: {users} holds ELIX users, whose level has no mirror image",
+              flush=True)
+        return None
+    return True
+
+
 def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None, **over):
     """Train stage `name` (a data.METHODS name, "-dpo" for the DPO loss) into `out` unless done.
     ref: the frozen reference if not init."""
     a = copy.copy(args)
     a.method, a.loss = name.removesuffix("-dpo"), "dpo" if name.endswith("-dpo") else "ipo"
     a.out, a.init, a.ref, a.annotate = out, init, ref, annotates(name, args)
-    if data.method(name).prompt != "description":  # the oracle's flag: other stages stay cached
-        a.oracle_pairs = None
+    a.oracle_pairs = stage_oracle_pairs(args, name, users)
     for k, v in over.items():
         setattr(a, k, v)
     saved = saved_meta(out)
@@ -690,8 +702,7 @@ def main_job(args):
                 ckpts[m] = os.path.join(base, m)
                 init, ref = (ckpts[k] if k else None for k in starts_from(args, m))
                 stages.append(dict(name=m, out=ckpts[m], prefs=prefs, users=users, init=init, ref=ref,
-                                   shots=n, steps=stage_steps(m, args), lr=stage_lr(m, args),
-                                   **({"oracle_pairs": None} if d == "elix" else {})))  # a level has no mirror
+                                   shots=n, steps=stage_steps(m, args), lr=stage_lr(m, args)))
             if not first:  # the domain's first N
                 first = {m: p for m, p in ckpts.items() if same_at_every_n(m, args)}
             runs[(d, n)] = (ckpts, prefs, users)
@@ -982,6 +993,7 @@ def main(argv=None):
     args.shots = args.shots or 8
     args.steps = args.steps or stage_steps(args.method + "-dpo" * (args.loss == "dpo"), args)
     args.annotate = annotates(args.method, args) or args.annotate  # refused by make_streams if on for no shots
+    args.oracle_pairs = stage_oracle_pairs(args, args.method, users)  # as the main job's stage records it
     final = train(args, tok, tok_path, prefs, users)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(final))

@@ -199,9 +199,18 @@ def test_ema_writes_the_average_of_each_steps_weights(tiny, monkeypatch):
 
 def test_oracle_pairs_reach_the_oracle_alone(tiny, monkeypatch):
     """--oracle-pairs pairs the oracle's training stream and no other stage's, and joins the
-    oracle's recipe alone: the main job's other stages stay cached whatever it says."""
+    oracle's recipe alone, in the main job and in a lone stage alike: the other stages stay
+    cached whatever it says. Not on ELIX users (a level has no mirror image). The annotated
+    and gpu presets set it, the paper preset not (its run P17 was made without)."""
     tok, rp = data.Tokenizer.load(str(tiny / "tokenizer.txt")), tiny / "data" / "roleplay"
     prefs, users = str(rp / "prefs.jsonl"), str(rp / "users.jsonl")
+    assert fspo.get_args(["--preset", "annotated"]).oracle_pairs and fspo.get_args(["--preset", "gpu"]).oracle_pairs
+    assert fspo.get_args(["--preset", "paper"]).oracle_pairs is None
+    elix = tiny / "elix_users.jsonl"
+    elix.write_text(json.dumps({"user_id": "e0", "domain": "elix", "group": "expert", "traits": {}}) + "\n")
+    on = fspo.get_args(["--oracle-pairs"])
+    assert [fspo.stage_oracle_pairs(on, "oracle", u) for u in (users, str(elix), None)] == [True, None, None]
+    assert fspo.stage_oracle_pairs(on, "fspo", users) is None
     for flags, want in ((["--oracle-pairs"], {"oracle": True, "fspo": False}),
                         (["--mirror-pairs"], {"oracle": False, "fspo": True})):
         for name in want:
@@ -216,6 +225,9 @@ def test_oracle_pairs_reach_the_oracle_alone(tiny, monkeypatch):
     args = fspo.get_args(stage_args(tiny, tiny / "op", "--oracle-pairs")[1:])
     for name in ("oracle", "fspo", "pooled"):
         fspo.run_stage(args, tok, str(tiny / "tokenizer.txt"), name, str(tiny / "op" / name), prefs, users)
+    assert seen == {"oracle": True, "fspo": None, "pooled": None}
+    for name in ("oracle", "fspo"):  # a lone stage, under the preset that sets the flag
+        fspo.main(stage_args(tiny, tiny / "op" / f"lone_{name}", "--preset", "annotated", "--method", name)[1:])
     assert seen == {"oracle": True, "fspo": None, "pooled": None}
 
 

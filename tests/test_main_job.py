@@ -287,22 +287,6 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
         (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 750)]
 
 
-def test_oracle_pairs_skip_elix_whose_levels_have_no_mirror_image(tmp_path, monkeypatch):
-    """The main job under --oracle-pairs trains every domain's oracle on mirror pairs but ELIX's,
-    whose user description states a level that has no opposite."""
-    seen = {}
-    monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, **kw:
-                        seen.setdefault(os.path.relpath(out, tmp_path), kw.get("oracle_pairs", args.oracle_pairs)))
-    monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda *a: "")
-    monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
-    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
-    assert fspo.get_args(["--preset", "annotated"]).oracle_pairs and fspo.get_args(["--preset", "gpu"]).oracle_pairs
-    assert fspo.get_args(["--preset", "paper"]).oracle_pairs is None  # as its measured run P17
-    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--jobs", "1", "--oracle-pairs"])
-    assert {o: v for o, v in seen.items() if o.endswith("oracle")} == {
-        "roleplay-8shot/oracle": True, "elix-4shot/oracle": None, "reviews-4shot/oracle": True}
-
-
 def record_stage(args, tok, tok_path, name, out, **kw):
     """A stand-in for run_stage that notes when it ran and on how many threads."""
     t0 = time.time()
