@@ -515,9 +515,8 @@ def test_mirror_pairs_put_each_episode_beside_its_mirror_image():
 
 def test_oracle_pairs_show_the_mirror_image_its_own_description():
     """--oracle-pairs: the oracle's episode beside its mirror image, the query's labels swapped
-    and the description's every trait negated; refused on elix (a level has no mirror image);
-    the flag reaches the oracle's stream alone and only the oracle's recipe."""
-    import fspo
+    and the description's every trait negated; refused on elix (a level has no mirror image).
+    Which stages take the flag: tests/test_fspo.py."""
     t = byte_tok()
     users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0, "humor": -0.5}} for u in range(4)}
     rows = {u: [Pref(u, f"Tell me about {u}q{i}?", f"Certainly, fine {i}.", f"Hey, fine {i}. Ha!")
