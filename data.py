@@ -518,6 +518,11 @@ def swapped(p: Pref) -> Pref:
     """The same pair labelled the other way round."""
     return replace(p, chosen=p.rejected, rejected=p.chosen)
 
+def has_mirror_image(user) -> bool:
+    """Whether a user has a mirror image, every answer pair swapped and every trait negated: an
+    ELIX user's description states a level, and a level has no opposite."""
+    return user["domain"] != "elix"
+
 class EpisodeStream:
     """Packed batches of method `name`'s episodes. Batch i is a pure function of (seed, i):
     resuming at step s rebuilds exactly the batches an uninterrupted run would have seen."""
@@ -542,7 +547,7 @@ class EpisodeStream:
         self.paired = bool(mirror_pairs and (mirrors or described))
         if self.paired and batch_size % 2:
             raise ValueError(f"mirror pairs need an even batch size, not {batch_size}")
-        if self.paired and described and any(users[u]["domain"] == "elix" for u in prefs_by_user):
+        if self.paired and described and not all(has_mirror_image(users[u]) for u in prefs_by_user):
             raise ValueError("mirror pairs for the oracle: an elix user's level has no mirror image")
         self.per_batch = batch_size // 2 if self.paired else batch_size  # distinct episodes a batch
         # notes only where users are known and the prompt holds shots to read them from
@@ -587,7 +592,7 @@ class EpisodeStream:
         """--describe's [(end, ids)] for an episode whose context ctx holds the shots `kept`."""
         notes = [(end, SHOT_HEADER + judge.contrast_summary(user["domain"], s.prompt, s.chosen, s.rejected))
                  for s, end in zip(kept, shot_ends(self.tok, kept, ctx))]
-        if not (flip and user["domain"] == "elix"):  # an elix user's level has no mirror image
+        if not flip or has_mirror_image(user):  # a flipped ELIX user gets no description
             traits = {a: -w if flip else w for a, w in user["traits"].items()}
             notes.append((len(ctx), COT_HEADER + judge.trait_summary(dict(user, traits=traits))))
         notes = [(end, self.tok.encode(text) + [self.tok.eot_id]) for end, text in notes]

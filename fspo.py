@@ -564,7 +564,7 @@ def stage_oracle_pairs(args, name, users):
     description states a level that has no mirror image."""
     if not args.oracle_pairs or data.method(name).prompt != "description" or users is None:
         return None
-    if any(u["domain"] == "elix" for u in judge.load_users(users).values()):
+    if not all(data.has_mirror_image(u) for u in judge.load_users(users).values()):
         print(f"[{name}] --oracle-pairs skipped: {users} holds ELIX users, whose level has no mirror image",
               flush=True)
         return None
