@@ -22,6 +22,7 @@ same user's labelled pairs as context.
 """
 import argparse
 import copy
+import glob
 import json
 import math
 import multiprocessing
@@ -225,6 +226,18 @@ def saved_meta(run):
             with open(os.path.join(d, "config.json")) as f:
                 return json.load(f)
     return None
+
+
+def trained_with(tok_path):
+    """The stages under the tokenizer's directory (a main job's, or a lone stage's siblings)
+    trained with the tokenizer now at tok_path: data.ensure_tokenizer keeps it for them."""
+    root = os.path.dirname(os.path.abspath(tok_path))
+    try:
+        sha = data.Tokenizer.load(tok_path).sha256
+    except (OSError, ValueError):  # unreadable: no stage can be using it
+        return []
+    runs = sorted(glob.glob(os.path.join(root, "*")) + glob.glob(os.path.join(root, "*", "*")))
+    return [r for r in runs if os.path.isdir(r) and (saved_meta(r) or {}).get("tokenizer_sha256") == sha]
 
 
 def stage_inputs(args, tok, prefs_path, users_path=None):
@@ -687,7 +700,8 @@ def main_job(args):
         sources = {d: (os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
                    for d in job_domains(args)}
     tok_path = os.path.join(out, "tokenizer.txt")
-    tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path)
+    tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path,
+                                lambda: trained_with(tok_path))
     runs, stages = {}, []  # stages: run_stage's keyword arguments, in training order
     for d, (prefs, users) in sources.items():
         first = {}  # the stages that learn the same at every N, trained at the domain's first N
@@ -989,7 +1003,7 @@ def main(argv=None):
             time.sleep(1)
         tok = data.Tokenizer.load(tok_path)
     else:
-        tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path)
+        tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path, lambda: trained_with(tok_path))
     args.shots = args.shots or 8
     args.steps = args.steps or stage_steps(args.method + "-dpo" * (args.loss == "dpo"), args)
     args.annotate = annotates(args.method, args) or args.annotate  # refused by make_streams if on for no shots

@@ -379,6 +379,20 @@ def test_any_prefs_file_trains_its_own_tokenizer_and_a_done_stage_is_not_overwri
     assert tok.decode(tok.encode("yes 3.")) == "yes 3." and len(tok.encode("yes")) == 1
     r = run(mine_args(mine, mine / "sft", "--method", "sft", "--steps", "4"))
     assert r.returncode != 0 and "already holds a checkpoint (step 4, done)" in r.stderr
+    # other pairs beside that stage, as a lone stage or as a main job into a copy of its dir: the
+    # tokenizer it was trained with is kept, and the run stops before it trains
+    other, before = mine / "other.jsonl", (mine / "tokenizer.txt").read_bytes()
+    other.write_text((mine / "mine.jsonl").read_text().replace("yes", "quokka"))
+    r = run(mine_args(mine, mine / "sft2", "--method", "sft", "--steps", "4", "--prefs", str(other)))
+    assert r.returncode != 0 and "were trained with it" in r.stderr and str(mine / "sft") in r.stderr
+    copy = mine / "copy"
+    shutil.copytree(mine / "sft", copy / "sft")
+    for f in ("tokenizer.txt", "tokenizer.txt.json"):
+        shutil.copy(mine / f, copy / f)
+    r = run(mine_args(mine, copy, "--prefs", str(other)))
+    assert r.returncode != 0 and "were trained with it" in r.stderr and str(copy / "sft") in r.stderr
+    assert (mine / "tokenizer.txt").read_bytes() == before == (copy / "tokenizer.txt").read_bytes()
+    assert not (mine / "sft2").exists() and [d for d in os.listdir(copy) if (copy / d).is_dir()] == ["sft"]
 
 
 def test_describe_without_a_users_file_is_refused(mine):
@@ -564,6 +578,27 @@ def test_tokenizer_is_retrained_when_its_data_changes(tmp_path):
     p.write_text(p.read_text().replace("zebra", "quokka"))
     again = data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
     assert again.sha256 != first.sha256 and len(again.encode(" quokka")) == 1
+
+
+def test_a_tokenizer_a_stage_was_trained_with_is_not_overwritten(tmp_path):
+    """New data in a run dir whose stages used its tokenizer: refused before the file changes
+    (the stage's checkpoint would lose the meaning of its token ids); one no stage used is retrained."""
+    p, tok_path = tmp_path / "prefs.jsonl", str(tmp_path / "run" / "tokenizer.txt")
+    p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
+                             "split": "train"}) + "\n")
+    ensure = lambda: data.ensure_tokenizer([(str(p), None)], 300, tok_path, lambda: fspo.trained_with(tok_path))
+    first = ensure()
+    ckpt = tmp_path / "run" / "roleplay-8shot" / "sft" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps({"tokenizer_sha256": first.sha256}))
+    before = Path(tok_path).read_bytes()
+    assert ensure().sha256 == first.sha256  # the same data: kept, whoever uses it
+    p.write_text(p.read_text().replace("zebra", "quokka"))
+    with pytest.raises(ValueError, match="roleplay-8shot/sft"):
+        ensure()
+    assert Path(tok_path).read_bytes() == before
+    (ckpt / "config.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))  # another vocabulary's
+    assert len(ensure().encode(" quokka")) == 1
 
 
 def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
