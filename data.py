@@ -196,6 +196,8 @@ def ensure_tokenizer(sources, vocab_size, path, trained_with=lambda: []):
                          f"checkpoint(s) were trained with it ({named}): write to another directory, "
                          f"or delete them and it")
     if not fresh:
+        if os.path.exists(path + ".json"):  # a crash before the new stamp must not pass for fresh
+            os.remove(path + ".json")
         train_tokenizer(sources, vocab_size, path)
         atomic_write(path + ".json", json.dumps(stamp) + "\n")
     return Tokenizer.load(path)

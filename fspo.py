@@ -236,8 +236,20 @@ def trained_with(tok_path):
         sha = data.Tokenizer.load(tok_path).sha256
     except (OSError, ValueError):  # unreadable: no stage can be using it
         return []
-    runs = sorted(glob.glob(os.path.join(root, "*")) + glob.glob(os.path.join(root, "*", "*")))
-    return [r for r in runs if os.path.isdir(r) and (saved_meta(r) or {}).get("tokenizer_sha256") == sha]
+    # depth 2: a main job's <domain>-<N>shot/<method>, unless that dir is a run with its own tokenizer
+    runs = glob.glob(os.path.join(root, "*")) + [r for r in glob.glob(os.path.join(root, "*", "*"))
+                                                 if not os.path.exists(os.path.join(r, "..", "tokenizer.txt"))]
+    return [r for r in sorted(runs) if os.path.isdir(r) and stage_tokenizer(r) == sha]
+
+
+def stage_tokenizer(run):
+    """The sha256 of the tokenizer a stage dir's checkpoint records, or None (not a stage, or
+    a config that does not read: nothing to keep a tokenizer for)."""
+    try:
+        meta = saved_meta(run)
+    except (OSError, ValueError):
+        return None
+    return meta.get("tokenizer_sha256") if isinstance(meta, dict) else None
 
 
 def stage_inputs(args, tok, prefs_path, users_path=None):
@@ -693,7 +705,6 @@ def main_job(args):
     t0 = time.time()
     if args.prefs:
         sources = {job_domains(args)[0]: (args.prefs, args.users)}
-        data.write_splits(args.prefs, out)
     else:
         data_dir = args.data or os.path.join(out, "data")
         ensure_data(args, data_dir, job_domains(args))
@@ -702,6 +713,8 @@ def main_job(args):
     tok_path = os.path.join(out, "tokenizer.txt")
     tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path,
                                 lambda: trained_with(tok_path))
+    if args.prefs:  # after the tokenizer, whose refusal leaves the run dir as it was
+        data.write_splits(args.prefs, out)
     runs, stages = {}, []  # stages: run_stage's keyword arguments, in training order
     for d, (prefs, users) in sources.items():
         first = {}  # the stages that learn the same at every N, trained at the domain's first N

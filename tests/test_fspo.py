@@ -384,15 +384,16 @@ def test_any_prefs_file_trains_its_own_tokenizer_and_a_done_stage_is_not_overwri
     other, before = mine / "other.jsonl", (mine / "tokenizer.txt").read_bytes()
     other.write_text((mine / "mine.jsonl").read_text().replace("yes", "quokka"))
     r = run(mine_args(mine, mine / "sft2", "--method", "sft", "--steps", "4", "--prefs", str(other)))
-    assert r.returncode != 0 and "were trained with it" in r.stderr and str(mine / "sft") in r.stderr
-    copy = mine / "copy"
-    shutil.copytree(mine / "sft", copy / "sft")
+    assert r.returncode != 0 and "were trained with it" in r.stderr
+    copy = mine / "copy"  # a main job's layout: <out>/<domain>-<N>shot/<method>
+    shutil.copytree(mine / "sft", copy / "mine-4shot" / "sft")
     for f in ("tokenizer.txt", "tokenizer.txt.json"):
         shutil.copy(mine / f, copy / f)
     r = run(mine_args(mine, copy, "--prefs", str(other)))
-    assert r.returncode != 0 and "were trained with it" in r.stderr and str(copy / "sft") in r.stderr
+    assert r.returncode != 0 and "were trained with it" in r.stderr and str(copy / "mine-4shot" / "sft") in r.stderr
     assert (mine / "tokenizer.txt").read_bytes() == before == (copy / "tokenizer.txt").read_bytes()
-    assert not (mine / "sft2").exists() and [d for d in os.listdir(copy) if (copy / d).is_dir()] == ["sft"]
+    assert not (mine / "sft2").exists() and sorted(os.listdir(copy)) == ["mine-4shot", "tokenizer.txt",
+                                                                         "tokenizer.txt.json"]
 
 
 def test_describe_without_a_users_file_is_refused(mine):
@@ -580,6 +581,28 @@ def test_tokenizer_is_retrained_when_its_data_changes(tmp_path):
     assert again.sha256 != first.sha256 and len(again.encode(" quokka")) == 1
 
 
+def test_a_tokenizer_saved_without_its_stamp_is_not_taken_for_the_old_datas(tmp_path, monkeypatch):
+    """A crash between the new tokenizer and its record of the data: the old data's record is
+    gone, so a rerun on the old data retrains rather than take the new data's vocabulary."""
+    p, tok_path = tmp_path / "prefs.jsonl", str(tmp_path / "tok.txt")
+    p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
+                             "split": "train"}) + "\n")
+    first = data.ensure_tokenizer([(str(p), None)], 300, tok_path)
+    p.write_text(p.read_text().replace("zebra", "quokka"))
+    write = data.atomic_write
+    def crash_at_the_stamp(path, text):
+        if path.endswith(".json"):
+            raise KeyboardInterrupt
+        write(path, text)
+    monkeypatch.setattr(data, "atomic_write", crash_at_the_stamp)
+    with pytest.raises(KeyboardInterrupt):
+        data.ensure_tokenizer([(str(p), None)], 300, tok_path)
+    monkeypatch.undo()
+    assert data.Tokenizer.load(tok_path).sha256 != first.sha256  # the new data's, saved
+    p.write_text(p.read_text().replace("quokka", "zebra"))
+    assert data.ensure_tokenizer([(str(p), None)], 300, tok_path).sha256 == first.sha256
+
+
 def test_a_tokenizer_a_stage_was_trained_with_is_not_overwritten(tmp_path):
     """New data in a run dir whose stages used its tokenizer: refused before the file changes
     (the stage's checkpoint would lose the meaning of its token ids); one no stage used is retrained."""
@@ -597,8 +620,23 @@ def test_a_tokenizer_a_stage_was_trained_with_is_not_overwritten(tmp_path):
     with pytest.raises(ValueError, match="roleplay-8shot/sft"):
         ensure()
     assert Path(tok_path).read_bytes() == before
-    (ckpt / "config.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))  # another vocabulary's
-    assert len(ensure().encode(" quokka")) == 1
+    # not a stage of this tokenizer: one of another vocabulary, a config that does not read, and a
+    # run of its own (its own tokenizer) one level down, whatever vocabulary its stages used
+    (ckpt / "config.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
+    (tmp_path / "run" / "junk" / "ckpt").mkdir(parents=True)
+    (tmp_path / "run" / "junk" / "ckpt" / "config.json").write_text("")
+    sub = tmp_path / "run" / "sub"
+    (sub / "sft" / "ckpt").mkdir(parents=True)
+    (sub / "sft" / "ckpt" / "config.json").write_text(json.dumps({"tokenizer_sha256": first.sha256}))
+    (sub / "tokenizer.txt").write_bytes(before)
+    assert fspo.trained_with(tok_path) == []
+    quokka = ensure()
+    assert len(quokka.encode(" quokka")) == 1
+    (sub / "tokenizer.txt").unlink()  # without its own, sub/sft is this run's <domain>-<N>shot/<method>
+    (sub / "sft" / "ckpt" / "config.json").write_text(json.dumps({"tokenizer_sha256": quokka.sha256}))
+    p.write_text(p.read_text().replace("quokka", "zebra"))
+    with pytest.raises(ValueError, match="sub/sft"):
+        ensure()
 
 
 def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
