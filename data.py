@@ -178,11 +178,11 @@ def train_tokenizer(sources, vocab_size, path):
     print(f"[tokenizer] {tok.n_vocab} tokens from {len(prefs)} rows in {time.time() - t0:.1f}s")
     return tok
 
-def ensure_tokenizer(sources, vocab_size, path, trained_with=lambda: []):
+def ensure_tokenizer(sources, vocab_size, path, trained_with=lambda path: []):
     """The tokenizer at `path`, trained on the training rows of `sources` ((prefs, users)
     pairs); retrained when those files or the vocabulary size changed since (path.json
     records them), so a tokenizer from a failed run on other data is never reused. Never
-    over one that checkpoints were trained with (trained_with() lists them): without it
+    over one that checkpoints were trained with (trained_with(path) lists them): without it
     their token ids would mean nothing."""
     stamp = {"vocab_size": vocab_size, "data": [file_sha256(p)[:16] for p, _ in sources]}
     try:
@@ -190,7 +190,7 @@ def ensure_tokenizer(sources, vocab_size, path, trained_with=lambda: []):
             fresh = json.load(f) == stamp and os.path.exists(path)
     except (OSError, ValueError):
         fresh = False
-    if not fresh and os.path.exists(path) and (used := trained_with()):
+    if not fresh and os.path.exists(path) and (used := trained_with(path)):
         named = ", ".join(used[:3]) + ", ..." * (len(used) > 3)
         raise ValueError(f"{path} was trained on other data or another vocabulary size, and {len(used)} "
                          f"checkpoint(s) were trained with it ({named}): write to another directory, "

@@ -711,8 +711,7 @@ def main_job(args):
         sources = {d: (os.path.join(data_dir, d, "prefs.jsonl"), os.path.join(data_dir, d, "users.jsonl"))
                    for d in job_domains(args)}
     tok_path = os.path.join(out, "tokenizer.txt")
-    tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path,
-                                lambda: trained_with(tok_path))
+    tok = data.ensure_tokenizer(list(sources.values()), args.vocab_size, tok_path, trained_with)
     if args.prefs:  # after the tokenizer, whose refusal leaves the run dir as it was
         data.write_splits(args.prefs, out)
     runs, stages = {}, []  # stages: run_stage's keyword arguments, in training order
@@ -1016,7 +1015,7 @@ def main(argv=None):
             time.sleep(1)
         tok = data.Tokenizer.load(tok_path)
     else:
-        tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path, lambda: trained_with(tok_path))
+        tok = data.ensure_tokenizer([(prefs, users)], args.vocab_size, tok_path, trained_with)
     args.shots = args.shots or 8
     args.steps = args.steps or stage_steps(args.method + "-dpo" * (args.loss == "dpo"), args)
     args.annotate = annotates(args.method, args) or args.annotate  # refused by make_streams if on for no shots

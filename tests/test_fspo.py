@@ -570,10 +570,15 @@ def test_unknown_model_key_in_config_json_names_file_and_key(mine):
         load_model(str(mine / "cfg" / "ckpt"))
 
 
+def one_row(path):
+    """A preference file of one training row, whose word "zebra" a test swaps for another."""
+    path.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
+                                "split": "train"}) + "\n")
+
+
 def test_tokenizer_is_retrained_when_its_data_changes(tmp_path):
     p = tmp_path / "prefs.jsonl"
-    p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
-                             "split": "train"}) + "\n")
+    one_row(p)
     first = data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt"))
     assert data.ensure_tokenizer([(str(p), None)], 300, str(tmp_path / "tok.txt")).sha256 == first.sha256
     p.write_text(p.read_text().replace("zebra", "quokka"))
@@ -585,8 +590,7 @@ def test_a_tokenizer_saved_without_its_stamp_is_not_taken_for_the_old_datas(tmp_
     """A crash between the new tokenizer and its record of the data: the old data's record is
     gone, so a rerun on the old data retrains rather than take the new data's vocabulary."""
     p, tok_path = tmp_path / "prefs.jsonl", str(tmp_path / "tok.txt")
-    p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
-                             "split": "train"}) + "\n")
+    one_row(p)
     first = data.ensure_tokenizer([(str(p), None)], 300, tok_path)
     p.write_text(p.read_text().replace("zebra", "quokka"))
     write = data.atomic_write
@@ -607,9 +611,8 @@ def test_a_tokenizer_a_stage_was_trained_with_is_not_overwritten(tmp_path):
     """New data in a run dir whose stages used its tokenizer: refused before the file changes
     (the stage's checkpoint would lose the meaning of its token ids); one no stage used is retrained."""
     p, tok_path = tmp_path / "prefs.jsonl", str(tmp_path / "run" / "tokenizer.txt")
-    p.write_text(json.dumps({"user_id": "u", "prompt": "q?", "chosen": "zebra zebra", "rejected": "b",
-                             "split": "train"}) + "\n")
-    ensure = lambda: data.ensure_tokenizer([(str(p), None)], 300, tok_path, lambda: fspo.trained_with(tok_path))
+    one_row(p)
+    ensure = lambda: data.ensure_tokenizer([(str(p), None)], 300, tok_path, fspo.trained_with)
     first = ensure()
     ckpt = tmp_path / "run" / "roleplay-8shot" / "sft" / "ckpt"
     ckpt.mkdir(parents=True)
