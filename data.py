@@ -34,17 +34,17 @@ EOT = "<|endoftext|>"
 # GPT-2's pre-tokenization pattern as tiktoken writes it; training must split text exactly
 # the way tiktoken will, or the learned merges would not be the ones applied at encode time
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+WORDS = regex.compile(PAT_STR)
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     """Mergeable ranks: the 256 bytes, then merges in the order learned.
     vocab_size counts the EOT token too (n_vocab == vocab_size when training does not stop
     early; it stops when no pair occurs twice). Ties in pair count go to the smaller byte
     pair, so the same corpus always gives the same ranks."""
-    pat = regex.compile(PAT_STR)
     # templated text repeats a lot: count unique texts, then unique pre-tokens
     words = Counter()
     for text, n in Counter(texts).items():
-        for w in pat.findall(text):
+        for w in WORDS.findall(text):
             words[w] += n
     vocab = [bytes([i]) for i in range(256)]             # token id -> bytes
     ranks = {b: i for i, b in enumerate(vocab)}
@@ -129,6 +129,21 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
 
+    def dropped(self, word: str, p: float, rng: random.Random) -> list[int]:
+        """BPE-dropout (Provilkov et al., 2020) of one pre-tokenized word: the merges applied as
+        tiktoken applies them, the lowest rank first, but each possible merge skipped with
+        probability p at every step (p = 0: encode's tokens). A word then also appears in the
+        smaller pieces that a word training never saw is written in."""
+        parts = [bytes([b]) for b in word.encode("utf-8")]
+        while len(parts) > 1:
+            merges = [(self.ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            merges = [m for m in merges if m[0] is not None and rng.random() >= p]
+            if not merges:
+                break
+            i = min(merges)[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self.ranks[t] for t in parts]
+
     def save(self, path):
         # same line format as tiktoken's .tiktoken files: base64(token) rank
         atomic_write(path, "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in
@@ -147,6 +162,28 @@ class Tokenizer:
         if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([i]) not in ranks for i in range(256)):
             raise ValueError(f"{path}: ranks are not 0..n-1 covering all 256 bytes")
         return cls(ranks)
+
+class DroppedMerges:
+    """The tokenizer of one training episode under --bpe-dropout: each word of its texts as
+    Tokenizer.dropped writes it, the same way every time within the episode (so a shot encoded
+    again finds the tokens the context holds), a new draw in the next episode. Why: a word that
+    training holds as one token is, in a held-out text, a run of pieces no training text
+    contains, whose embeddings never learned anything (ELIX's held-out concepts)."""
+
+    def __init__(self, tok: Tokenizer, p: float, rng: random.Random):
+        self.tok, self.p, self.rng, self.words = tok, p, rng, {}
+        self.eot_id, self.n_vocab = tok.eot_id, tok.n_vocab
+
+    def encode(self, s: str) -> list[int]:
+        out = []
+        for w in WORDS.findall(s):
+            if w not in self.words:
+                self.words[w] = self.tok.dropped(w, self.p, self.rng)
+            out += self.words[w]
+        return out
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids)
 
 def file_sha256(path) -> str:
     """A file's fingerprint: a stage records those of its inputs and refuses changed ones."""
@@ -538,8 +575,9 @@ class EpisodeStream:
 
     def __init__(self, tok, prefs_by_user, users, name, n_shots, batch_size, max_len, seed,
                  which=None, use_shots=None, context=False, shot_pairs=False, mirror=0.0,
-                 describe=False, annotate=False, group=1, mirror_pairs=False):
+                 describe=False, annotate=False, group=1, mirror_pairs=False, bpe_dropout=0.0):
         self.tok, self.users, self.name, self.spec = tok, users, name, method(name)
+        self.bpe_dropout = bpe_dropout  # each episode's words written in pieces (DroppedMerges)
         learns = self.spec.learns
         self.which = which or ("chosen" if learns == "chosen" else "both")  # labelled completions
         self.n, self.B, self.max_len, self.seed = n_shots, batch_size, max_len, seed
@@ -591,20 +629,20 @@ class EpisodeStream:
             shots = shots[: self.use_shots]
         elif self.annotate == "tally" and shots:  # tallies of 1..N shots: the curve's every k up to N
             shots = shots[: rng.randint(1, len(shots))]
-        e = encode_episode(self.tok, shots, query, self.max_len, self.name, user, self.shot_pairs,
-                           self.annotate)
+        tok = DroppedMerges(self.tok, self.bpe_dropout, random.Random(rng.random())) if self.bpe_dropout else self.tok
+        e = encode_episode(tok, shots, query, self.max_len, self.name, user, self.shot_pairs, self.annotate)
         if self.describe and e.n_shots:
-            e.notes = self.notes(shots[len(shots) - e.n_shots:], e.ctx, user, flip)
+            e.notes = self.notes(tok, shots[len(shots) - e.n_shots:], e.ctx, user, flip)
         return e
 
-    def notes(self, kept, ctx, user, flip):
+    def notes(self, tok, kept, ctx, user, flip):
         """--describe's [(end, ids)] for an episode whose context ctx holds the shots `kept`."""
         notes = [(end, SHOT_HEADER + judge.contrast_summary(user["domain"], s.prompt, s.chosen, s.rejected))
-                 for s, end in zip(kept, shot_ends(self.tok, kept, ctx))]
+                 for s, end in zip(kept, shot_ends(tok, kept, ctx))]
         if not flip or has_mirror_image(user):  # a flipped ELIX user gets no description
             traits = {a: -w if flip else w for a, w in user["traits"].items()}
             notes.append((len(ctx), COT_HEADER + judge.trait_summary(dict(user, traits=traits))))
-        notes = [(end, self.tok.encode(text) + [self.tok.eot_id]) for end, text in notes]
+        notes = [(end, tok.encode(text) + [tok.eot_id]) for end, text in notes]
         # a note's last token sits at position end + len(ids) - 1: one past the block is left out
         return [(end, ids) for end, ids in notes if end + len(ids) <= self.max_len]
 

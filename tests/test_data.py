@@ -337,7 +337,7 @@ def test_describe_notes_score_each_note_after_its_context_prefix():
     assert e.n_shots == 1 and len(e.ctx) == len(shot2) + len(query)
     assert [(end, t.decode(ids)) for end, ids in e.notes] == \
         [(len(shot2), data.SHOT_HEADER + "Prefers: formal, serious.<|endoftext|>")]
-    assert all(end + len(ids) <= max_len for end, ids in stream.notes(rows["u"][1:2], e.ctx, users["u"], False))
+    assert all(end + len(ids) <= max_len for end, ids in stream.notes(t, rows["u"][1:2], e.ctx, users["u"], False))
     assert not data.EpisodeStream(t, rows, users, "sft", 2, 1, 10_000, 0, describe=True).encode(
         [], rows["u"][2], random.Random(0)).notes  # no shots: nothing to read, no note
 
@@ -598,3 +598,33 @@ def test_grouped_preference_batches_score_every_pair_as_ungrouped():
                   for bs in (plain, grouped)]
     assert sum(b["idx"].numel() for b in grouped) < sum(b["idx"].numel() for b in plain)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_bpe_dropout_writes_each_episode_in_pieces_and_keeps_its_texts_and_slots():
+    """--bpe-dropout: every batch is the plain stream's batch with the same texts (decoded) in
+    more tokens, the same for the same batch index; a shot's slot (--shot-pairs) and a note's
+    end (--describe) still point where the shot sits in the pieces the context holds."""
+    users = {f"u{u}": {"domain": "roleplay", "traits": {"formality": 1.0}} for u in range(8)}
+    rows = {u: [Pref(u, f"Tell me about thermodynamics {i}?", f"Certainly, thermodynamics explains {i}.",
+                     f"Hey, thermodynamics rocks {i}. Ha!") for i in range(6)] for u in users}
+    t = Tokenizer(data.train_bpe([x for rs in rows.values() for r in rs for x in (r.prompt, r.chosen, r.rejected)],
+                                 400))
+    make = lambda p, **kw: data.EpisodeStream(t, rows, users, "fspo", 2, 4, 10_000, 5, bpe_dropout=p, **kw)
+    texts = lambda b: [t.decode(r[s != data.PAD].tolist()) for r, s in zip(b["idx"], b["seg"])]
+    plain, dropped = make(0.0), make(0.2)
+    more = 0
+    for i in range(plain.per_epoch):
+        a, b = plain.batch(i), dropped.batch(i)
+        assert texts(a) == texts(b)
+        assert torch.equal(b["idx"], dropped.batch(i)["idx"])  # a pure function of (seed, i)
+        more += int((b["seg"] != data.PAD).sum() - (a["seg"] != data.PAD).sum())
+    assert more > 0
+    pairs = make(0.2, shot_pairs=True)
+    for i in range(pairs.per_epoch):
+        for s, q in pairs.draw(0)[i * 4:(i + 1) * 4]:
+            e = pairs.encode(s, q, random.Random(i))
+            assert [t.decode(e.ctx[a:end]) for a, end, _ in e.shot_pairs] == [x.chosen for x in s[-e.n_shots:]]
+    notes = make(0.2, describe=True)
+    e = notes.encode(rows["u0"][:2], rows["u0"][2], random.Random(0))
+    assert [t.decode(e.ctx[:end]).endswith(rows["u0"][k].rejected + "\n") for k, (end, _) in enumerate(e.notes[:2])] \
+        == [True, True]

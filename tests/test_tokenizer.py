@@ -166,3 +166,26 @@ def test_bpe_training_is_deterministic_and_fills_the_vocabulary():
     texts = templated_corpus(2, 200_000)
     ranks = train_bpe(texts, 1024)
     assert len(ranks) == 1023 and train_bpe(texts, 1024) == ranks
+
+
+def test_bpe_dropout_is_encode_at_zero_and_writes_the_same_text_in_smaller_pieces(tok, corpus):
+    """Tokenizer.dropped with p = 0 is tiktoken's encoding word by word; with p > 0 it decodes to
+    the same text in more tokens, each piece a vocabulary entry, and at p near 1 to bytes.
+    DroppedMerges writes a word the same way throughout one episode and otherwise afresh."""
+    r = random.Random(0)
+    texts = corpus[:200] + [random_unicode(r, 60) for _ in range(20)]
+    for text in texts:
+        words = data.WORDS.findall(text)
+        assert [i for w in words for i in tok.dropped(w, 0.0, r)] == tok.encode(text)
+        assert data.DroppedMerges(tok, 0.0, r).encode(text) == tok.encode(text)
+        ids = data.DroppedMerges(tok, 0.3, random.Random(1)).encode(text)
+        assert tok.decode(ids) == text and len(ids) >= len(tok.encode(text))
+        assert data.DroppedMerges(tok, 0.999999, r).encode(text) == [tok.ranks[bytes([b])] for b in text.encode()]
+    long_words = sorted({w for t in corpus[:200] for w in data.WORDS.findall(t) if len(tok.encode(w)) == 1
+                         and len(w) > 6})
+    one = data.DroppedMerges(tok, 0.3, random.Random(2))
+    assert [one.encode(w) for w in long_words] == [one.encode(w) for w in long_words]  # one episode
+    other = data.DroppedMerges(tok, 0.3, random.Random(3))
+    split = [len(one.encode(w)) > 1 for w in long_words]
+    assert 0.2 < sum(split) / len(split) < 1  # whole words come apart, not every one
+    assert [one.encode(w) for w in long_words] != [other.encode(w) for w in long_words]
