@@ -650,3 +650,24 @@ def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
     assert p["oracle_lr"] != p["pref_lr"]
     assert lr("--method", "oracle") == p["oracle_lr"] and lr("--method", "fspo") == p["pref_lr"]
     assert lr("--method", "oracle", "--oracle-lr", "1e-5") == 1e-5 and lr("--method", "oracle", "--lr", "2e-5") == 2e-5
+
+
+def test_bpe_dropout_reaches_the_training_stream_and_not_the_running_metric(tiny):
+    """A stage's --bpe-dropout writes its training batches in pieces; the val users' running
+    metric is scored on the plain tokens evaluation uses."""
+    tok, rp = data.Tokenizer.load(str(tiny / "tokenizer.txt")), tiny / "data" / "roleplay"
+    prefs, users = str(rp / "prefs.jsonl"), str(rp / "users.jsonl")
+    streams = {}
+    for p in ("0", "0.3"):
+        args = fspo.get_args(stage_args(tiny, tiny / "bd", "--method", "fspo", "--bpe-dropout", p)[1:])
+        args.bpe_dropout = fspo.domain_bpe_dropout(args, "roleplay")
+        streams[p] = fspo.make_streams(args, tok, prefs, users, "cpu")
+    (plain, held0), (dropped, held1) = streams["0"], streams["0.3"]
+    assert not torch.equal(plain.batch(0)["seg"], dropped.batch(0)["seg"])
+    assert all(torch.equal(a["idx"], b["idx"]) for a, b in zip(held0["batches"], held1["batches"]))
+    # a stage trained without it (or before the flag) is not reused under it, nor the reverse
+    saved = {"args": {k: getattr(args, k, None) for k in fspo.RECIPE + fspo.PREF_RECIPE}, "batch_group": 1,
+             "inputs": {"text_format": 1}}
+    fspo.check_recipe(saved, args, {"text_format": 1}, "x")
+    with pytest.raises(ValueError, match="bpe_dropout: None there, 0.3 now"):
+        fspo.check_recipe(dict(saved, args=dict(saved["args"], bpe_dropout=None)), args, {"text_format": 1}, "x")

@@ -287,6 +287,33 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
         (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 750)]
 
 
+
+def test_bpe_dropout_reaches_the_stages_of_the_domains_it_names(tmp_path, monkeypatch):
+    """--bpe-dropout per domain: the paper preset's 'elix:0.03' reaches every ELIX stage and no
+    other (None there, so their recipes and caches are those of a run without the flag); one
+    number reaches every stage; a lone stage takes its --domain's; nonsense is refused."""
+    got = {}
+    monkeypatch.setattr(fspo, "run_stage", lambda args, tok, tp, name, out, *a, bpe_dropout=None, **kw:
+                        got.__setitem__(os.path.relpath(out, tmp_path), bpe_dropout))
+    monkeypatch.setattr(fspo.evaluation, "evaluate_runs", lambda *a: "")
+    monkeypatch.setattr(fspo, "ensure_data", lambda *a: None)
+    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: None)
+    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--jobs", "1"])
+    assert len(got) == 20 and {k: v for k, v in got.items() if v is not None} == \
+        {f"elix-4shot/{m}": 0.03 for m in ("sft", "oracle", "fspo", "pref-ft")}
+    got.clear()
+    fspo.main(["--preset", "paper", "--out", str(tmp_path), "--jobs", "1", "--bpe-dropout", "0.1"])
+    assert len(got) == 20 and set(got.values()) == {0.1}
+    seen = []
+    monkeypatch.setattr(fspo, "train", lambda a, *rest: seen.append(a.bpe_dropout) or {})
+    monkeypatch.setattr(fspo.data, "ensure_tokenizer", lambda *a: fspo.data.Tokenizer({bytes([i]): i for i in range(256)}))
+    for domain in ("elix", "reviews"):
+        fspo.main(["--preset", "paper", "--method", "sft", "--domain", domain, "--out", str(tmp_path / domain)])
+    assert seen == [0.03, None]
+    for bad in ("elix:often", "1.5"):
+        with pytest.raises(SystemExit, match="--bpe-dropout"):
+            fspo.main(["--preset", "paper", "--out", str(tmp_path), "--jobs", "1", "--bpe-dropout", bad])
+
 def record_stage(args, tok, tok_path, name, out, **kw):
     """A stand-in for run_stage that notes when it ran and on how many threads."""
     t0 = time.time()
