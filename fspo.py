@@ -527,9 +527,9 @@ def domain_methods(args, domain, n=None):
 
 def domain_bpe_dropout(args, domain):
     """--bpe-dropout for one domain's stages -> float, or None for none (so that a stage without it
-    keeps the recipe, and the cache, of one trained before the flag). The paper preset names ELIX
-    alone: only its held-out texts hold tokens that no training text does (README, "The paper's
-    tables")."""
+    keeps the recipe, and the cache, of one trained before the flag). The presets name ELIX
+    alone: only its held-out texts hold tokens that no training text does (README, "How the
+    method is implemented", BPE-dropout)."""
     text = args.bpe_dropout or ""
     entries = dict(e.rpartition(":")[::2] for e in text.split())
     try:
@@ -810,7 +810,7 @@ PRESETS = {
     # bpe_dropout on ELIX alone: its held-out concepts are written in tokens no training text holds
     # (roleplay's and Reviews' held-out texts have none); the ELIX oracle ranked 65.3% of 1,200 val
     # pairs without it, 85.6% with p = 0.03 in the SFT and the oracle, 82.8% with 0.1 in both
-    # (README, "BPE-dropout")
+    # (EXPERIMENTS.md, "ELIX's held-out concepts")
     "annotated": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=2048, block_size=1024, shots=8,
                       batch_size=16, group=16, grad_accum=1, sft_steps=750, sft_shots=2, pref_steps=2500,
                       stage_steps="oracle:2000,pooled:500", oracle_lr=8.5e-4, fspo_init="oracle",
