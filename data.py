@@ -172,7 +172,7 @@ class DroppedMerges:
 
     def __init__(self, tok: Tokenizer, p: float, rng: random.Random):
         self.tok, self.p, self.rng, self.words = tok, p, rng, {}
-        self.eot_id, self.n_vocab = tok.eot_id, tok.n_vocab
+        self.eot_id = tok.eot_id
 
     def encode(self, s: str) -> list[int]:
         out = []
@@ -181,9 +181,6 @@ class DroppedMerges:
                 self.words[w] = self.tok.dropped(w, self.p, self.rng)
             out += self.words[w]
         return out
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(ids)
 
 def file_sha256(path) -> str:
     """A file's fingerprint: a stage records those of its inputs and refuses changed ones."""
@@ -629,7 +626,9 @@ class EpisodeStream:
             shots = shots[: self.use_shots]
         elif self.annotate == "tally" and shots:  # tallies of 1..N shots: the curve's every k up to N
             shots = shots[: rng.randint(1, len(shots))]
-        tok = DroppedMerges(self.tok, self.bpe_dropout, random.Random(rng.random())) if self.bpe_dropout else self.tok
+        tok = self.tok
+        if self.bpe_dropout:  # this episode's pieces, drawn from its batch's rng
+            tok = DroppedMerges(self.tok, self.bpe_dropout, random.Random(rng.random()))
         e = encode_episode(tok, shots, query, self.max_len, self.name, user, self.shot_pairs, self.annotate)
         if self.describe and e.n_shots:
             e.notes = self.notes(tok, shots[len(shots) - e.n_shots:], e.ctx, user, flip)

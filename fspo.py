@@ -532,6 +532,8 @@ def domain_bpe_dropout(args, domain):
     method is implemented", BPE-dropout)."""
     text = args.bpe_dropout or ""
     entries = dict(e.rpartition(":")[::2] for e in text.split())
+    if bad := set(entries) - {"", domain, *SHOTS}:  # a misspelt domain would pass silently
+        raise SystemExit(f"fspo.py: --bpe-dropout {text!r} names {', '.join(sorted(bad))}, not a domain")
     try:
         p = float(entries.get(domain, entries.get("", 0)))
     except ValueError:

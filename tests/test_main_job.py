@@ -287,7 +287,6 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
         (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 750)]
 
 
-
 def test_bpe_dropout_reaches_the_stages_of_the_domains_it_names(tmp_path, monkeypatch):
     """--bpe-dropout per domain: the paper preset's 'elix:0.03' reaches every ELIX stage and no
     other (None there, so their recipes and caches are those of a run without the flag); one
@@ -310,9 +309,10 @@ def test_bpe_dropout_reaches_the_stages_of_the_domains_it_names(tmp_path, monkey
     for domain in ("elix", "reviews"):
         fspo.main(["--preset", "paper", "--method", "sft", "--domain", domain, "--out", str(tmp_path / domain)])
     assert seen == [0.03, None]
-    for bad in ("elix:often", "1.5"):
+    for bad in ("elix:often", "1.5", "elx:0.03"):
         with pytest.raises(SystemExit, match="--bpe-dropout"):
             fspo.main(["--preset", "paper", "--out", str(tmp_path), "--jobs", "1", "--bpe-dropout", bad])
+
 
 def record_stage(args, tok, tok_path, name, out, **kw):
     """A stand-in for run_stage that notes when it ran and on how many threads."""
