@@ -686,16 +686,18 @@ def shot_curve(models, prefs, users, tok, args, device, domain, n_shots, res, wr
                                                  gaps=res.setdefault("pair_accuracy_unseen_gap", {}))
     if domain == "elix":
         res["pair_accuracy_by_difficulty"] = by_difficulty(models, held_rows, ref, tok, args, device,
-                                                           n_shots, writers)
+                                                           n_shots, writers, reference)
 
 
-def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=None):
+def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=None, reference=None):
     """ELIX's easy / hard split, {method: {"easy": interval, "hard": interval}}: the held-out
     episodes of n_shots shots, split by their query pair's difficulty tag. The split is a
     property of the query pair alone: the shots are the user's ordinary ones either way (a hard
     query given only hard shots would tell the user's level less, and mix the two effects).
     Few-shot prompted, the SFT that trained on no preference, is scored by the implicit reward
-    of its reading: its log-probs with the shots against its own with none."""
+    of its reading: its log-probs with the shots against its own with none. With reference
+    (curve_rows'), the reference learner's row on the same episodes: how hard each kind of
+    pair is for a learner that reads the judge's features from the same shots."""
     out, block = {}, models["sft"].config.block_size
     for m in ["prompted"] + [m for m in ("fspo", "fspo-dpo", "pref-ft", "pooled") if m in models]:
         if m == "prompted":  # the base with the shots against itself without: what its reading moves
@@ -707,12 +709,20 @@ def by_difficulty(models, held_rows, ref, tok, args, device, n_shots, writers=No
         else:
             hits, eps = curve_hits(models[m].token_logprobs, ref, tok, held_rows, n_shots, n_shots,
                                    args, block, device, m, (writers or {}).get(m))
-        for d in ("easy", "hard"):
-            idx = [i for i, (_, q) in enumerate(eps) if q.tags.get("difficulty") == d]
-            if idx:
-                out.setdefault(m, {})[d] = interval([float(hits[i]) for i in idx], [eps[i][1].user_id for i in idx],
-                                                    items=True)
+        split_by_difficulty(out, m, hits, eps)
+    if reference:  # every method's episodes are the same
+        split_by_difficulty(out, "reference", reference_credit(*reference, eps, n_shots), eps)
     return out
+
+
+def split_by_difficulty(out, row, credit, eps):
+    """out[row] = {"easy": interval, "hard": interval} of the per-episode credit, split by
+    the query pair's difficulty tag."""
+    for d in ("easy", "hard"):
+        idx = [i for i, (_, q) in enumerate(eps) if q.tags.get("difficulty") == d]
+        if idx:
+            out.setdefault(row, {})[d] = interval([float(credit[i]) for i in idx],
+                                                  [eps[i][1].user_id for i in idx], items=True)
 
 
 def win_rates(models, methods, items, users, tok, args, domain, res, writers=None):
@@ -977,6 +987,9 @@ def elix_table(r, orders):
     lines += [f"| {LABELS[m]} | {cell(acc[m]['easy'])} | {cell(acc[m]['hard'])} | {p[0]:.1f} / {p[1]:.1f} | "
               + (cell(wr[m]["all"]) if m in wr else "-") + " |"
               for m, p in PAPER["elix"].items() if {"easy", "hard"} <= set(acc.get(m, ()))]
+    if {"easy", "hard"} <= set(acc.get("reference", ())):  # how hard the data makes each kind of pair
+        lines.append(f"| {LABELS['reference']} | {cell(acc['reference']['easy'])} | "
+                     f"{cell(acc['reference']['hard'])} | - | - |")
     if {"easy", "hard"} <= set(acc.get("fspo", ())):
         orders += [(f"elix {d}: FSPO (IPO) > {LABELS[b]}", acc["fspo"][d], acc[b][d], True)
                    for d in ("easy", "hard") for b in ("prompted", "pref-ft") if d in acc.get(b, {})]

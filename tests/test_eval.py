@@ -164,10 +164,11 @@ def test_pair_accuracy_counts_against_brute_force(k):
                                      k, 2, args, 512, "cpu")[0]) == 4
 
 
-def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
+def test_elix_split_scores_each_query_with_the_users_ordinary_shots(monkeypatch):
     """by_difficulty: each held-out episode's query pair scored after its N shots, whatever their
     difficulty, the figures split by the query's tag; brute force over the same episodes. Few-shot
-    prompted: the SFT's margin with the shots minus its margin without."""
+    prompted: the SFT's margin with the shots minus its margin without. The reference learner's
+    row: its credit on the same episodes and N shots, split the same way."""
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     rows = [Pref(f"u{u}", f"q{i}?", f"yes {u}{i}", f"no {i}{u}", "test", {"difficulty": "easy" if i % 2 else "hard"})
             for u in range(8) for i in range(6)]
@@ -175,7 +176,11 @@ def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
     sft, fspo = (GPT(GPTConfig(block_size=512, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16)).eval()
                  for _ in range(2))
     args = Namespace(batch_size=2, seed=0, curve_episodes=0, curve_epochs=1, dtype="fp32")
-    got = evaluation.by_difficulty({"sft": sft, "fspo": fspo}, by_user(rows), sft.token_logprobs, tok, args, "cpu", 2)
+    # a stand-in learner whose credit names the episode: its shots' questions and the query's
+    fake = lambda domain, shots, q, w, l2: float(sum(int(s.prompt[1]) for s in shots) + int(q.prompt[1]) > 6)
+    monkeypatch.setattr(evaluation.judge, "reference_pair_credit", fake)
+    got = evaluation.by_difficulty({"sft": sft, "fspo": fspo}, by_user(rows), sft.token_logprobs, tok, args, "cpu", 2,
+                                   reference=("roleplay", None))
     stream = data.EpisodeStream(tok, by_user(rows), None, "fspo", 2, 2, 512, args.seed + 17)
     stream.batch(0)
     hits, users = {"easy": [], "hard": []}, {"easy": [], "hard": []}
@@ -194,6 +199,12 @@ def test_elix_split_scores_each_query_with_the_users_ordinary_shots():
     assert 0 < sum(read["easy"] + read["hard"]) < 16  # a mix: a flipped sign would show
     for d in ("easy", "hard"):
         assert got["prompted"][d] == evaluation.interval(read[d], users[d], items=True)
+    learner = {d: [fake(None, shots, q, None, None) for shots, q in stream.episodes if q.tags["difficulty"] == d]
+               for d in ("easy", "hard")}
+    assert 0 < sum(learner["easy"] + learner["hard"]) < 16
+    for d in ("easy", "hard"):
+        assert got["reference"][d] == evaluation.interval(learner[d], users[d], items=True)
+    assert list(got) == ["prompted", "fspo", "reference"]
     # the point of the split: a hard query may follow easy shots (the user's ordinary ones)
     assert any(q.tags["difficulty"] == "hard" and any(s.tags["difficulty"] == "easy" for s in shots)
                for shots, q in stream.episodes)
@@ -524,7 +535,8 @@ def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
     iv = lambda rate, lo, hi, n=10: {"rate": rate, "lo": lo, "hi": hi, "n": n}
     role = {"oracle": iv(.9, .85, .95), "cot": iv(.7, .6, .8), "fspo": iv(.8, .75, .85), "pooled": iv(.5, .4, .6),
             "prompted": iv(.45, .4, .5), "base": iv(.5, .5, .5), "pref-ft": iv(.55, .5, .6)}
-    elix = {"fspo": {"easy": iv(.7, .6, .8), "hard": iv(.6, .5, .7)}, "prompted": {"easy": iv(.5, .4, .6), "hard": iv(.6, .5, .7)}}
+    elix = {"fspo": {"easy": iv(.7, .6, .8), "hard": iv(.6, .5, .7)}, "prompted": {"easy": iv(.5, .4, .6), "hard": iv(.6, .5, .7)},
+            "reference": {"easy": iv(.9, .85, .95), "hard": iv(.95, .9, 1.)}}
     rev = lambda f: {"fspo": {"all": iv(f, f - .1, f + .1), "trained": iv(.7, .6, .8), "interpolated": iv(.8, .7, .9)},
                      "prompted": {"all": iv(.3, .2, .4)}}
     results = [{"domain": "roleplay", "shots": 8, "split": "test", "win_rate": {m: {"all": v} for m, v in role.items()}},
@@ -534,6 +546,7 @@ def test_paper_tables_set_each_cell_beside_the_papers_and_check_its_orderings():
     text = "\n".join(evaluation.paper_tables(results))
     assert "| FSPO (IPO) | 80.0 [75.0, 85.0] (n=10) | 82.6 |" in text
     assert "| few-shot prompted (SFT) | 50.0 [40.0, 60.0] | 60.0 [50.0, 70.0] | 92.4 / 81.4 | - |" in text
+    assert "| reference learner (judge's features) | 90.0 [85.0, 95.0] | 95.0 [90.0, 100.0] | - | - |" in text
     assert "| FSPO (IPO) | 8 | 70.0 [60.0, 80.0] (n=10) | 80.0 [70.0, 90.0] (n=10) | 80.4 / 73.6 |" in text
     verdicts = dict(line.strip("| ").split(" | ")[::2] for line in text.split("orderings, here")[1].splitlines()
                     if line.startswith("| ") and not line.startswith("| ordering"))
