@@ -423,7 +423,10 @@ class Reviews(Writer, judge.Reviews):
         asp = [judge.RV_ASPECT["acting" if st["aspect"] > 0 else "story"].split()[j] for j in si]
         gw = judge.RV_GENRES[genre].split()
         out = [RV_VERDICT[writer].format(T=title, g=genre, a=adj[0], asp=asp[0])]
-        out += [RV_DETAIL[writer].format(gw=gw[gi[i]], a=adj[i + 1], asp=asp[i + 1]) for i in range(st["length"] + 1)]
+        # a second detail sentence in the next writer's frame: two sentences one word apart
+        # are what a small model's greedy answers repeat, in place of ending the review
+        out += [RV_DETAIL[(writer + i) % len(RV_DETAIL)].format(gw=gw[gi[i]], a=adj[i + 1], asp=asp[i + 1])
+                for i in range(st["length"] + 1)]
         if st["rating"] > 0:
             out.append(RV_RATING[writer].format(n=3 + s))
         return " ".join(out)

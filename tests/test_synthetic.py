@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -223,6 +224,19 @@ def test_every_template_word_is_in_the_judge_vocabulary():
                  "reviews": gs.RV_VERDICT + gs.RV_DETAIL + gs.RV_RATING}
     for domain, texts in templates.items():
         assert set(judge.words_of(" ".join(texts))) <= gs.DOMAINS[domain].known, domain
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_no_text_writes_two_sentences_in_one_frame(domain, tiny):
+    """Two sentences of one answer are never the same frame a word or two apart ("Its ghosts
+    scenes have dull plot. Its curse scenes have dull plot."), which a small model's greedy
+    answers learn to repeat rather than end; brute force over every pair of sentences."""
+    def near(a, b):  # the same length, at most half the words changed
+        return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= len(a) // 2
+    sentences = lambda t: [s.split() for s in re.split(r"(?<=[.!?])\s+", t) if s]
+    texts = [t for r in read_jsonl(os.path.join(tiny, domain, "prefs.jsonl")) for t in (r["chosen"], r["rejected"])]
+    assert not [t for t in texts if any(near(a, b) for i, a in enumerate(sentences(t)) for b in sentences(t)[i + 1:])]
+    assert max(len(sentences(t)) for t in texts) >= 3  # answers of several sentences, the check's subject
 
 
 def test_similarity_against_brute_force():
