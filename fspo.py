@@ -836,12 +836,13 @@ PRESETS = {
 }
 # paper: the paper's three tables (README, "The paper's tables"): the annotated recipe on every
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
-# table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft and cot are shorter
-# stages, cot-sft as long as the SFT (cot's description); two stages at once, one core each; its
+# table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft a shorter stage, cot-sft
+# as long as the SFT (cot's description), cot's IPO as long as FSPO's (on val users 750 steps
+# left roleplay's CoT below FSPO, 2,500 above it); two stages at once, one core each; its
 # mirror images drawn per episode, as in its measured run P17 (mirror pairs came after it)
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
     mirror=0.5, mirror_pairs=None, oracle_pairs=None,
-    stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750,cot:750", jobs=2,
+    stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750", jobs=2,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
             "reviews-4shot:oracle,fspo,pref-ft reviews-8shot:oracle,fspo,pref-ft,cot-sft,cot")

@@ -278,13 +278,13 @@ def test_the_paper_presets_chain_trains_each_stage_once_from_its_init_for_its_st
         (r + "sft", None, None, 750), (r + "oracle", r + "sft", None, 2000),
         (r + "fspo", r + "oracle", r + "sft", 2500), (r + "fspo-dpo", r + "oracle", r + "sft", 2500),
         (r + "pref-ft", r + "oracle", None, 500), (r + "pooled", r + "sft", None, 900),
-        (r + "cot-sft", r + "oracle", None, 750), (r + "cot", r + "cot-sft", None, 750),
+        (r + "cot-sft", r + "oracle", None, 750), (r + "cot", r + "cot-sft", None, 2500),
         (e + "sft", None, None, 750), (e + "oracle", e + "sft", None, 2000),
         (e + "fspo", e + "oracle", e + "sft", 2500), (e + "pref-ft", e + "oracle", None, 500),
         (v4 + "sft", None, None, 750), (v4 + "oracle", v4 + "sft", None, 2000),
         (v4 + "fspo", v4 + "oracle", v4 + "sft", 2500), (v4 + "pref-ft", v4 + "oracle", None, 500),
         (v8 + "fspo", v4 + "oracle", v4 + "sft", 2500), (v8 + "pref-ft", v4 + "oracle", None, 500),
-        (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 750)]
+        (v8 + "cot-sft", v4 + "oracle", None, 750), (v8 + "cot", v8 + "cot-sft", None, 2500)]
 
 
 def test_bpe_dropout_reaches_the_stages_of_the_domains_it_names(tmp_path, monkeypatch):
