@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -233,10 +232,10 @@ def test_no_text_writes_two_sentences_in_one_frame(domain, tiny):
     answers learn to repeat rather than end; brute force over every pair of sentences."""
     def near(a, b):  # the same length, at most half the words changed
         return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= len(a) // 2
-    sentences = lambda t: [s.split() for s in re.split(r"(?<=[.!?])\s+", t) if s]
-    texts = [t for r in read_jsonl(os.path.join(tiny, domain, "prefs.jsonl")) for t in (r["chosen"], r["rejected"])]
-    assert not [t for t in texts if any(near(a, b) for i, a in enumerate(sentences(t)) for b in sentences(t)[i + 1:])]
-    assert max(len(sentences(t)) for t in texts) >= 3  # answers of several sentences, the check's subject
+    texts = [judge.scan(t)[0] for r in read_jsonl(os.path.join(tiny, domain, "prefs.jsonl"))
+             for t in (r["chosen"], r["rejected"])]  # each a list of sentences, as the judge reads them
+    assert not [t for t in texts if any(near(a, b) for i, a in enumerate(t) for b in t[i + 1:])]
+    assert max(map(len, texts)) >= 3  # answers of several sentences, the check's subject
 
 
 def test_similarity_against_brute_force():
