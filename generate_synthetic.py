@@ -311,7 +311,7 @@ class Elix(Writer, judge.Elix):
     values = {"example": (-1, 1), "detail": (-1, 1)}
     phrases = EX_PHRASES
     max_traits = 2
-    weight_range = (0.5, 0.9)  # 2 * 2 * 0.9 < LEVEL_W: a level step outweighs all secondary traits
+    weight_range = (0.5, 0.9)  # 2 * 2 * 0.9 < LEVEL_W: missing the level outweighs all secondary traits
 
     def __init__(self):
         super().__init__()

@@ -11,7 +11,8 @@ the judge reads it back with word lexicons, so the same function labels the trai
 model outputs at evaluation. A user's reward:
     r_u(x, y) = W_REL * (relevance(x, y) * quality(y) - (1 - quality(y)))
                 + sum over the user's traits of w_a * feature_a(y)
-(elix adds -LEVEL_W * |level(y) - user level|). generate_synthetic.py writes text in this vocabulary.
+(elix adds -LEVEL_W * level_miss: the whole of LEVEL_W for an answer off the user's level, LEVEL_FAR_W
+per level beyond). generate_synthetic.py writes text in this vocabulary.
 """
 import argparse
 import json
@@ -25,7 +26,9 @@ from types import SimpleNamespace
 import numpy as np
 
 W_REL = 20.0       # larger than any style sum: an off-topic answer loses whatever its style
-LEVEL_W = 4.0      # elix reward lost per level of distance; outweighs all secondary traits
+LEVEL_W = 4.0      # elix reward lost by an answer off the user's level; outweighs all secondary traits
+LEVEL_FAR_W = 0.5  # and per level further off: less than one trait, so two off-level answers are told apart
+                   # by the user's other traits more than by their distance (the paper's hard pairs)
 MARGIN = 1.0       # |r_a - r_b| below this: the persona cannot decide the pair
 MAX_CHARS = 8000   # the judge reads at most this much of a response
 
@@ -335,7 +338,7 @@ class Elix(Judge):
 
     def reward(self, user, f):
         lv = EX_LEVELS.index(user["group"])
-        return super().reward(user, f) - LEVEL_W * (4 if f["level"] is None else abs(f["level"] - lv))
+        return super().reward(user, f) - LEVEL_W * level_miss(f["level"], lv)
 
     def summary(self, user):
         return f"Level: {user['group']}. {super().summary(user)}".strip()
@@ -593,6 +596,13 @@ def trait_recovery(user, text):
     return sum(want in items and not items & set(others) for want, *others in checks) / max(1, len(checks))
 
 
+def level_miss(level, lv):
+    """How far an answer read at `level` (None: no level words) misses level lv, in LEVEL_W units:
+    1 for the first level off, LEVEL_FAR_W / LEVEL_W for each one beyond."""
+    d = 4.0 if level is None else abs(level - lv)
+    return min(d, 1.0) + LEVEL_FAR_W / LEVEL_W * max(d - 1.0, 0.0)
+
+
 # ---------------------------------------------------------------- reference few-shot learner
 # The ceiling a model reading N shots could reach if it knew the judge's features: a logistic
 # regression on feature differences, fitted per user on its shots (or on the training users pooled
@@ -610,7 +620,7 @@ def features(domain, prompt, response):
     f = j.read(str(prompt), response)
     x = [float(f[a]) for a in j.axes]
     if domain == "elix":  # a user at level L weighs the L-th of these by LEVEL_W
-        x += [-4.0 if f["level"] is None else -abs(f["level"] - lv) for lv in range(len(EX_LEVELS))]
+        x += [-level_miss(f["level"], lv) for lv in range(len(EX_LEVELS))]
     return tuple(x)
 
 

@@ -250,3 +250,19 @@ def test_each_side_of_an_axis_is_named_with_words_of_its_own():
         for axis in j.axes:
             a, b = (set(t.split()) for t in j.terms[axis])
             assert not a <= b and not b <= a, (domain, axis)
+
+
+def test_elix_level_miss_by_hand():
+    """An answer off the user's level loses all of LEVEL_W, each level beyond only LEVEL_FAR_W: for a
+    teenager (level 2), a child's answer (0) loses LEVEL_W + LEVEL_FAR_W, an answer with no level
+    words counts as four levels off. The reward differences carry the same figures."""
+    far = judge.LEVEL_FAR_W / judge.LEVEL_W
+    for level, want in ((2, 0.0), (2.5, 0.5), (1, 1.0), (3, 1.0), (0, 1.0 + far), (4, 1.0 + far),
+                        (None, 1.0 + 3 * far)):
+        assert judge.level_miss(level, 2) == pytest.approx(want)
+    el = judge.JUDGES["elix"]
+    user = {"domain": "elix", "traits": {}, "group": "teenager"}
+    f = {"rel": 1.0, "q": 1.0, **{a: 0 for a in el.axes}}
+    r = {lv: el.reward(user, dict(f, level=lv)) for lv in (0, 1, 2)}
+    assert r[2] - r[1] == pytest.approx(judge.LEVEL_W)
+    assert r[1] - r[0] == pytest.approx(judge.LEVEL_FAR_W)
