@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import nullcontext
@@ -695,7 +696,8 @@ def chain_steps(stages):
 def ensure_data(args, data_dir, domains):
     """Generate each domain the main job needs unless it is there. stats.json is the
     generator's last write: a domain without it is incomplete; one made with other generator
-    settings (say, an older preset's) is refused, not reused."""
+    settings (say, an older preset's), or that today's generator code writes otherwise, is
+    refused, not reused."""
     missing = []
     for d in domains:
         argv = ["--domain", d, "--out", data_dir, "--scale", args.scale, "--seed", str(args.seed),
@@ -711,9 +713,25 @@ def ensure_data(args, data_dir, domains):
         if diff:
             raise SystemExit(f"{stats_path}: the data was generated with other settings "
                              f"({'; '.join(diff)}); delete {os.path.dirname(stats_path)} to regenerate it")
+        if stale := stale_files(argv, data_dir, d):
+            raise SystemExit(f"{os.path.join(data_dir, d, stale[0])}: not what generate_synthetic.py and "
+                             f"judge.py write today with its settings (their code changed since); delete "
+                             f"{os.path.dirname(stats_path)} to regenerate it")
     for argv in missing:
         print(f"[data] generating {argv[1]} ({args.scale} scale) into {data_dir}")
         synth.main(argv)
+
+
+def stale_files(argv, data_dir, domain):
+    """The data files of `domain` that the generator, run again with the same flags (a few
+    seconds), writes differently: settings alone miss a change to the generator's or judge's
+    code, and stages trained on the old labels would be reported under the new ones."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = synth.parse_args([*argv, "--out", tmp])
+        cfg.pools = {}
+        synth.generate(domain, cfg, tmp)
+        return [f for f in ("prefs.jsonl", "users.jsonl") if data.file_sha256(os.path.join(tmp, domain, f))
+                != data.file_sha256(os.path.join(data_dir, domain, f))]
 
 
 def main_job(args):

@@ -354,3 +354,18 @@ def test_jobs_run_stages_side_by_side_each_after_the_stages_it_starts_from(tmp_p
     assert b0 >= a1 and d0 >= b1  # after their init, and d after its ref
     assert c0 < a1 and a0 < c1  # a and c side by side
     assert na == max(1, torch.get_num_threads() // 2)
+
+
+def test_data_from_older_generator_code_is_refused(tmp_path, monkeypatch, capsys):
+    """ensure_data reuses a domain only if the generator, run again with the same flags, writes
+    the same bytes: a change to the judge's code (here its quality weight) relabels the pairs with
+    no setting changed, and the old data is refused with its path, not trained on."""
+    args = Namespace(scale="tiny", seed=3, synth="--workers 1")
+    data_dir = str(tmp_path / "data")
+    fspo.ensure_data(args, data_dir, ["roleplay"])
+    before = (tmp_path / "data" / "roleplay" / "prefs.jsonl").read_bytes()
+    fspo.ensure_data(args, data_dir, ["roleplay"])  # the same code: reused as it is
+    monkeypatch.setattr(judge, "W_REL", judge.W_REL * 3)
+    with pytest.raises(SystemExit, match=r"roleplay/prefs\.jsonl: not what generate_synthetic\.py"):
+        fspo.ensure_data(args, data_dir, ["roleplay"])
+    assert (tmp_path / "data" / "roleplay" / "prefs.jsonl").read_bytes() == before  # left as it was
