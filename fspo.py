@@ -594,12 +594,21 @@ def check_recipe(saved, args, inputs, where):
     was = dict(saved["args"])
     if pref and "batch_group" not in saved:  # before 2026-12-05 stage 2 never grouped, whatever --group said
         was["group"] = None
-    diff = changed_settings(was, {k: getattr(args, k, None) for k in keys})
+    now = {k: getattr(args, k, None) for k in keys} | {"out": args.out}
+    diff = changed_settings(seen_from_out(was), seen_from_out(now))
     diff += changed_settings({"ema": saved.get("ema", 0.0)}, {"ema": stage_ema(stage_name(args), args.ema)})
     diff += changed_settings({"text_format": 1} | saved.get("inputs", {}), inputs)  # 1: before it was kept
     if diff:
         raise ValueError(f"{where} was trained with other settings or inputs ({'; '.join(diff)}); "
                          f"delete it or pick another --out")
+
+
+def seen_from_out(recipe):
+    """The recipe with init and ref as paths from the stage's own dir (out, then dropped): a run
+    dir copied or moved whole keeps its cache (their weights are fingerprinted in its inputs)."""
+    out = recipe.get("out")
+    rel = {k: os.path.relpath(recipe[k], out) for k in ("init", "ref") if out and recipe.get(k)}
+    return {k: v for k, v in recipe.items() if k != "out"} | rel
 
 
 def stage_oracle_pairs(args, name, users):

@@ -501,6 +501,21 @@ def test_a_stage_trained_on_texts_of_an_older_format_is_refused():
             fspo.check_recipe(older, args, now, "x")
 
 
+def test_a_run_dir_moved_whole_keeps_its_cache():
+    """init and ref are compared as paths from the stage's own dir: the same run under another
+    root is kept; a stage whose init is now another stage of the run is refused, naming init."""
+    args = fspo.get_args(["--method", "fspo"])
+    recipe = {k: getattr(args, k, None) for k in fspo.RECIPE + fspo.PREF_RECIPE}
+    inputs = {"prefs": "ab", "tokenizer": "cd", "init": "ef", "text_format": 1}
+    saved = {"args": recipe | {"out": "/old/run/x-4shot/fspo", "init": "/old/run/x-4shot/oracle",
+                               "ref": "/old/run/x-4shot/sft"}, "batch_group": 1, "inputs": inputs}
+    args.out, args.init, args.ref = "/new/copy/x-4shot/fspo", "/new/copy/x-4shot/oracle", "/new/copy/x-4shot/sft"
+    fspo.check_recipe(saved, args, inputs, "x")  # moved whole: kept
+    args.init = "/new/copy/x-4shot/sft"
+    with pytest.raises(ValueError, match=r"init: '\.\./oracle' there, '\.\./sft' now"):
+        fspo.check_recipe(saved, args, inputs, "x")
+
+
 def test_a_stage_on_a_retrained_init_is_refused(mine):
     common = ["--method", "fspo", "--steps", "2", "--init", str(mine / "init")]
     assert run(mine_args(mine, mine / "init", "--method", "sft", "--steps", "2")).returncode == 0
