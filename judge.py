@@ -27,8 +27,8 @@ import numpy as np
 
 W_REL = 20.0       # larger than any style sum: an off-topic answer loses whatever its style
 LEVEL_W = 4.0      # elix reward lost by an answer off the user's level; outweighs all secondary traits
-LEVEL_FAR_W = 0.5  # and per level further off: less than one trait, so two off-level answers are told apart
-                   # by the user's other traits more than by their distance (the paper's hard pairs)
+LEVEL_FAR_W = 0.5  # and per level further off: at most one trait's weight, so two off-level answers are told
+                   # apart by the user's other traits more than by their distance (the paper's hard pairs)
 MARGIN = 1.0       # |r_a - r_b| below this: the persona cannot decide the pair
 MAX_CHARS = 8000   # the judge reads at most this much of a response
 
