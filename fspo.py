@@ -865,9 +865,9 @@ PRESETS = {
 # domain at the paper's N (no shots: Reviews runs 4 and 8, its SFT and oracle trained once), each
 # table's rows (Reviews' CoT at 8 shots only, as in the paper); pref-ft a shorter stage, cot-sft
 # as long as the SFT (cot's description), cot's IPO as long as FSPO's (on val users 750 steps
-# left roleplay's CoT below FSPO, 2,500 above it; on test, run P20, still below); two stages at
-# once, one core each; its mirror images drawn per episode, as in its measured run P17 (mirror
-# pairs came after it)
+# left roleplay's CoT below FSPO, 2,500 above it; on test, below in run P20, level in P21); two
+# stages at once, one core each; its mirror images drawn per episode, as in run P17 (mirror
+# pairs came after it). Run P21 took 58 minutes on 2 cores
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
     mirror=0.5, mirror_pairs=None, oracle_pairs=None,
     stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750", jobs=2,
