@@ -736,9 +736,7 @@ def stale_files(argv, data_dir, domain):
     seconds), writes differently: settings alone miss a change to the generator's or judge's
     code, and stages trained on the old labels would be reported under the new ones."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = synth.parse_args([*argv, "--out", tmp])
-        cfg.pools = {}
-        synth.generate(domain, cfg, tmp)
+        synth.generate(domain, synth.parse_args([*argv, "--out", tmp]), tmp)
         return [f for f in ("prefs.jsonl", "users.jsonl") if data.file_sha256(os.path.join(tmp, domain, f))
                 != data.file_sha256(os.path.join(data_dir, domain, f))]
 

@@ -732,13 +732,13 @@ def parse_args(argv=None):
     except OSError as e:
         p.error(f"--out {cfg.out}: {e.strerror}")
     cfg.names = names
+    cfg.pools = {}  # per domain, its questions by split: generate() fills it
     return cfg
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     names = cfg.names
-    cfg.pools = {}
     for name in names:
         t0 = time.time()
         s = generate(name, cfg, cfg.out)

@@ -356,7 +356,7 @@ def test_jobs_run_stages_side_by_side_each_after_the_stages_it_starts_from(tmp_p
     assert na == max(1, torch.get_num_threads() // 2)
 
 
-def test_data_from_older_generator_code_is_refused(tmp_path, monkeypatch, capsys):
+def test_data_from_older_generator_code_is_refused(tmp_path, monkeypatch):
     """ensure_data reuses a domain only if the generator, run again with the same flags, writes
     the same bytes: a change to the judge's code (here its quality weight) relabels the pairs with
     no setting changed, and the old data is refused with its path, not trained on."""
