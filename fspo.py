@@ -624,12 +624,14 @@ def stage_oracle_pairs(args, name, users):
     return True
 
 
-def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None, **over):
+def run_stage(args, tok, tok_path, name, out, prefs, users, init=None, ref=None, bpe_dropout=None, **over):
     """Train stage `name` (a data.METHODS name, "-dpo" for the DPO loss) into `out` unless done.
-    ref: the frozen reference if not init."""
+    ref: the frozen reference if not init. bpe_dropout: the stage's domain's probability
+    (domain_bpe_dropout), never --bpe-dropout's text, which names domains."""
     a = copy.copy(args)
     a.method, a.loss = name.removesuffix("-dpo"), "dpo" if name.endswith("-dpo") else "ipo"
     a.out, a.init, a.ref, a.annotate = out, init, ref, annotates(name, args)
+    a.bpe_dropout = bpe_dropout
     a.oracle_pairs = stage_oracle_pairs(args, name, users)
     for k, v in over.items():
         setattr(a, k, v)
@@ -865,9 +867,12 @@ PRESETS = {
 # as long as the SFT (cot's description), cot's IPO as long as FSPO's (on val users 750 steps
 # left roleplay's CoT below FSPO, 2,500 above it; on test, below in run P20, level in P21); two
 # stages at once, one core each; its mirror images drawn per episode, as in run P17 (mirror
-# pairs came after it). Run P21 took 58 minutes on 2 cores
+# pairs came after it); the report reads four questions per test user for the win rates and
+# two draws of each user's shots for pair accuracy (run P21 read two and one: 8 of its 17
+# orderings stood within their intervals, and 32 of the 90 minutes went unused). Run P21
+# took 58 minutes on 2 cores
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
-    mirror=0.5, mirror_pairs=None, oracle_pairs=None,
+    mirror=0.5, mirror_pairs=None, oracle_pairs=None, eval_questions=4, curve_epochs=2,
     stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750", jobs=2,
     domains="roleplay,elix,reviews",
     methods="roleplay:oracle,fspo,fspo-dpo,pref-ft,pooled,cot-sft,cot elix:oracle,fspo,pref-ft "
@@ -989,8 +994,8 @@ def main_job_flags(a):
     a("--synth", default=None, help="main job: more generate_synthetic.py flags, one string")
     a("--curve-episodes", type=int, default=None,
       help="main job: held-out episodes per pair-accuracy figure of the report (0 = all)")
-    a("--curve-epochs", type=int, default=1,
-      help="main job, with --curve-episodes 0: epochs of held-out episodes per figure (eval.py's)")
+    a("--curve-epochs", type=int, default=None,
+      help="main job, with --curve-episodes 0: epochs of held-out episodes per figure (eval.py's; default 1)")
     a("--eval-users", type=int, default=None, help="held-out users in the win-rate eval")
     a("--eval-questions", type=int, default=None, help="held-out questions per user")
     a("--max-new-tokens", type=int, default=96, help="generation length cap in eval")
@@ -1019,6 +1024,7 @@ def get_args(argv=None):
     if lone_pref:  # the preset's lr is the SFT's
         args.lr = stage_lr(args.method, args)
     args.nll = args.nll or 0.0  # presets without it: the paper's pure IPO / DPO
+    args.curve_epochs = args.curve_epochs or 1
     args.describe = args.describe or None  # 0 = off = unset: a stage trained before the flag matches
     args.annotate = args.annotate or None
     args.group = args.group if (args.group or 0) > 1 else None  # 0 and 1 = off = unset, as describe

@@ -232,6 +232,19 @@ def test_oracle_pairs_reach_the_oracle_alone(tiny, monkeypatch):
     assert seen == {"oracle": True, "fspo": None}
 
 
+def test_a_stage_reads_bpe_dropout_as_its_domains_probability(tiny, monkeypatch):
+    """run_stage trains with the probability it is given (the main job's domain_bpe_dropout),
+    or none: never with --bpe-dropout's text, which names domains ("elix:0.03")."""
+    tok, rp = data.Tokenizer.load(str(tiny / "tokenizer.txt")), tiny / "data" / "roleplay"
+    got = []
+    monkeypatch.setattr(fspo, "train", lambda a, *rest: got.append(a.bpe_dropout) or {})
+    args = fspo.get_args(stage_args(tiny, tiny / "bd", "--bpe-dropout", "elix:0.03")[1:])
+    for i, p in enumerate((None, fspo.domain_bpe_dropout(args, "elix"), fspo.domain_bpe_dropout(args, "roleplay"))):
+        fspo.run_stage(args, tok, str(tiny / "tokenizer.txt"), "fspo", str(tiny / "bd" / str(i)),
+                       str(rp / "prefs.jsonl"), str(rp / "users.jsonl"), **({} if i == 0 else {"bpe_dropout": p}))
+    assert got == [None, 0.03, None]
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tiny):
     common = ["--method", "sft", "--steps", "24", "--ckpt-every", "4", "--eval-every", "8"]
     full, cut = tiny / "full", tiny / "cut"
@@ -665,6 +678,16 @@ def test_a_lone_oracle_stage_takes_the_presets_oracle_lr():
     assert p["oracle_lr"] != p["pref_lr"]
     assert lr("--method", "oracle") == p["oracle_lr"] and lr("--method", "fspo") == p["pref_lr"]
     assert lr("--method", "oracle", "--oracle-lr", "1e-5") == 1e-5 and lr("--method", "oracle", "--lr", "2e-5") == 2e-5
+
+
+def test_every_preset_setting_reaches_the_args():
+    """A preset fills the flags left unset (None): a flag with a default of its own would keep
+    it and drop the preset's value without a word (the paper preset's curve_epochs did)."""
+    for name, preset in fspo.PRESETS.items():
+        args = vars(fspo.get_args(["--preset", name]))
+        for k, v in preset.items():
+            assert args[k] == v, (name, k, args[k], v)
+    assert fspo.get_args(["--preset", "paper"]).curve_epochs == 2 and fspo.get_args(["--preset", "cpu"]).curve_epochs == 1
 
 
 def test_bpe_dropout_reaches_the_training_stream_and_not_the_running_metric(tiny):
