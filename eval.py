@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import generate_synthetic as synth
 import judge
 from model import autocast, ckpt_dir, load_checkpoint, load_model
 
@@ -1225,6 +1226,18 @@ def notes_reading(args, prefs, users):
           f"user description {own['user']:.3f} / {other['user']:.3f}")
 
 
+def check_generated(prefs):
+    """Refuse generator output that today's generator and judge would write otherwise: the
+    win rates score answers with today's judge, and old labels with it would mix two rewards.
+    A file of your own (no stats.json beside it) is taken as it is."""
+    folder = os.path.dirname(os.path.abspath(prefs))
+    if os.path.basename(prefs) != "prefs.jsonl" or not os.path.exists(os.path.join(folder, "stats.json")):
+        return
+    if stale := synth.stale_files(folder):
+        raise SystemExit(f"{os.path.join(folder, stale[0])}: not what generate_synthetic.py and judge.py write "
+                         f"today with the settings of its stats.json (their code changed since); generate it again")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=None, help="the SFT checkpoint (base and reference)")
@@ -1273,6 +1286,7 @@ def main(argv=None):
         return notes_reading(args, prefs, users)
     if args.base is None:
         raise SystemExit("eval.py: --base is required (the SFT checkpoint)")
+    check_generated(prefs)
     args.preset = "custom"
     _, base_meta = load_checkpoint(ckpt_dir(args.base))
     tok_path = args.tokenizer or base_meta["tokenizer"]

@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import nullcontext
@@ -724,23 +723,13 @@ def ensure_data(args, data_dir, domains):
         if diff:
             raise SystemExit(f"{stats_path}: the data was generated with other settings "
                              f"({'; '.join(diff)}); delete {os.path.dirname(stats_path)} to regenerate it")
-        if stale := stale_files(argv, data_dir, d):
+        if stale := synth.stale_files(os.path.join(data_dir, d)):
             raise SystemExit(f"{os.path.join(data_dir, d, stale[0])}: not what generate_synthetic.py and "
                              f"judge.py write today with its settings (their code changed since); delete "
                              f"{os.path.dirname(stats_path)} to regenerate it")
     for argv in missing:
         print(f"[data] generating {argv[1]} ({args.scale} scale) into {data_dir}")
         synth.main(argv)
-
-
-def stale_files(argv, data_dir, domain):
-    """The data files of `domain` that the generator, run again with the same flags (a few
-    seconds), writes differently: settings alone miss a change to the generator's or judge's
-    code, and stages trained on the old labels would be reported under the new ones."""
-    with tempfile.TemporaryDirectory() as tmp:
-        synth.generate(domain, synth.parse_args([*argv, "--out", tmp]), tmp)
-        return [f for f in ("prefs.jsonl", "users.jsonl") if data.file_sha256(os.path.join(tmp, domain, f))
-                != data.file_sha256(os.path.join(data_dir, domain, f))]
 
 
 def main_job(args):

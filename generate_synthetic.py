@@ -35,11 +35,13 @@ API used by training and evaluation (from judge.py): load_users(path), score(use
 trait_summary(user), summary_for_response(user, prompt, response), trait_recovery(user, text).
 """
 import argparse
+import filecmp
 import json
 import math
 import multiprocessing
 import os
 import random
+import tempfile
 import time
 from collections import namedtuple
 from functools import lru_cache
@@ -665,6 +667,24 @@ def recipe(cfg, name):
                                          "max_traits", "pair_axes", "pair_mode", "taste_frac", "traits",
                                          "diversity", "holdout_family")} \
         | {"users": cfg.sizes[name][0], "pairs_per_user": cfg.sizes[name][1]}
+
+
+def stale_files(folder):
+    """The files of one domain's folder (<out>/<domain>) that this code, run again with the
+    settings its stats.json records (seconds at the default scale), writes otherwise: [] where
+    the data is what the generator and judge write today. Settings alone miss a change to
+    their code, and models trained on the old labels would be scored under the new ones."""
+    with open(os.path.join(folder, "stats.json")) as f:
+        stats = json.load(f)
+    name = stats["domain"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_args(["--domain", name, "--out", tmp, "--seed", str(stats["seed"])])
+        conf = dict(stats["config"])
+        cfg.sizes = {name: (conf.pop("users"), conf.pop("pairs_per_user"))}
+        vars(cfg).update(conf)
+        generate(name, cfg, tmp)
+        return [f for f in ("prefs.jsonl", "users.jsonl")
+                if not filecmp.cmp(os.path.join(tmp, name, f), os.path.join(folder, f), shallow=False)]
 
 
 def parse_args(argv=None):

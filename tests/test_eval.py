@@ -638,6 +638,25 @@ def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
     assert "fspo" in load("new", "elix")[0] and "fspo" in load("rp", "roleplay")[0]
 
 
+def test_eval_refuses_data_that_todays_generator_writes_otherwise(tmp_path, monkeypatch):
+    """eval.py regenerates a generator folder with the settings of its stats.json and refuses it,
+    naming the file, when today's judge labels it otherwise (here with ELIX's old level penalty,
+    which grew with every level off); the same code passes it, and a prefs file of one's own (no stats.json) is taken."""
+    import generate_synthetic as synth
+    import judge
+    synth.main(["--domain", "elix", "--out", str(tmp_path / "d"), "--scale", "tiny", "--seed", "5", "--workers", "1"])
+    prefs = str(tmp_path / "d" / "elix" / "prefs.jsonl")
+    evaluation.check_generated(prefs)
+    own = tmp_path / "own.jsonl"
+    own.write_bytes((tmp_path / "d" / "elix" / "prefs.jsonl").read_bytes())
+    monkeypatch.setattr(judge, "LEVEL_FAR_W", judge.LEVEL_W)
+    evaluation.check_generated(str(own))
+    with pytest.raises(SystemExit, match=r"d/elix/prefs\.jsonl: not what generate_synthetic\.py"):
+        evaluation.check_generated(prefs)
+    with pytest.raises(SystemExit, match=r"elix/prefs\.jsonl: not what"):  # as eval.py's command line meets it
+        evaluation.main(["--base", str(tmp_path / "none"), "--data", str(tmp_path / "d"), "--domain", "elix"])
+
+
 @pytest.mark.parametrize("temperature", [None, 0.9])
 def test_win_rate_answers_are_greedy_or_sampled_with_each_methods_own_seed(temperature):
     """eval.win_rates: each method's answer is what GPT.generate writes for its prompt (greedy;
