@@ -676,6 +676,8 @@ def stale_files(folder):
     their code, and models trained on the old labels would be scored under the new ones."""
     with open(os.path.join(folder, "stats.json")) as f:
         stats = json.load(f)
+    if not {"domain", "seed", "config"} <= set(stats):  # written before stats.json kept its settings
+        return ["stats.json"]
     name = stats["domain"]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_args(["--domain", name, "--out", tmp, "--seed", str(stats["seed"])])
