@@ -858,8 +858,8 @@ PRESETS = {
 # stages at once, one core each; its mirror images drawn per episode, as in run P17 (mirror
 # pairs came after it); the report reads four questions per test user for the win rates and
 # two draws of each user's shots for pair accuracy (run P21 read two and one: 8 of its 17
-# orderings stood within their intervals, and 32 of the 90 minutes went unused). Run P21
-# took 58 minutes on 2 cores
+# orderings stood within their intervals, and 32 of the 90 minutes went unused). Run P23
+# took 65 minutes on 2 cores
 PRESETS["paper"] = {k: v for k, v in PRESETS["annotated"].items() if k != "shots"} | dict(
     mirror=0.5, mirror_pairs=None, oracle_pairs=None, eval_questions=4, curve_epochs=2,
     stage_steps=PRESETS["annotated"]["stage_steps"] + ",pref-ft:500,cot-sft:750", jobs=2,
