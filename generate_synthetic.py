@@ -670,9 +670,9 @@ def recipe(cfg, name):
 
 
 def stale_files(folder):
-    """The files of one domain's folder (<out>/<domain>) that this code, run again with the
-    settings its stats.json records (seconds at the default scale), writes otherwise: [] where
-    the data is what the generator and judge write today. Settings alone miss a change to
+    """The files of one domain's folder (<out>/<domain>), of those there, that this code, run
+    again with the settings its stats.json records (seconds at the default scale), writes
+    otherwise: [] where the data is what the generator and judge write today. Settings alone miss a change to
     their code, and models trained on the old labels would be scored under the new ones."""
     with open(os.path.join(folder, "stats.json")) as f:
         stats = json.load(f)
@@ -685,8 +685,8 @@ def stale_files(folder):
         cfg.sizes = {name: (conf.pop("users"), conf.pop("pairs_per_user"))}
         vars(cfg).update(conf)
         generate(name, cfg, tmp)
-        return [f for f in ("prefs.jsonl", "users.jsonl")
-                if not filecmp.cmp(os.path.join(tmp, name, f), os.path.join(folder, f), shallow=False)]
+        return [f for f in ("prefs.jsonl", "users.jsonl") if os.path.exists(os.path.join(folder, f))
+                and not filecmp.cmp(os.path.join(tmp, name, f), os.path.join(folder, f), shallow=False)]
 
 
 def parse_args(argv=None):

@@ -655,6 +655,9 @@ def test_eval_refuses_data_that_todays_generator_writes_otherwise(tmp_path, monk
         evaluation.check_generated(prefs)
     with pytest.raises(SystemExit, match=r"elix/prefs\.jsonl: not what"):  # as eval.py's command line meets it
         evaluation.main(["--base", str(tmp_path / "none"), "--data", str(tmp_path / "d"), "--domain", "elix"])
+    (tmp_path / "d" / "elix" / "users.jsonl").unlink()  # --users elsewhere: the pairs alone are compared
+    with pytest.raises(SystemExit, match=r"elix/prefs\.jsonl: not what"):
+        evaluation.check_generated(prefs)
     (tmp_path / "d" / "elix" / "stats.json").write_text('{"domain": "elix"}')  # one without its settings
     with pytest.raises(SystemExit, match=r"elix/stats\.json: not what"):
         evaluation.check_generated(prefs)
