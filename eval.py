@@ -1233,9 +1233,7 @@ def check_generated(prefs):
     folder = os.path.dirname(os.path.abspath(prefs))
     if os.path.basename(prefs) != "prefs.jsonl" or not os.path.exists(os.path.join(folder, "stats.json")):
         return
-    if stale := synth.stale_files(folder):
-        raise SystemExit(f"{os.path.join(folder, stale[0])}: not what generate_synthetic.py and judge.py write "
-                         f"today with the settings of its stats.json (their code changed since); generate it again")
+    synth.refuse_stale(folder, "generate it again")
 
 
 def main(argv=None):

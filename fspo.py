@@ -723,10 +723,7 @@ def ensure_data(args, data_dir, domains):
         if diff:
             raise SystemExit(f"{stats_path}: the data was generated with other settings "
                              f"({'; '.join(diff)}); delete {os.path.dirname(stats_path)} to regenerate it")
-        if stale := synth.stale_files(os.path.join(data_dir, d)):
-            raise SystemExit(f"{os.path.join(data_dir, d, stale[0])}: not what generate_synthetic.py and "
-                             f"judge.py write today with its settings (their code changed since); delete "
-                             f"{os.path.dirname(stats_path)} to regenerate it")
+        synth.refuse_stale(os.path.dirname(stats_path), f"delete {os.path.dirname(stats_path)} to regenerate it")
     for argv in missing:
         print(f"[data] generating {argv[1]} ({args.scale} scale) into {data_dir}")
         synth.main(argv)

@@ -669,11 +669,20 @@ def recipe(cfg, name):
         | {"users": cfg.sizes[name][0], "pairs_per_user": cfg.sizes[name][1]}
 
 
+def refuse_stale(folder, remedy):
+    """Stop, naming the file and `remedy`, if one domain's folder is not what this code writes
+    with its stats.json's settings (stale_files): the main job's cache and eval.py --data."""
+    if stale := stale_files(folder):
+        raise SystemExit(f"{os.path.join(folder, stale[0])}: not what generate_synthetic.py and judge.py "
+                         f"write today with the settings of its stats.json (their code changed since); {remedy}")
+
+
 def stale_files(folder):
     """The files of one domain's folder (<out>/<domain>), of those there, that this code, run
     again with the settings its stats.json records (seconds at the default scale), writes
-    otherwise: [] where the data is what the generator and judge write today. Settings alone miss a change to
-    their code, and models trained on the old labels would be scored under the new ones."""
+    otherwise: [] where the data is what the generator and judge write today. Settings alone
+    miss a change to their code, and models trained on the old labels would be scored under
+    the new ones."""
     with open(os.path.join(folder, "stats.json")) as f:
         stats = json.load(f)
     if not {"domain", "seed", "config"} <= set(stats):  # written before stats.json kept its settings

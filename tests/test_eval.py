@@ -641,7 +641,8 @@ def test_a_checkpoint_trained_on_older_texts_is_refused(tmp_path):
 def test_eval_refuses_data_that_todays_generator_writes_otherwise(tmp_path, monkeypatch):
     """eval.py regenerates a generator folder with the settings of its stats.json and refuses it,
     naming the file, when today's judge labels it otherwise (here with ELIX's old level penalty,
-    which grew with every level off); the same code passes it, and a prefs file of one's own (no stats.json) is taken."""
+    which grew with every level off); the same code passes it, and a prefs file of one's own (no
+    stats.json) is taken."""
     import generate_synthetic as synth
     import judge
     synth.main(["--domain", "elix", "--out", str(tmp_path / "d"), "--scale", "tiny", "--seed", "5", "--workers", "1"])
